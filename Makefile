@@ -29,8 +29,9 @@ build: setup
 
 # Incremental in-place rebuild for development (ninja; serialised with flock so
 # that concurrent builds in one tree do not race).
+# APD_EXT_CUDA=0 builds the CPU-only variant; each variant keeps its own objects.
 dev-build: setup
-	flock /tmp/apd_ext_build.lock $(PY) setup.py -q build_ext --inplace
+	flock /tmp/apd_ext_build.lock $(PY) setup.py -q build_ext --inplace --build-temp build/tmp-cuda$${APD_EXT_CUDA:-auto}
 
 test-cpp: setup
 	$(VENV)/bin/cmake -S . -B build-cmake -G Ninja -DPython3_EXECUTABLE=$(abspath $(PY)) > /dev/null
