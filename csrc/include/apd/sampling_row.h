@@ -120,6 +120,24 @@ APD_HD float lse_value(LseAcc acc) { return acc.m == -INFINITY ? -INFINITY : acc
 // Mixtures (SEMANTICS.md "Mixture")
 // ---------------------------------------------------------------------------
 
+// fp32 multiply and add that the compiler may not contract into an FMA (nvcc
+// contracts a * b + c by default, which would round differently from the CPU
+// and the reference). Host code is built without FMA contraction (no -march).
+APD_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+APD_HD float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
 // Constants of one (dLLM row, AR row) pair.
 struct MixtureRow {
   float R;            // mixture weight
@@ -145,12 +163,12 @@ APD_HD MixtureRow make_mixture_row(float R, float lse_d, float lse_a) {
 APD_HD float mixture_coupled(float d, float a, const MixtureRow& r) {
   if (r.R == 1.0f) return d;
   if (r.R == 0.0f) return a;
-  return r.R * (d - r.lse_d) + r.one_minus_R * (a - r.lse_a);
+  return add_rn(mul_rn(r.R, d - r.lse_d), mul_rn(r.one_minus_R, a - r.lse_a));
 }
 
 // Argmax-mode target logit (the released code): R d_v + (1 - R) a_v, raw logits.
 APD_HD float mixture_argmax(float d, float a, float R, float one_minus_R) {
-  return R * d + one_minus_R * a;
+  return add_rn(mul_rn(R, d), mul_rn(one_minus_R, a));
 }
 
 // ---------------------------------------------------------------------------
