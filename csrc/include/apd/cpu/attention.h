@@ -1,0 +1,290 @@
+// CPU masked-window attention (DESIGN.md §5): FlashAttention-style online
+// softmax in fp32, OpenMP over (sequence, kv head, query block), torch-free.
+//
+// One task = one sequence b, one kv head, BM query rows, and the G = Hq / Hkv
+// query heads that share the kv head (GQA packing): its R = BM * G rows walk
+// the visible keys in blocks of 64, so each K/V block is converted to fp32
+// once and reused by all R rows. Scores live in the log2 domain (q is
+// pre-multiplied by scale * log2(e)) so the softmax needs only exp2.
+//
+// The fp32 inner kernels use GCC/Clang vector extensions (8 floats) and are
+// compiled twice on x86-64 (AVX2+FMA and baseline SSE2), picked at load time.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "apd/attention_params.h"
+#include "apd/common.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define APD_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define APD_CPU_MULTIVERSION
+#endif
+#define APD_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace apd::cpu {
+namespace attn {
+
+constexpr int kBlockN = 64;  // keys per block (columns of S)
+constexpr int kRowTile = 4;  // rows per register tile
+constexpr int kColTile = 16; // columns per register tile (2 vectors)
+constexpr int kDAlign = 16;  // head dim is zero-padded to a multiple of this
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+// Unaligned vector load / store / broadcast, written as macros and reference
+// parameters: a function returning an 8-float vector by value draws GCC's
+// (harmless here) ABI note in the non-AVX clone.
+#define APD_LOAD8(v, ptr) std::memcpy(&(v), (ptr), sizeof(f32x8))
+#define APD_STORE8(ptr, v) std::memcpy((ptr), &(v), sizeof(f32x8))
+#define APD_SPLAT8(x) (f32x8{} + (x))
+
+// x <- 2^x for x <= 0, inputs below -126 treated as -126 (2^-126 is far below
+// any softmax weight that matters next to the row max's weight of 1). Round to
+// nearest splits x = n + f, |f| <= 1/2; 2^f is its degree-7 Taylor series
+// (relative error < 1e-8), 2^n is built in the exponent bits.
+APD_CPU_ALWAYS_INLINE void exp2_nonpos(f32x8& x) {
+  x = x < -126.0f ? APD_SPLAT8(-126.0f) : x;
+  const f32x8 magic = APD_SPLAT8(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const f32x8 n = (x + magic) - magic;
+  const f32x8 f = x - n;
+  f32x8 p = APD_SPLAT8(1.5252733804059841e-05f);  // ln2^7 / 7!
+  p = p * f + 1.5403530393381606e-04f;              // ln2^6 / 6!
+  p = p * f + 1.3333558146428443e-03f;              // ln2^5 / 5!
+  p = p * f + 9.6181291076284772e-03f;              // ln2^4 / 4!
+  p = p * f + 5.5504108664821580e-02f;              // ln2^3 / 3!
+  p = p * f + 2.4022650695910071e-01f;              // ln2^2 / 2!
+  p = p * f + 6.9314718055994531e-01f;              // ln2
+  p = p * f + 1.0f;
+  const i32x8 e = (__builtin_convertvector(n, i32x8) + 127) << 23;
+  x = p * (f32x8)e;  // vector cast = bit reinterpretation: e holds the bits of 2^n
+}
+
+// S[R, 64] = Q[R, Dp] . Kt[Dp, 64]; R % kRowTile == 0, Dp % kDAlign == 0.
+APD_CPU_MULTIVERSION
+static void scores_block(const float* __restrict q, const float* __restrict kt, float* __restrict s,
+                         int rows, int dp) {
+  for (int r0 = 0; r0 < rows; r0 += kRowTile) {
+    const float* qr = q + int64_t(r0) * dp;
+    for (int c0 = 0; c0 < kBlockN; c0 += kColTile) {
+      f32x8 acc[kRowTile][2] = {};
+      const float* kc = kt + c0;
+      for (int d = 0; d < dp; ++d) {
+        f32x8 k0, k1;
+        APD_LOAD8(k0, kc + d * kBlockN);
+        APD_LOAD8(k1, kc + d * kBlockN + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < kRowTile; ++i) {
+          const f32x8 qi = APD_SPLAT8(qr[i * dp + d]);
+          acc[i][0] += qi * k0;
+          acc[i][1] += qi * k1;
+        }
+      }
+      for (int i = 0; i < kRowTile; ++i) {
+        APD_STORE8(s + (r0 + i) * kBlockN + c0, acc[i][0]);
+        APD_STORE8(s + (r0 + i) * kBlockN + c0 + 8, acc[i][1]);
+      }
+    }
+  }
+}
+
+// Online-softmax update of each row of S in place: row r sees its first
+// n_vis[r] columns; S becomes P = 2^(S - m_new) (0 on hidden columns),
+// alpha[r] = 2^(m_old - m_new) rescales the running sum l and accumulator.
+APD_CPU_MULTIVERSION
+static void softmax_block(float* __restrict s, const int* __restrict n_vis, float* __restrict m,
+                          float* __restrict l, float* __restrict alpha, int rows) {
+  const f32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * kBlockN;
+    const int nv = n_vis[r];
+    if (nv <= 0) {  // nothing visible in this block: the row's state is unchanged
+      std::memset(sr, 0, sizeof(float) * kBlockN);
+      alpha[r] = 1.0f;
+      continue;
+    }
+    float bmax = sr[0];
+    for (int n = 1; n < nv; ++n) bmax = std::max(bmax, sr[n]);
+    const float m_new = std::max(m[r], bmax);
+    alpha[r] = std::exp2(m[r] - m_new);  // m_old = -inf on the first block -> 0
+    f32x8 sum = {};
+    const f32x8 limit = APD_SPLAT8(float(nv));
+    for (int c = 0; c < kBlockN; c += 8) {
+      f32x8 p;
+      APD_LOAD8(p, sr + c);
+      p -= m_new;
+      exp2_nonpos(p);
+      const f32x8 kept = (lane + float(c)) < limit ? p : APD_SPLAT8(0.0f);
+      sum += kept;
+      APD_STORE8(sr + c, kept);
+    }
+    float total = 0.0f;
+    for (int i = 0; i < 8; ++i) total += sum[i];
+    l[r] = l[r] * alpha[r] + total;
+    m[r] = m_new;
+  }
+}
+
+// O[R, Dp] = alpha * O + P[R, :nb] . V[:nb, Dp].
+APD_CPU_MULTIVERSION
+static void pv_block(const float* __restrict p, const float* __restrict v, const float* __restrict alpha,
+                     float* __restrict o, int rows, int nb, int dp) {
+  for (int r0 = 0; r0 < rows; r0 += kRowTile) {
+    const float* pr = p + r0 * kBlockN;
+    for (int c0 = 0; c0 < dp; c0 += kColTile) {
+      f32x8 acc[kRowTile][2];
+      for (int i = 0; i < kRowTile; ++i) {
+        const f32x8 a = APD_SPLAT8(alpha[r0 + i]);
+        float* orow = o + int64_t(r0 + i) * dp + c0;
+        APD_LOAD8(acc[i][0], orow);
+        APD_LOAD8(acc[i][1], orow + 8);
+        acc[i][0] *= a;
+        acc[i][1] *= a;
+      }
+      const float* vc = v + c0;
+      for (int n = 0; n < nb; ++n) {
+        f32x8 v0, v1;
+        APD_LOAD8(v0, vc + int64_t(n) * dp);
+        APD_LOAD8(v1, vc + int64_t(n) * dp + 8);
+#pragma GCC unroll 4
+        for (int i = 0; i < kRowTile; ++i) {
+          const f32x8 pi = APD_SPLAT8(pr[i * kBlockN + n]);
+          acc[i][0] += pi * v0;
+          acc[i][1] += pi * v1;
+        }
+      }
+      for (int i = 0; i < kRowTile; ++i) {
+        float* orow = o + int64_t(r0 + i) * dp + c0;
+        APD_STORE8(orow, acc[i][0]);
+        APD_STORE8(orow + 8, acc[i][1]);
+      }
+    }
+  }
+}
+
+// Query rows per task: about 128 packed rows (BM * G) keep a task's fp32
+// working set in L2 while amortising each K/V block over many rows; fewer
+// rows when that leaves threads idle (rows never change any result: each row
+// walks the same 64-key blocks in the same order whatever the grouping).
+inline int64_t choose_block_m(const WindowAttentionParams& p, int nthreads) {
+  const int64_t g = p.Hq / p.Hkv;
+  int64_t bm = std::max<int64_t>(1, 128 / g);
+  bm = std::min<int64_t>(bm, std::max<int64_t>(p.Lq, 1));
+  while (bm > 1 && p.B * p.Hkv * ceil_div<int64_t>(p.Lq, bm) < 2 * int64_t(nthreads)) bm = (bm + 1) / 2;
+  const int64_t nqb = ceil_div<int64_t>(std::max<int64_t>(p.Lq, 1), bm);
+  return ceil_div<int64_t>(std::max<int64_t>(p.Lq, 1), nqb);  // even out the blocks
+}
+
+// Per-thread fp32 scratch of one task.
+struct Workspace {
+  std::vector<float> q, kt, v, s, o, m, l, alpha;
+  std::vector<int> limit, n_vis;
+  Workspace(int64_t rows, int64_t dp)
+      : q(rows * dp), kt(dp * kBlockN), v(kBlockN * dp), s(rows * kBlockN), o(rows * dp), m(rows), l(rows),
+        alpha(rows), limit(rows), n_vis(rows) {}
+};
+
+template <typename T>
+void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t hkv, int64_t j0, int64_t bm,
+              int64_t rows_padded, int64_t dp) {
+  const T* q = static_cast<const T*>(p.q);
+  const T* kc = static_cast<const T*>(p.k_cache);
+  const T* vc = static_cast<const T*>(p.v_cache);
+  T* out = static_cast<T*>(p.out);
+  const int64_t g = p.Hq / p.Hkv, D = p.D;
+  const int64_t q_start = p.q_start[b], q_len = p.q_len[b], kv_len = p.kv_len[b];
+  const int64_t rows_here = std::min(bm, p.Lq - j0);  // rows of this block inside [0, Lq)
+  const float qscale = p.scale * 1.4426950408889634f;  // log2(e): scores in the log2 domain
+
+  // Row r = i * G + gi: query row j0 + i, query head hkv * G + gi.
+  int64_t kend = 0;
+  for (int64_t r = 0; r < rows_padded; ++r) {
+    const int64_t i = r / g, j = j0 + i;
+    int64_t lim = 0;
+    if (i < rows_here && j < q_len) lim = p.causal ? std::min(kv_len, q_start + j + 1) : kv_len;
+    lim = std::max<int64_t>(lim, 0);
+    w.limit[r] = int(lim);
+    kend = std::max(kend, lim);
+    w.m[r] = -std::numeric_limits<float>::infinity();
+    w.l[r] = 0.0f;
+    if (lim > 0) {
+      const T* qr = q + b * p.q_stride_b + j * p.q_stride_l + (hkv * g + r % g) * p.q_stride_h;
+      float* qs = w.q.data() + r * dp;
+      for (int64_t d = 0; d < D; ++d) qs[d] = to_float(qr[d]) * qscale;
+    }
+  }
+  std::fill(w.o.begin(), w.o.end(), 0.0f);
+
+  const int rows = int(rows_padded), dpi = int(dp);
+  for (int64_t k0 = 0; k0 < kend; k0 += kBlockN) {
+    const int nb = int(std::min<int64_t>(kBlockN, kend - k0));
+    // K block, transposed to [Dp, 64] so that a score tile is a row of FMAs;
+    // columns >= nb keep stale finite values and are masked by n_vis.
+    for (int n = 0; n < nb; ++n) {
+      const T* kr = kc + b * p.k_stride_b + (k0 + n) * p.k_stride_l + hkv * p.k_stride_h;
+      const T* vr = vc + b * p.v_stride_b + (k0 + n) * p.v_stride_l + hkv * p.v_stride_h;
+      float* vs = w.v.data() + int64_t(n) * dp;
+      for (int64_t d = 0; d < D; ++d) w.kt[d * kBlockN + n] = to_float(kr[d]);
+      for (int64_t d = 0; d < D; ++d) vs[d] = to_float(vr[d]);
+    }
+    for (int r = 0; r < rows; ++r) w.n_vis[r] = int(std::clamp<int64_t>(w.limit[r] - k0, 0, nb));
+    scores_block(w.q.data(), w.kt.data(), w.s.data(), rows, dpi);
+    softmax_block(w.s.data(), w.n_vis.data(), w.m.data(), w.l.data(), w.alpha.data(), rows);
+    pv_block(w.s.data(), w.v.data(), w.alpha.data(), w.o.data(), rows, nb, dpi);
+  }
+
+  for (int64_t r = 0; r < rows_here * g; ++r) {
+    const int64_t j = j0 + r / g, h = hkv * g + r % g;
+    T* orow = out + ((b * p.Lq + j) * p.Hq + h) * D;
+    // No visible key (padding row, or a row the wrapper's checks rule out): zeros.
+    const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+    const float* os = w.o.data() + r * dp;
+    for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(inv > 0.0f ? os[d] * inv : 0.0f);
+  }
+}
+
+}  // namespace attn
+
+// out[b, j, h, :] = softmax over the visible keys of (q . k) * scale, times v.
+// Preconditions (checked by the caller): Hq % Hkv == 0, 0 <= q_len <= Lq,
+// q_start >= 0, q_start + q_len <= kv_len <= Lmax, stride 1 along D, out contiguous.
+template <typename T>
+void window_attention(const WindowAttentionParams& p) {
+  using namespace attn;
+  if (p.B <= 0 || p.Lq <= 0 || p.Hq <= 0 || p.D <= 0) return;
+  const int nthreads = omp_get_max_threads();
+  const int64_t g = p.Hq / p.Hkv;
+  const int64_t bm = choose_block_m(p, nthreads);
+  const int64_t nqb = ceil_div<int64_t>(p.Lq, bm);
+  const int64_t rows_padded = ceil_div<int64_t>(bm * g, kRowTile) * kRowTile;
+  const int64_t dp = ceil_div<int64_t>(p.D, kDAlign) * kDAlign;
+  const int64_t ntasks = p.B * p.Hkv * nqb;
+#pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, ntasks)))
+  {
+    Workspace w(rows_padded, dp);  // zero-filled: the padding of Q, K and V stays 0
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; ++t) {
+      const int64_t qb = t % nqb, hkv = (t / nqb) % p.Hkv, b = t / (nqb * p.Hkv);
+      run_task<T>(p, w, b, hkv, qb * bm, bm, rows_padded, dp);
+    }
+  }
+}
+
+// Dispatch on the runtime dtype tag.
+inline void window_attention(const WindowAttentionParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: window_attention<float>(p); break;
+    case DType::kBFloat16: window_attention<bf16_t>(p); break;
+    case DType::kFloat16: window_attention<fp16_t>(p); break;
+  }
+}
+
+}  // namespace apd::cpu

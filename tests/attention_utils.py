@@ -1,0 +1,139 @@
+"""Shared helpers of the window_attention tests (CPU and CUDA).
+
+The tolerance follows FlashAttention's tests: the kernel's max error against
+the fp64 reference may be at most twice the error of PyTorch's own
+scaled_dot_product_attention run in the same dtype on the same inputs (with an
+explicit mask), plus a rounding term: twice the spacing of the dtype near 0.3
+(FlashAttention's `2 * (out_ref + 0.3 - 0.3 - out_ref).abs().max()`).
+Padding rows must be exactly zero.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from apd_ext import reference
+
+
+@dataclass
+class WindowCase:
+    """Inputs of one window_attention call."""
+
+    q: torch.Tensor  # [B, Lq, Hq, D]
+    k_cache: torch.Tensor  # [B, Lmax, Hkv, D]
+    v_cache: torch.Tensor  # [B, Lmax, Hkv, D]
+    q_start: torch.Tensor  # [B]
+    q_len: torch.Tensor  # [B]
+    kv_len: torch.Tensor  # [B]
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.q_start, self.q_len, self.kv_len)
+
+    def to(self, device) -> "WindowCase":
+        return WindowCase(*(t.to(device) for t in self.args()))
+
+
+def make_case(
+    *,
+    Lq: int,
+    Lmax: int,
+    Hq: int,
+    Hkv: int,
+    D: int,
+    q_start,
+    q_len,
+    kv_len,
+    dtype=torch.float32,
+    device="cpu",
+    noncontig_q: bool = False,
+    packed_kv: bool = False,
+    q_gain: float = 1.0,
+    len_dtype=torch.int64,
+    seed: int = 0,
+) -> WindowCase:
+    """Random normal inputs (fixed seed, drawn in fp32 on the CPU, then cast and
+    moved). noncontig_q: q is a strided slice of a bigger tensor (stride 1
+    along D kept). packed_kv: k/v are views of one [B, Lmax, 2, Hkv, D]
+    buffer. q_gain scales q to sharpen the softmax."""
+    g = torch.Generator().manual_seed(seed)
+    B = len(q_len)
+    if noncontig_q:
+        big = torch.randn(B, Lq + 3, 2 * Hq, D + 5, generator=g)
+        q = big.to(dtype).to(device)[:, 2 : 2 + Lq, 1::2, 3 : 3 + D]
+    else:
+        q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype).to(device)
+    q = q * q_gain if q_gain != 1.0 else q
+    if packed_kv:
+        kv = torch.randn(B, Lmax, 2, Hkv, D, generator=g).to(dtype).to(device)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+        k = torch.randn(B, Lmax, Hkv, D, generator=g).to(dtype).to(device)
+        v = torch.randn(B, Lmax, Hkv, D, generator=g).to(dtype).to(device)
+
+    def ints(x):
+        return torch.tensor(x, dtype=len_dtype, device=device)
+
+    return WindowCase(q, k, v, ints(q_start), ints(q_len), ints(kv_len))
+
+
+def sdpa_window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, *, causal, scale=None):
+    """torch SDPA in q's dtype with the explicit mask; same contract as the op
+    (rows with no visible key are zeros). The baseline of the tolerance."""
+    B, Lq, Hq, D = q.shape
+    Hkv = k_cache.shape[2]
+    Lkv = int(kv_len.max().item()) if B > 0 else 0
+    if Lkv == 0:
+        return torch.zeros(B, Lq, Hq, D, dtype=q.dtype, device=q.device)
+    mask = reference.window_attention_mask(q_start, q_len, kv_len, Lq, Lkv, causal=causal)  # [B, Lq, Lkv]
+    empty = ~mask.any(dim=-1)  # [B, Lq]: give those rows every key, zero them afterwards
+    mask = mask | empty[:, :, None]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k_cache[:, :Lkv].transpose(1, 2),
+        v_cache[:, :Lkv].transpose(1, 2),
+        attn_mask=mask[:, None],
+        scale=scale,
+        enable_gqa=Hq != Hkv,
+    ).transpose(1, 2)
+    return out.masked_fill(empty[:, :, None, None], 0)
+
+
+def _spacing_at_0_3(dtype: torch.dtype) -> float:
+    """Distance between adjacent values of dtype near 0.3 (FlashAttention's choice)."""
+    x = torch.tensor(0.3, dtype=dtype)
+    return (x + 0.3 - 0.3 - x).abs().item() or torch.finfo(dtype).eps / 4
+
+
+def attention_errors(out, q, k_cache, v_cache, q_start, q_len, kv_len, *, causal, scale=None) -> dict:
+    """Max abs errors over the valid rows against the fp64 reference: of `out`
+    (err), of SDPA in q's dtype (err_sdpa); the rounding term (round); the
+    largest magnitude found in the padding rows of `out` (pad, must be 0)."""
+    ref = reference.window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal, scale=scale)
+    sdpa = sdpa_window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal, scale=scale)
+    Lq = q.shape[1]
+    valid = torch.arange(Lq, device=q.device)[None, :] < q_len.to(torch.int64)[:, None]  # [B, Lq]
+    v4 = valid[:, :, None, None]
+
+    def max_err(x):
+        return ((x.double() - ref).abs() * v4).amax().item() if x.numel() else 0.0
+
+    pad = (out.double().abs() * ~v4).amax().item() if out.numel() else 0.0
+    return {
+        "err": max_err(out),
+        "err_sdpa": max_err(sdpa),
+        "round": 2.0 * _spacing_at_0_3(q.dtype),
+        "pad": pad,
+    }
+
+
+def assert_attention_close(out, q, k_cache, v_cache, q_start, q_len, kv_len, *, causal, scale=None, what=""):
+    """FlashAttention's criterion: err <= 2 * err_sdpa + round; padding rows exactly 0."""
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device, (out.shape, out.dtype)
+    e = attention_errors(out, q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal, scale=scale)
+    assert math.isfinite(e["err"]), f"{what}: non-finite output {e}"
+    assert e["pad"] == 0.0, f"{what}: padding rows not zero {e}"
+    assert e["err"] <= 2.0 * e["err_sdpa"] + e["round"], f"{what}: error too large {e}"
+    return e
