@@ -7,3 +7,4 @@ pure-PyTorch oracle of every op is :mod:`apd_ext.reference`.
 __version__ = "0.1.0"
 
 from apd_ext import ops  # noqa: F401  (loads the extension, registers fakes)
+from apd_ext.models import check_compatible, load_model  # noqa: F401,E402  (Qwen2 / Dream runtime)

@@ -1,0 +1,225 @@
+"""The Qwen2-architecture forward (Qwen2 / Qwen2.5 causal, Dream bidirectional)
+over the apd window_attention kernel and a preallocated KVCache.
+
+One forward processes a window of Lw rows per sequence: row j of sequence b is
+absolute position q_start[b] + j, valid while j < q_len[b]. Its K/V are written
+into the cache at [q_start, q_start + q_len), attention reads cache positions
+[0, q_start + q_len) (causally for "ar", bidirectionally for "dllm"), and
+cache.lengths becomes q_start + q_len.
+
+Logits are RAW per-position logits: row j is the LM head applied to the hidden
+state at position q_start + j. Dream predicts token i from row i - 1 (shifted
+logits, DESIGN.md §6); applying that shift is the caller's business: ask for
+logit rows (t - 1 - q_start) .. (right - 2 - q_start) to score positions t .. right - 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from apd_ext._validate import check_tensor, fail
+from apd_ext.models.cache import KVCache
+from apd_ext.models.config import ModelConfig
+
+# Internal switch for debugging only: "ops" calls the apd kernel (the one
+# production path, and what the tests run); "reference" calls the fp64 oracle.
+_ATTENTION = "ops"
+
+
+def _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal):
+    if _ATTENTION == "ops":
+        from apd_ext import ops
+
+        # The forward has already bounded the lengths (on CPU) or redirects
+        # out-of-range rows to the scratch slot: no host-side re-check, so the
+        # CUDA path never synchronises and stays graph-capturable.
+        return ops.window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal, check_lengths=False)
+    from apd_ext import reference
+
+    out = reference.window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal)
+    return out.to(q.dtype)
+
+
+@dataclass
+class _Layer:
+    w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]   q, k, v projections stacked once at load
+    b_qkv: torch.Tensor  # [(Hq + 2 Hkv) D]
+    w_o: torch.Tensor  # [H, Hq D]
+    w_gate: torch.Tensor  # [I, H]
+    w_up: torch.Tensor  # [I, H]
+    w_down: torch.Tensor  # [H, I]
+    ln_attn: torch.Tensor  # [H]
+    ln_mlp: torch.Tensor  # [H]
+
+
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    # As Qwen2RMSNorm: normalise in fp32, round to the model dtype, then scale.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class Qwen2Runtime:
+    """A loaded Qwen2 / Dream model. Build with apd_ext.load_model."""
+
+    def __init__(self, kind: str, config: ModelConfig, tensors: dict, *, path: Optional[str] = None):
+        self.kind = kind
+        self.config = config
+        self.path = path
+        self.causal = kind == "ar"
+        emb = tensors["model.embed_tokens.weight"]
+        self.dtype = emb.dtype
+        self.device = emb.device
+        self.embed = emb  # [V, H]
+        self.lm_head = emb if config.tie_word_embeddings else tensors["lm_head.weight"]  # [V, H]
+        self.norm = tensors["model.norm.weight"]  # [H]
+        self.layers = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}."
+            t = lambda n: tensors[p + n]  # noqa: E731
+            self.layers.append(
+                _Layer(
+                    w_qkv=torch.cat([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")]),
+                    b_qkv=torch.cat([t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")]),
+                    w_o=t("self_attn.o_proj.weight"),
+                    w_gate=t("mlp.gate_proj.weight"),
+                    w_up=t("mlp.up_proj.weight"),
+                    w_down=t("mlp.down_proj.weight"),
+                    ln_attn=t("input_layernorm.weight"),
+                    ln_mlp=t("post_attention_layernorm.weight"),
+                )
+            )
+        D = config.head_dim
+        # As Qwen2RotaryEmbedding (default rope): fp32 inverse frequencies [D/2].
+        self.inv_freq = 1.0 / (
+            config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(device=self.device, dtype=torch.float) / D)
+        )
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"Qwen2Runtime(kind={self.kind!r}, model_type={c.model_type!r}, layers={c.num_layers}, "
+            f"hidden={c.hidden_size}, heads={c.num_heads}/{c.num_kv_heads}, vocab={c.vocab_size}, "
+            f"dtype={self.dtype}, device={self.device}, path={self.path!r})"
+        )
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A KV cache for batch_size sequences of up to max_len positions (prompt included)."""
+        c = self.config
+        return KVCache(
+            c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim, dtype=self.dtype, device=self.device
+        )
+
+    def graphed(self, cache: KVCache, window: int, n_rows: Optional[int] = None):
+        """A CUDA graph of forward for (cache.batch_size, window) rows on `cache` (see graphs.py)."""
+        from apd_ext.models.graphs import GraphedForward
+
+        return GraphedForward(self, cache, window, n_rows=n_rows)
+
+    # ------------------------------------------------------------------ checks
+    def _check_args(self, input_ids, cache, q_start, q_len, logit_rows):
+        check_tensor("input_ids", input_ids, ndim=2, dtypes=(torch.int64,), device=self.device)
+        B, Lw = input_ids.shape
+        if Lw < 1:
+            fail("input_ids", "a window of >= 1 rows", list(input_ids.shape))
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache: expected a KVCache (model.new_cache), got {type(cache).__name__}")
+        c = self.config
+        kshape = tuple(cache._k.shape)
+        want = (c.num_layers, B, cache.max_len + 1, c.num_kv_heads, c.head_dim)
+        if kshape != want or cache.dtype != self.dtype or cache.device != self.device:
+            fail(
+                "cache",
+                f"a cache of this model for batch {B} ({c.num_layers} layers, {c.num_kv_heads} kv heads, "
+                f"head_dim {c.head_dim}, {self.dtype}, {self.device})",
+                repr(cache),
+            )
+        for name, t in (("q_start", q_start), ("q_len", q_len)):
+            check_tensor(name, t, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device, shape=(B,))
+        n_rows = None
+        if logit_rows is not None:
+            if not (isinstance(logit_rows, tuple) and len(logit_rows) == 2):
+                raise TypeError("logit_rows: expected None or a tuple (row_start [B] int tensor, n_rows int)")
+            row_start, n_rows = logit_rows
+            check_tensor("logit_rows[0]", row_start, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device, shape=(B,))
+            if not isinstance(n_rows, int) or not (1 <= n_rows <= Lw):
+                fail("logit_rows[1]", f"an int in [1, {Lw}]", n_rows)
+        # Value checks only where they cost no device synchronisation.
+        if self.device.type == "cpu":
+            if bool((q_len < 0).any()) or bool((q_len > Lw).any()):
+                fail("q_len", f"values in [0, {Lw}]", q_len.tolist())
+            if bool((q_start < 0).any()) or bool((q_start + q_len > cache.max_len).any()):
+                fail("q_start", f"q_start >= 0 and q_start + q_len <= cache.max_len ({cache.max_len})", q_start.tolist())
+            if logit_rows is not None:
+                rs = logit_rows[0]
+                if bool((rs < 0).any()) or bool((rs + n_rows > Lw).any()):
+                    fail("logit_rows[0]", f"row starts in [0, {Lw - n_rows}]", rs.tolist())
+
+    # ----------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [B, Lw] int64
+        cache: KVCache,
+        q_start: torch.Tensor,  # [B] int, absolute position of row 0
+        q_len: torch.Tensor,  # [B] int, valid rows (rows >= q_len are padding)
+        logit_rows=None,  # None, or (row_start [B] int, n_rows int)
+    ) -> torch.Tensor:  # [B, Lw, V] or [B, n_rows, V], model dtype
+        """Run the window, update the cache, return raw logits (see the module docstring).
+
+        Padding rows (j >= q_len[b]) never touch the cache's valid positions and
+        their logits are finite but meaningless. Value checks on q_start / q_len
+        run on CPU only; on CUDA, out-of-range rows are redirected to the
+        cache's scratch slot (memory-safe, but the caller must pass sane values).
+        """
+        self._check_args(input_ids, cache, q_start, q_len, logit_rows)
+        c = self.config
+        B, Lw = input_ids.shape
+        Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
+        dev = self.device
+        q_start = q_start.to(torch.int64)
+        q_len = q_len.to(torch.int64)
+        kv_len = q_start + q_len  # [B]
+
+        j = torch.arange(Lw, device=dev)  # [Lw]
+        pos = q_start[:, None] + j  # [B, Lw] absolute positions
+        valid = (j < q_len[:, None]) & (pos < cache.max_len)  # [B, Lw]
+        slot = torch.where(valid, pos, cache.max_len)  # [B, Lw] cache row to write (scratch if padding)
+        bidx = torch.arange(B, device=dev)[:, None].expand(B, Lw)  # [B, Lw]
+
+        # RoPE as Qwen2RotaryEmbedding: fp32 angles, cos/sin rounded to the model dtype.
+        freqs = pos.float()[..., None] * self.inv_freq  # [B, Lw, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [B, Lw, 1, D]
+        cos, sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+
+        x = F.embedding(torch.where(valid, input_ids, 0), self.embed)  # [B, Lw, H]
+        for i, L in enumerate(self.layers):
+            h = _rms_norm(x, L.ln_attn, c.rms_norm_eps)
+            qkv = F.linear(h, L.w_qkv, L.b_qkv).view(B, Lw, Hq + 2 * Hkv, D)
+            qk = qkv[:, :, : Hq + Hkv]  # q and k heads rotate together
+            qk = qk * cos + _rotate_half(qk) * sin  # [B, Lw, Hq + Hkv, D]
+            q = qk[:, :, :Hq]  # [B, Lw, Hq, D]
+            k_cache, v_cache = cache.layer(i)  # [B, max_len + 1, Hkv, D] each
+            k_cache.index_put_((bidx, slot), qk[:, :, Hq:])
+            v_cache.index_put_((bidx, slot), qkv[:, :, Hq + Hkv :])
+            attn = _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, self.causal)  # [B, Lw, Hq, D]
+            x = x + F.linear(attn.reshape(B, Lw, Hq * D), L.w_o)
+            h = _rms_norm(x, L.ln_mlp, c.rms_norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, L.w_gate)) * F.linear(h, L.w_up), L.w_down)
+        cache.lengths.copy_(kv_len)
+
+        if logit_rows is not None:
+            row_start, n_rows = logit_rows
+            rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)
+            x = x.gather(1, rows[:, :, None].expand(B, n_rows, x.shape[-1]))  # [B, n_rows, H]
+        return F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+
+    __call__ = forward
