@@ -145,3 +145,30 @@ def load_model(
     device = torch.device(device) if device is not None else first.device
     tensors = _live_tensors(src, expected_shapes(config), dtype, device, where)
     return Qwen2Runtime(kind_, config, tensors, path=None)
+
+
+def random_model(
+    config: dict,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    seed: int = 0,
+    std: float = 0.02,
+    init_device: Union[str, torch.device, None] = None,
+) -> Qwen2Runtime:
+    """A model with random weights for a config.json-style dict (benchmarks and
+    device smoke tests; no transformers needed). Norm weights are 1 + noise.
+    The numbers are drawn on init_device (default: device; the same seed gives
+    the same weights on the same init_device)."""
+    kind, c = parse_config(config, where="random_model config")
+    device = torch.device(device)
+    init_device = torch.device(init_device) if init_device is not None else device
+    g = torch.Generator(device=init_device).manual_seed(seed)
+    tensors = {}
+    for name, shape in expected_shapes(c).items():
+        t = torch.randn(shape, generator=g, device=init_device, dtype=torch.float32) * std
+        if "norm" in name:
+            t += 1.0
+        tensors[name] = t.to(device=device, dtype=dtype)
+    return Qwen2Runtime(kind, c, tensors, path=None)
+
