@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import apd_ext
-from apd_ext.models import KVCache, check_compatible, random_model
+from apd_ext.models import BucketedGraphs, KVCache, check_compatible, random_model
 from apd_ext.models.config import parse_config
 from tests.model_utils import bidirectional_mask, hf_logits, make_tiny_dream, make_tiny_qwen2
 
@@ -416,6 +416,27 @@ def test_cuda_graph_replay_equals_eager(dtype, model_type):
     full_gpu = model.forward(ids[:, :20], model.new_cache(2, 20), i64(0, 0).to(dev), i64(20, 20).to(dev))
     tol = 2e-4 if dtype == torch.float32 else 0.1
     assert (full_gpu.float().cpu() - full_cpu).abs().max() < tol * max(1.0, full_cpu.abs().max().item())
+
+
+@pytest.mark.cuda
+def test_cuda_bucketed_graphs_equal_eager():
+    cfg = {**TINY_CONFIG, "model_type": "Dream", "mask_token_id": 508}
+    model = random_model(cfg, dtype=torch.bfloat16, device="cuda")
+    dev = torch.device("cuda")
+    ids = ids_batch(2, 40, seed=15).to(dev)
+    eager_cache, graph_cache = model.new_cache(2, 40), model.new_cache(2, 40)
+    graphs = BucketedGraphs(model, graph_cache, buckets=(4, 8))
+    for left, right in ((0, 12), (9, 14), (12, 20), (18, 21)):  # 12 > largest bucket: eager
+        win = ids[:, left:right].contiguous()
+        qs, ql = i64(left, left).to(dev), i64(right - left, right - left - 1).to(dev)
+        rs = i64(0, 1).to(dev)
+        n = max(1, right - left - 2)
+        want = model.forward(win, eager_cache, qs, ql, logit_rows=(rs, n))
+        got = graphs(win, qs, ql, rs, n)
+        # Padded to the bucket, the GEMMs have another M: equal up to bf16 rounding.
+        torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=2e-2)
+        assert torch.equal(graph_cache.lengths, eager_cache.lengths)
+    assert sorted(graphs.graphs) == [4, 8]
 
 
 @pytest.mark.cuda

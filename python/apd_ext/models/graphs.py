@@ -64,3 +64,34 @@ class GraphedForward:
             self.row_start.copy_(row_start)
         self.graph.replay()
         return self.logits
+
+
+class BucketedGraphs:
+    """Graphs for a window whose length varies (the dLLM's [left, right)): a
+    window of Lw rows runs in the graph of the smallest bucket >= Lw, its extra
+    rows being padding (q_len is unchanged, so they never touch the cache).
+    Each bucket is captured on first use with the LM head on all its rows; the
+    call gathers rows row_start .. row_start + n_rows - 1 of each sequence out of
+    them (a new tensor). Windows longer than the largest bucket run eagerly."""
+
+    def __init__(self, model, cache: KVCache, buckets=(32, 64, 128, 256)):
+        if not buckets or any(not isinstance(b, int) or b < 1 for b in buckets):
+            fail("buckets", "a non-empty list of ints >= 1", buckets)
+        self.model, self.cache = model, cache
+        self.buckets = sorted(set(buckets))
+        self.graphs: dict = {}
+
+    def __call__(self, input_ids, q_start, q_len, row_start, n_rows: int) -> torch.Tensor:
+        """input_ids [B, Lw], q_start / q_len / row_start [B] -> logits [B, n_rows, V]."""
+        B, Lw = input_ids.shape
+        if not isinstance(n_rows, int) or not (1 <= n_rows <= Lw):
+            fail("n_rows", f"an int in [1, {Lw}]", n_rows)
+        size = next((b for b in self.buckets if b >= Lw), None)
+        if size is None:
+            return self.model.forward(input_ids, self.cache, q_start, q_len, logit_rows=(row_start, n_rows))
+        if size not in self.graphs:
+            self.graphs[size] = GraphedForward(self.model, self.cache, size)
+        padded = torch.nn.functional.pad(input_ids, (0, size - Lw))  # [B, size]
+        logits = self.graphs[size](padded, q_start, q_len)  # [B, size, V]
+        rows = row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=logits.device)  # [B, n_rows]
+        return logits.gather(1, rows[:, :, None].expand(B, n_rows, logits.shape[-1]))
