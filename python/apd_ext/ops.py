@@ -26,7 +26,212 @@ __all__ = ["sample_draft", "mixture_accept", "accept_prefix", "window_attention"
 # Sampling core (DESIGN.md §4): sample_draft, mixture_accept, accept_prefix
 # ---------------------------------------------------------------------------
 
-# (section owned by the sampling work)
+def _check_number(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        fail(name, "a finite number", value)
+    return float(value)
+
+
+def _check_sampler(temperature, top_k, top_p) -> tuple:
+    temperature = _check_number("temperature", temperature)
+    if temperature < 0:
+        fail("temperature", "a value >= 0 (0 = argmax)", temperature)
+    if not isinstance(top_k, int) or isinstance(top_k, bool):
+        raise TypeError(f"top_k: expected an int (<= 0 = off), got {type(top_k).__name__}")
+    top_p = _check_number("top_p", top_p)
+    if not (0.0 < top_p <= 1.0):
+        fail("top_p", "a value in (0, 1] (1 = off)", top_p)
+    return temperature, top_k, top_p
+
+
+def _check_compat(compat) -> str:
+    check_choice("compat", compat, (None, "official"))
+    return compat or ""
+
+
+def _check_logits(name: str, t, *, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
+    check_tensor(name, t, ndim=3, dtypes=dtypes, device=device)
+    if t.device.type not in ("cpu", "cuda"):
+        fail(name, "a tensor on cpu or cuda", f"one on {t.device}")
+    if t.shape[2] < 1:
+        fail(name, "a vocabulary (last) dimension >= 1", list(t.shape))
+    return t
+
+
+def _check_row_vectors(B: int, device, pos_start, valid_len, seeds, steps) -> None:
+    check_batch_vector("pos_start", pos_start, B, device)
+    check_batch_vector("valid_len", valid_len, B, device)
+    check_tensor("seeds", seeds, ndim=1, dtypes=(torch.int64,), device=device, shape=(B,))
+    check_batch_vector("steps", steps, B, device)
+
+
+def _check_valid_len_values(valid_len: torch.Tensor, M: int) -> None:
+    """0 <= valid_len <= M, read on the host: free on the CPU, one device->host
+    copy (a stream sync) on CUDA."""
+    for b, n in enumerate(valid_len.to(torch.int64).cpu().tolist()):
+        if not 0 <= n <= M:
+            fail("valid_len", f"values in [0, M={M}]", f"valid_len[{b}] = {n}")
+
+
+def _eos_tensor(eos_ids, device) -> torch.Tensor:
+    """eos_ids (None, an int, a list of ints, or an int tensor [E]) as int64 [E] on `device`."""
+    if eos_ids is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if isinstance(eos_ids, torch.Tensor):
+        check_tensor("eos_ids", eos_ids, ndim=1, dtypes=INT_DTYPES, device=device)
+        return eos_ids.to(torch.int64)
+    if isinstance(eos_ids, int) and not isinstance(eos_ids, bool):
+        eos_ids = [eos_ids]
+    if not isinstance(eos_ids, (list, tuple)) or not all(
+        isinstance(e, int) and not isinstance(e, bool) for e in eos_ids
+    ):
+        raise TypeError(f"eos_ids: expected None, an int, a list of ints or an int64 tensor, got {eos_ids!r}")
+    return torch.tensor(list(eos_ids), dtype=torch.int64, device=device)
+
+
+def _check_lengths_now(check_lengths: bool) -> bool:
+    return check_lengths and not torch.compiler.is_compiling()
+
+
+def sample_draft(
+    logits: torch.Tensor,  # [B, M, V] fp32/bf16/fp16
+    pos_start: torch.Tensor,  # [B] int32/int64
+    valid_len: torch.Tensor,  # [B] int32/int64
+    seeds: torch.Tensor,  # [B] int64
+    steps: torch.Tensor,  # [B] int32/int64
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    compat: str | None = None,
+    check_lengths: bool = True,
+) -> torch.Tensor:
+    """Draft one token per masked row from the dLLM marginals (DESIGN.md §4, Op 1).
+
+    Row i of sequence b sits at absolute position pos_start[b] + i. With
+    temperature 0 the draft is the argmax (lowest index on ties); otherwise it
+    is the argmax over filter(logits / temperature) of
+    logits / temperature + g(seeds[b], steps[b], position, v), the Gumbel noise
+    of DESIGN.md §3 (top_k <= 0 and top_p = 1 switch the filter off).
+    compat="official" reproduces the released code (top-p before top-k,
+    temperature applied twice in the score).
+
+    Returns draft [B, M] int64; rows i >= valid_len[b] and bad rows (NaN, +inf
+    or all -inf) are -1. Any strides (the vocabulary dim is copied only when it
+    is not unit-stride). check_lengths validates 0 <= valid_len <= M on the
+    host (a stream sync on CUDA; skip it on a hot path when known valid).
+    """
+    _check_logits("logits", logits)
+    B, M, _ = logits.shape
+    _check_row_vectors(B, logits.device, pos_start, valid_len, seeds, steps)
+    temperature, top_k, top_p = _check_sampler(temperature, top_k, top_p)
+    compat = _check_compat(compat)
+    if _check_lengths_now(check_lengths):
+        _check_valid_len_values(valid_len, M)
+    return torch.ops.apd.sample_draft(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat)
+
+
+def mixture_accept(
+    dllm_logits: torch.Tensor,  # [B, M, V_D]
+    ar_logits: torch.Tensor,  # [B, M, V_A], dllm_logits' dtype
+    draft: torch.Tensor,  # [B, M] int64
+    pos_start: torch.Tensor,  # [B] int32/int64
+    valid_len: torch.Tensor,  # [B] int32/int64
+    seeds: torch.Tensor,  # [B] int64
+    steps: torch.Tensor,  # [B] int32/int64
+    *,
+    R: float,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_ids=None,
+    acceptance: str | None = None,
+    compat: str | None = None,
+    check_lengths: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Target ids and accepted prefix lengths (DESIGN.md §4, Op 2).
+
+    acceptance="coupled" (default): target = sample(m) with
+    m = R logsoftmax(dllm) + (1 - R) logsoftmax(ar) over v < V = min(V_D, V_A),
+    the same temperature / top_k / top_p and the SAME noise (seeds, steps,
+    positions) as sample_draft. acceptance="argmax" (the default under
+    compat="official"): target = argmax_{v<V} R dllm + (1 - R) ar, raw logits.
+    n_accept[b] = a_0 = 1 followed by the rows where draft == target, capped at
+    valid_len[b] and cut just after the first accepted id in eos_ids (None,
+    an int, a list of ints or an int tensor [E]); 0 when valid_len[b] == 0.
+
+    Returns (target [B, M] int64, -1 on invalid and bad rows; n_accept [B] int64).
+    """
+    _check_logits("dllm_logits", dllm_logits)
+    device = dllm_logits.device
+    _check_logits("ar_logits", ar_logits, dtypes=(dllm_logits.dtype,), device=device)
+    B, M, _ = dllm_logits.shape
+    if tuple(ar_logits.shape[:2]) != (B, M):
+        fail("ar_logits", f"shape [{B}, {M}, V_A] (dllm_logits' B and M)", list(ar_logits.shape))
+    check_tensor("draft", draft, ndim=2, dtypes=(torch.int64,), device=device, shape=(B, M))
+    _check_row_vectors(B, device, pos_start, valid_len, seeds, steps)
+    R = _check_number("R", R)
+    check_range("R", R, 0.0, 1.0)
+    temperature, top_k, top_p = _check_sampler(temperature, top_k, top_p)
+    compat = _check_compat(compat)
+    check_choice("acceptance", acceptance, (None, "coupled", "argmax"))
+    if acceptance is None:
+        acceptance = "argmax" if compat == "official" else "coupled"
+    if compat == "official" and acceptance == "coupled":
+        fail("acceptance", '"argmax" or None with compat="official"', "'coupled'")
+    eos = _eos_tensor(eos_ids, device)
+    if _check_lengths_now(check_lengths):
+        _check_valid_len_values(valid_len, M)
+    return torch.ops.apd.mixture_accept(
+        dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature, top_k, top_p, eos,
+        acceptance, compat,
+    )
+
+
+def accept_prefix(
+    draft: torch.Tensor,  # [B, M] int64
+    target: torch.Tensor,  # [B, M] int64
+    valid_len: torch.Tensor,  # [B] int32/int64
+    eos_ids=None,
+    *,
+    check_lengths: bool = True,
+) -> torch.Tensor:
+    """The accept scan of mixture_accept alone (DESIGN.md §4, Op 3): n_accept [B]
+    int64 = 1 + the number of leading rows i >= 1 with draft == target (ids < 0
+    never match), capped at valid_len[b], cut just after the first accepted EOS."""
+    check_tensor("draft", draft, ndim=2, dtypes=(torch.int64,))
+    device = draft.device
+    if device.type not in ("cpu", "cuda"):
+        fail("draft", "a tensor on cpu or cuda", f"one on {device}")
+    B, M = draft.shape
+    check_tensor("target", target, ndim=2, dtypes=(torch.int64,), device=device, shape=(B, M))
+    check_batch_vector("valid_len", valid_len, B, device)
+    eos = _eos_tensor(eos_ids, device)
+    if _check_lengths_now(check_lengths):
+        _check_valid_len_values(valid_len, M)
+    return torch.ops.apd.accept_prefix(draft, target, valid_len, eos)
+
+
+@torch.library.register_fake("apd::sample_draft")
+def _sample_draft_fake(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat):
+    torch._check(logits.dim() == 3, lambda: "sample_draft: logits must be [B, M, V]")
+    return logits.new_empty(logits.shape[:2], dtype=torch.int64)
+
+
+@torch.library.register_fake("apd::mixture_accept")
+def _mixture_accept_fake(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature,
+                         top_k, top_p, eos_ids, acceptance, compat):
+    torch._check(dllm_logits.dim() == 3 and ar_logits.dim() == 3, lambda: "mixture_accept: logits must be 3-D")
+    B, M = dllm_logits.shape[:2]
+    return dllm_logits.new_empty((B, M), dtype=torch.int64), dllm_logits.new_empty((B,), dtype=torch.int64)
+
+
+@torch.library.register_fake("apd::accept_prefix")
+def _accept_prefix_fake(draft, target, valid_len, eos_ids):
+    torch._check(draft.dim() == 2, lambda: "accept_prefix: draft must be [B, M]")
+    return draft.new_empty(draft.shape[:1])
 
 # ---------------------------------------------------------------------------
 # Masked-window attention (DESIGN.md §5): window_attention

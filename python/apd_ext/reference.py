@@ -12,13 +12,235 @@ import torch
 # Philox4x32-10 and Gumbel noise (DESIGN.md §3)
 # ---------------------------------------------------------------------------
 
-# (section owned by the sampling work)
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2^32 and int64 b < 2^32,
+    without overflowing int64 (b is split into 16-bit halves)."""
+    t_lo = a * (b & 0xFFFF)          # < 2^48
+    t_hi = a * (b >> 16)             # < 2^48
+    mid = t_lo + ((t_hi & 0xFFFF) << 16)
+    return (t_hi >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Random123 Philox4x32-10 on int64 tensors (broadcastable) holding uint32
+    values; returns the four output words as int64 tensors in [0, 2^32)."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    k0, k1 = torch.as_tensor(k0, dtype=torch.int64), torch.as_tensor(k1, dtype=torch.int64)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return c0, c1, c2, c3
+
+
+def noise_words(seeds: torch.Tensor, steps: torch.Tensor, pos: torch.Tensor, V: int) -> torch.Tensor:
+    """Raw Philox words [N, V] (int64 in [0, 2^32)) for rows with int64 seeds,
+    steps and absolute positions [N] (DESIGN.md §3 counter and key layout)."""
+    seeds, steps, pos = (t.to(torch.int64).reshape(-1, 1) for t in (seeds, steps, pos))
+    blocks = torch.arange((V + 3) // 4, dtype=torch.int64, device=seeds.device).reshape(1, -1)
+    words = philox4x32_10(blocks, pos & _MASK32, steps & _MASK32, (steps >> 32) & _MASK32,
+                          seeds & _MASK32, (seeds >> 32) & _MASK32)
+    return torch.stack(words, dim=-1).reshape(seeds.shape[0], -1)[:, :V]
+
+
+def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, pos: torch.Tensor, V: int) -> torch.Tensor:
+    """g(seed, step, p, v) = -log(-log(u)) in fp32, [N, V]. u is exact in fp32;
+    each log is evaluated in fp64 and rounded to fp32, i.e. a correctly rounded
+    fp32 log (host logf agrees to the last bit except in rare halfway cases)."""
+    x = noise_words(seeds, steps, pos, V)
+    u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    inner = (-torch.log(u.double())).float()
+    return (-torch.log(inner.double())).float()
 
 # ---------------------------------------------------------------------------
 # Sampling core (DESIGN.md §4)
 # ---------------------------------------------------------------------------
 
-# (section owned by the sampling work)
+_REL_TIE = 1e-5  # SEMANTICS.md: near-ties / boundary masses within this are implementation-defined
+
+
+def _f32(x: float) -> float:
+    """A Python float rounded to fp32, as the kernels receive it."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _eos_tensor(eos_ids, device) -> torch.Tensor:
+    if eos_ids is None:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    return torch.as_tensor(eos_ids, dtype=torch.int64, device=device).reshape(-1)
+
+
+def _near(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs() <= _REL_TIE * torch.clamp(scale.abs(), min=1.0)
+
+
+def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
+    """filter(z) of DESIGN.md §4 as a bool mask [N, V], plus a per-row flag set
+    when the top-p cut sits within 1e-5 of the boundary (a cut the kernels may
+    place one entry differently). z [N, V] fp32 with finite maxima."""
+    N, V = z.shape
+    vals, order = torch.sort(z, dim=-1, descending=True, stable=True)  # value desc, index asc
+    cum = torch.softmax(vals.double(), dim=-1).cumsum(-1)
+    top_p = _f32(top_p)
+    K = top_k if 0 < top_k < V else V
+    fragile = torch.zeros(N, dtype=torch.bool, device=z.device)
+    if official:  # top-p over the whole row, then top_k on what is left
+        n = torch.full((N,), V, dtype=torch.int64, device=z.device)
+        S = cum[:, V - 1]
+    else:
+        n = torch.full((N,), K, dtype=torch.int64, device=z.device)
+        S = cum[:, K - 1]
+    if top_p < 1.0:
+        T = top_p * S
+        n_p = torch.clamp((cum < T[:, None]).sum(-1) + 1, max=n)
+        at = cum.gather(1, (n_p - 1)[:, None])[:, 0]
+        below = cum.gather(1, torch.clamp(n_p - 2, min=0)[:, None])[:, 0]
+        fragile = _near(at, T, S) | ((n_p >= 2) & _near(below, T, S))
+        n = n_p
+    if official and 0 < top_k < V:
+        n = torch.clamp(n, max=top_k)
+    kept_sorted = torch.arange(V, device=z.device)[None, :] < n[:, None]
+    return torch.zeros_like(kept_sorted).scatter(1, order, kept_sorted), fragile
+
+
+def _argmax_rows(score: torch.Tensor, exact_ties_fragile: bool = False):
+    """Lowest-index argmax per row, with a flag for rows whose best two scores
+    are within 1e-5 relative. Exactly equal scores are a deterministic tie
+    (lowest index) unless the scores carry rounding of their own
+    (exact_ties_fragile, e.g. a mixture shifted by an fp32 lse)."""
+    ids = score.argmax(-1)  # first maximal index
+    top = score.topk(min(2, score.shape[-1]), dim=-1).values
+    fragile = torch.zeros(score.shape[0], dtype=torch.bool, device=score.device)
+    if top.shape[-1] == 2:
+        fragile = torch.isfinite(top[:, 1]) & _near(top[:, 0], top[:, 1], top[:, 0])
+        if not exact_ties_fragile:
+            fragile &= top[:, 0] != top[:, 1]
+    return ids, fragile
+
+
+def _sample_rows(l, seeds, steps, pos, temperature, top_k, top_p, official, exact_ties_fragile=False):
+    """sample(l) of DESIGN.md §4 for independent rows l [N, V] (fp32) with their
+    noise coordinates [N]; returns ids [N] int64 (-1 for bad rows) and the
+    fragile flags [N] (near-ties the kernels may resolve differently)."""
+    tau = torch.tensor(_f32(temperature), dtype=torch.float32)
+    if float(tau) == 0.0:
+        bad = ~torch.isfinite(l.max(-1).values)  # torch max propagates NaN
+        ids, fragile = _argmax_rows(torch.where(bad[:, None], 0.0, l), exact_ties_fragile)
+        return torch.where(bad, -1, ids), fragile & ~bad
+    z = l / tau  # true fp32 division
+    bad = ~torch.isfinite(z.max(-1).values)
+    z = torch.where(bad[:, None], 0.0, z)
+    kept, fragile = _kept_mask(z, top_k, top_p, official)
+    g = gumbel_noise(seeds, steps, pos, l.shape[-1]).to(l.device)
+    score = (z / tau if official else z) + g
+    ids, near = _argmax_rows(torch.where(kept, score, float("-inf")), exact_ties_fragile)
+    return torch.where(bad, -1, ids), (fragile | near) & ~bad
+
+
+def _row_coords(pos_start, seeds, steps, M):
+    B = pos_start.shape[0]
+    pos = (pos_start.to(torch.int64)[:, None] + torch.arange(M, device=pos_start.device)).reshape(-1)
+    rep = lambda t: t.to(torch.int64)[:, None].expand(B, M).reshape(-1)  # noqa: E731
+    return pos, rep(seeds), rep(steps)
+
+
+def _valid_rows(valid_len, M):
+    return torch.arange(M, device=valid_len.device)[None, :] < valid_len.to(torch.int64)[:, None]
+
+
+def _resolve_modes(acceptance, compat):
+    official = compat == "official"
+    if acceptance is None:
+        acceptance = "argmax" if official else "coupled"
+    return acceptance, official
+
+
+def sample_draft_impl(logits, pos_start, valid_len, seeds, steps, *, temperature=0.0, top_k=0,
+                      top_p=1.0, compat=None):
+    """sample_draft plus the fragile flags [B, M] (see _sample_rows)."""
+    B, M, V = logits.shape
+    pos, sd, st = _row_coords(pos_start, seeds, steps, M)
+    ids, fragile = _sample_rows(logits.float().reshape(B * M, V), sd, st, pos, temperature, top_k,
+                                top_p, compat == "official")
+    valid = _valid_rows(valid_len, M)
+    return torch.where(valid, ids.view(B, M), -1), fragile.view(B, M) & valid
+
+
+def sample_draft(logits, pos_start, valid_len, seeds, steps, *, temperature=0.0, top_k=0, top_p=1.0,
+                 compat=None):
+    """Reference of apd.sample_draft: draft [B, M] int64 = sample(logits) per row
+    (DESIGN.md §4, Op 1); rows >= valid_len and bad rows are -1."""
+    return sample_draft_impl(logits, pos_start, valid_len, seeds, steps, temperature=temperature,
+                             top_k=top_k, top_p=top_p, compat=compat)[0]
+
+
+def _accept_scan(draft, target, valid_len, eos_ids, V):
+    B, M = draft.shape
+    i = torch.arange(M, device=draft.device)[None, :]
+    match = (target >= 0) & (draft == target) & (draft < V)
+    match[:, 0] = True
+    match &= i < valid_len.to(torch.int64)[:, None]
+    n = torch.cumprod(match.to(torch.int64), dim=-1).sum(-1)
+    eos = torch.isin(draft, _eos_tensor(eos_ids, draft.device)) & (i < n[:, None])
+    first = torch.where(eos.any(-1), eos.to(torch.int64).argmax(-1) + 1, n)
+    return torch.minimum(n, first)
+
+
+def accept_prefix(draft, target, valid_len, eos_ids=None):
+    """Reference of apd.accept_prefix: n_accept [B] int64 (DESIGN.md §4, Op 3)."""
+    return _accept_scan(draft.to(torch.int64), target.to(torch.int64), valid_len, eos_ids, 2**62)
+
+
+def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, *, R,
+                        temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, acceptance=None,
+                        compat=None):
+    """mixture_accept plus the fragile flags [B, M] of the target rows."""
+    acceptance, official = _resolve_modes(acceptance, compat)
+    B, M, V_D = dllm_logits.shape
+    V = min(V_D, ar_logits.shape[-1])
+    d = dllm_logits.float()
+    a = ar_logits.float()
+    R_t = torch.tensor(_f32(R), dtype=torch.float32)
+    one_minus_R = torch.tensor(1.0, dtype=torch.float32) - R_t  # fp32, as the kernels
+    if acceptance == "coupled":
+        if float(R_t) == 1.0:  # shift invariance: m = d exactly (sampling_row.h)
+            m = d[..., :V]
+        elif float(R_t) == 0.0:
+            m = a[..., :V]
+        else:
+            lse_d = torch.logsumexp(d.double(), dim=-1).float()[..., None]
+            lse_a = torch.logsumexp(a.double(), dim=-1).float()[..., None]
+            m = R_t * (d[..., :V] - lse_d) + one_minus_R * (a[..., :V] - lse_a)
+        pos, sd, st = _row_coords(pos_start, seeds, steps, M)
+        ids, fragile = _sample_rows(m.reshape(B * M, V), sd, st, pos, temperature, top_k, top_p,
+                                    official, exact_ties_fragile=0.0 < float(R_t) < 1.0)
+    else:
+        w = (R_t * d[..., :V] + one_minus_R * a[..., :V]).reshape(B * M, V)
+        bad = ~torch.isfinite(w.max(-1).values)
+        ids, fragile = _argmax_rows(torch.where(bad[:, None], 0.0, w))
+        ids, fragile = torch.where(bad, -1, ids), fragile & ~bad
+    valid = _valid_rows(valid_len, M)
+    target = torch.where(valid, ids.view(B, M), -1)
+    n = _accept_scan(draft.to(torch.int64), target, valid_len, eos_ids, V)
+    return target, n, fragile.view(B, M) & valid
+
+
+def mixture_accept(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, *, R,
+                   temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, acceptance=None, compat=None):
+    """Reference of apd.mixture_accept: (target [B, M] int64, n_accept [B] int64)
+    (DESIGN.md §4, Op 2)."""
+    target, n, _ = mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds,
+                                       steps, R=R, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, eos_ids=eos_ids, acceptance=acceptance,
+                                       compat=compat)
+    return target, n
 
 # ---------------------------------------------------------------------------
 # Masked-window attention (DESIGN.md §5)

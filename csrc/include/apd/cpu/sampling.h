@@ -1,0 +1,350 @@
+// CPU kernels of the sampling core (DESIGN.md §4): sample_draft,
+// mixture_accept, accept_prefix. Torch-free: raw pointers and strides from
+// apd/sampling_params.h, OpenMP over rows, the per-row math of
+// apd/sampling_row.h (shared with the CUDA kernels).
+//
+// One row of V entries is sampled without sorting the vocabulary:
+//   no filter (top_k off, top_p >= 1): ONE fused pass computing z, the bad-row
+//     max and the argmax of z + g, generating Gumbel noise only for entries
+//     that can still win (z + kGumbelMax > best so far);
+//   with a filter: pass 1 writes z to a per-thread buffer and takes the max;
+//     pass 2 builds a 2048-bin histogram of (count, softmax mass) over the top
+//     11 bits of the descending order key; the bin where the cumulative count
+//     (top_k) or mass (top_p) crosses its target is gathered (pass 3, keys
+//     only), refined by a second 11-bit radix level when large, and sorted;
+//     pass 4 takes the argmax of z + g over the kept prefix, counting ties in
+//     index order so the lowest-index ties are the ones kept.
+// Noise is regenerated from Philox (one call per 4 entries), never stored.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "apd/common.h"
+#include "apd/philox.h"
+#include "apd/sampling_params.h"
+#include "apd/sampling_row.h"
+
+namespace apd {
+namespace cpu {
+namespace detail {
+
+constexpr int kL1Bits = 11;                       // level-1 radix digit: dk >> 21
+constexpr int kL1Shift = 32 - kL1Bits;
+constexpr int kL1Bins = 1 << kL1Bits;
+constexpr int kL2Bits = 11;                       // level-2 digit: (dk >> 10) & 2047
+constexpr int kL2Shift = kL1Shift - kL2Bits;
+constexpr int kL2Bins = 1 << kL2Bits;
+constexpr int64_t kSortDirect = 4096;             // sort the crossing bin directly below this
+
+// Per-thread buffers, sized once per call for the largest row.
+struct Scratch {
+  std::vector<float> z;         // [V] tempered values of the current row
+  std::vector<uint32_t> keys;   // [V] descending keys of the crossing bin
+  std::vector<int64_t> cnt;     // [kL1Bins] histogram counts
+  std::vector<double> mass;     // [kL1Bins] histogram softmax masses (unnormalised)
+  void reserve(int64_t V) {
+    z.resize(V);
+    keys.resize(V);
+    cnt.resize(kL1Bins);
+    mass.resize(kL1Bins);
+  }
+};
+
+// exp(z - max) as the histogram sees it; exactly 0 below -104 (fp32 underflow),
+// skipped there for speed.
+inline float mass_of(float z, float maxz) {
+  const float t = z - maxz;
+  return t > -104.0f ? std::exp(t) : 0.0f;
+}
+
+// Position in sorted order where a cumulative target is crossed.
+struct Crossing {
+  uint32_t dk;          // descending key of the crossing value
+  int64_t count_less;   // entries strictly before that value in sorted order
+  double mass_less;     // their mass
+  int64_t count_eq;     // entries equal to that value
+  double each;          // mass of one of them
+};
+
+// Find where the cumulative count (by_mass = false, target K >= 1) or mass
+// (by_mass = true, target T) of the sorted order first reaches the target.
+// Falls back to the last value of the row when rounding keeps the target out
+// of reach. z [V] is the row, h the level-1 histogram of it.
+inline Crossing find_crossing(const float* z, int64_t V, float maxz, Scratch& s, bool by_mass,
+                              double target) {
+  auto reached = [&](int64_t c, double m) { return by_mass ? m >= target : double(c) >= target; };
+  // Level 1: the histogram.
+  int64_t cnt = 0, prev_cnt = 0;
+  double mass = 0.0, prev_mass = 0.0;
+  int bin = -1;
+  for (int b = 0; b < kL1Bins; ++b) {
+    if (s.cnt[b] == 0) continue;
+    bin = b;
+    prev_cnt = cnt;
+    prev_mass = mass;
+    cnt += s.cnt[b];
+    mass += s.mass[b];
+    if (reached(cnt, mass)) break;
+  }
+  cnt = prev_cnt;
+  mass = prev_mass;
+  // Gather the crossing bin's keys.
+  uint32_t* keys = s.keys.data();
+  int64_t n = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const uint32_t dk = desc_key(z[v]);
+    if (int(dk >> kL1Shift) == bin) keys[n++] = dk;
+  }
+  // Level 2 on large bins, then sort what is left.
+  if (n > kSortDirect) {
+    int64_t c2[kL2Bins] = {};
+    double m2[kL2Bins] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const int d = int((keys[i] >> kL2Shift) & (kL2Bins - 1));
+      ++c2[d];
+      m2[d] += mass_of(desc_key_to_float(keys[i]), maxz);
+    }
+    int sub = -1;
+    int64_t c_acc = cnt;
+    double m_acc = mass;
+    for (int d = 0; d < kL2Bins; ++d) {
+      if (c2[d] == 0) continue;
+      sub = d;
+      cnt = c_acc;
+      mass = m_acc;
+      c_acc += c2[d];
+      m_acc += m2[d];
+      if (reached(c_acc, m_acc)) break;
+    }
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; ++i)
+      if (int((keys[i] >> kL2Shift) & (kL2Bins - 1)) == sub) keys[k++] = keys[i];
+    n = k;
+  }
+  std::sort(keys, keys + n);
+  Crossing x{keys[n - 1], cnt, mass, 0, 0.0};
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && keys[j] == keys[i]) ++j;
+    const double each = mass_of(desc_key_to_float(keys[i]), maxz);
+    x = Crossing{keys[i], cnt, mass, j - i, each};
+    if (reached(cnt + (j - i), mass + double(j - i) * each)) break;
+    cnt += j - i;
+    mass += double(j - i) * each;
+    i = j;
+  }
+  return x;
+}
+
+// The kept prefix as (threshold key, number of lowest-index ties kept).
+struct Cut {
+  uint32_t dk;
+  int64_t ties;
+};
+
+// SEMANTICS.md "Ties and order": default K-then-top-p, or compat="official"
+// top-p-then-K. z [V] finite-max row already in s.z; fills s.cnt / s.mass.
+inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig& cfg, Scratch& s) {
+  std::fill(s.cnt.begin(), s.cnt.end(), 0);
+  std::fill(s.mass.begin(), s.mass.end(), 0.0);
+  double total = 0.0;
+  for (int64_t v = 0; v < V; ++v) {
+    const int b = int(desc_key(z[v]) >> kL1Shift);
+    const float w = mass_of(z[v], maxz);
+    ++s.cnt[b];
+    s.mass[b] += w;
+  }
+  for (int b = 0; b < kL1Bins; ++b) total += s.mass[b];
+
+  const int64_t K = effective_top_k(cfg.top_k, V);
+  const bool use_p = cfg.top_p < 1.0f;
+  auto by_count = [&](int64_t k) {
+    const Crossing x = find_crossing(z, V, maxz, s, false, double(k));
+    return std::make_pair(Cut{x.dk, k - x.count_less}, x.mass_less + double(k - x.count_less) * x.each);
+  };
+  auto by_mass = [&](double T) {
+    const Crossing x = find_crossing(z, V, maxz, s, true, T);
+    const int64_t j = ties_to_reach(x.mass_less, x.each, x.count_eq, T);
+    return std::make_pair(Cut{x.dk, j}, x.count_less + j);
+  };
+  if (!cfg.official) {
+    Cut cut{0xffffffffu, INT64_MAX};
+    double mass_k = total;
+    if (K < V) std::tie(cut, mass_k) = by_count(K);
+    if (use_p) {
+      const auto [pc, n] = by_mass(double(cfg.top_p) * mass_k);
+      if (n <= K) cut = pc;  // else rounding put the top-p cut past K: keep K
+    }
+    return cut;
+  }
+  Cut cut{0xffffffffu, INT64_MAX};
+  int64_t n = V;
+  if (use_p) std::tie(cut, n) = by_mass(double(cfg.top_p) * total);
+  if (cfg.top_k > 0 && cfg.top_k < n) cut = by_count(cfg.top_k).first;
+  return cut;
+}
+
+// Running argmax of the perturbed score in index order (lowest index wins ties
+// because a later entry must be strictly better), with the noise skip bound.
+struct NoisyArgmax {
+  uint64_t seed, step;
+  int64_t pos;
+  float best = -INFINITY;
+  int64_t idx = -1;
+  int64_t blk_id = -1;
+  Philox4 blk{};
+  void offer(float score_z, int64_t v) {
+    if (idx >= 0 && !(score_z + kGumbelMax > best)) return;  // cannot win
+    if ((v >> 2) != blk_id) {
+      blk_id = v >> 2;
+      blk = noise_block(seed, step, pos, v);
+    }
+    const float s = perturbed_score(score_z, blk, v);
+    if (idx < 0 || s > best) {
+      best = s;
+      idx = v;
+    }
+  }
+};
+
+// sample(z) of DESIGN.md §4 for one row. `zf(v)` returns the tempered value
+// z_v (tau > 0) or the raw value (tau == 0). Returns -1 for a bad row.
+template <typename ZFn>
+int64_t sample_row(ZFn zf, int64_t V, const SamplerConfig& cfg, uint64_t seed, uint64_t step,
+                   int64_t pos, Scratch& s) {
+  const float tau = cfg.temperature;
+  if (!(tau > 0.0f)) {  // argmax, lowest index
+    float best = -INFINITY, mx = -INFINITY;
+    int64_t idx = -1;
+    for (int64_t v = 0; v < V; ++v) {
+      const float x = zf(v);
+      mx = nan_max(mx, x);
+      if (x > best) {
+        best = x;
+        idx = v;
+      }
+    }
+    return row_is_bad(mx) ? -1 : idx;
+  }
+  NoisyArgmax am{seed, step, pos};
+  if (!filter_active(cfg.top_k, cfg.top_p, V)) {  // one fused pass
+    float mx = -INFINITY;
+    for (int64_t v = 0; v < V; ++v) {
+      const float z = zf(v);
+      mx = nan_max(mx, z);
+      am.offer(cfg.official ? temper(z, tau) : z, v);
+    }
+    return row_is_bad(mx) ? -1 : am.idx;
+  }
+  float* z = s.z.data();
+  float mx = -INFINITY;
+  for (int64_t v = 0; v < V; ++v) {
+    z[v] = zf(v);
+    mx = nan_max(mx, z[v]);
+  }
+  if (row_is_bad(mx)) return -1;
+  const Cut cut = filter_cut(z, V, mx, cfg, s);
+  int64_t ties = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const uint32_t dk = desc_key(z[v]);
+    if (dk > cut.dk) continue;
+    if (dk == cut.dk && ties++ >= cut.ties) continue;
+    am.offer(cfg.official ? temper(z[v], tau) : z[v], v);
+  }
+  return am.idx;
+}
+
+// log-sum-exp of one row in fp32 from an fp64 sum (non-finite for bad rows).
+template <typename T>
+float row_lse(const T* x, int64_t n) {
+  float mx = -INFINITY;
+  for (int64_t v = 0; v < n; ++v) mx = nan_max(mx, to_float(x[v]));
+  if (!(std::fabs(mx) <= 3.4e38f)) return mx == -INFINITY ? -INFINITY : NAN;
+  double sum = 0.0;
+  for (int64_t v = 0; v < n; ++v) sum += double(std::exp(to_float(x[v]) - mx));
+  return float(double(mx) + std::log(sum));
+}
+
+template <typename F>
+void parallel_rows(int64_t rows, int64_t V, F&& body) {
+#pragma omp parallel
+  {
+    Scratch s;  // once per thread per call
+    s.reserve(V);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r = 0; r < rows; ++r) body(r, s);
+  }
+}
+
+}  // namespace detail
+
+// draft [B, M] = sample(logits) per row; rows >= valid_len are -1.
+template <typename T>
+void sample_draft(const SampleDraftParams& p) {
+  const T* logits = static_cast<const T*>(p.logits);
+  const float tau = p.cfg.temperature;
+  detail::parallel_rows(p.B * p.M, p.V, [&](int64_t r, detail::Scratch& s) {
+    const int64_t b = r / p.M, i = r % p.M;
+    if (i >= p.valid_len[b]) {
+      p.draft[r] = -1;
+      return;
+    }
+    const T* row = logits + b * p.stride_b + i * p.stride_m;
+    auto zf = [&](int64_t v) { return tau > 0.0f ? temper(to_float(row[v]), tau) : to_float(row[v]); };
+    p.draft[r] = detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]),
+                                    p.pos_start[b] + i, s);
+  });
+}
+
+// target [B, M] per DESIGN.md §4 Op 2 (coupled or argmax), then n_accept [B].
+template <typename T>
+void mixture_accept(const MixtureAcceptParams& p) {
+  const T* dl = static_cast<const T*>(p.dllm_logits);
+  const T* al = static_cast<const T*>(p.ar_logits);
+  const int64_t V = std::min(p.V_D, p.V_A);
+  const float tau = p.cfg.temperature;
+  const float one_minus_R = 1.0f - p.R;
+  detail::parallel_rows(p.B * p.M, V, [&](int64_t r, detail::Scratch& s) {
+    const int64_t b = r / p.M, i = r % p.M;
+    if (i >= p.valid_len[b]) {
+      p.target[r] = -1;
+      return;
+    }
+    const T* d = dl + b * p.d_stride_b + i * p.d_stride_m;
+    const T* a = al + b * p.a_stride_b + i * p.a_stride_m;
+    if (p.acceptance == Acceptance::kArgmax) {
+      SamplerConfig greedy = p.cfg;
+      greedy.temperature = 0.0f;
+      auto wf = [&](int64_t v) { return mixture_argmax(to_float(d[v]), to_float(a[v]), p.R, one_minus_R); };
+      p.target[r] = detail::sample_row(wf, V, greedy, 0, 0, 0, s);
+      return;
+    }
+    // Coupled: lse of both full rows (skipped where the mixture ignores them).
+    const bool shift = p.R != 1.0f && p.R != 0.0f;
+    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D) : 0.0f,
+                                           shift ? detail::row_lse(a, p.V_A) : 0.0f);
+    auto zf = [&](int64_t v) {
+      const float m = mixture_coupled(to_float(d[v]), to_float(a[v]), mr);
+      return tau > 0.0f ? temper(m, tau) : m;
+    };
+    p.target[r] = detail::sample_row(zf, V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]),
+                                     p.pos_start[b] + i, s);
+  });
+  for (int64_t b = 0; b < p.B; ++b)
+    p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], V,
+                                      p.eos_ids, p.num_eos);
+}
+
+// n_accept [B] from caller-provided draft and target ids.
+inline void accept_prefix(const AcceptPrefixParams& p) {
+  for (int64_t b = 0; b < p.B; ++b)
+    p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], INT64_MAX,
+                                      p.eos_ids, p.num_eos);
+}
+
+}  // namespace cpu
+}  // namespace apd
