@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 TINY_INTERMEDIATE = 96
-TINY_ROPE_THETA = 10000.0
+TINY_ROPE_THETA = 1000.0  # not the default 10000: a loader that ignored it would fail
 
 
 def _build(vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate, **ids):

@@ -11,11 +11,19 @@ lowering lengths (crop): no data moves, nothing is reallocated.
 """
 from __future__ import annotations
 
+import operator
 from typing import Union
 
 import torch
 
 from apd_ext._validate import check_tensor, fail
+
+
+def _index(name: str, x) -> int:
+    try:
+        return operator.index(x)  # int, numpy integer, 0-d integer tensor
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(x).__name__}") from None
 
 
 class KVCache:
@@ -68,9 +76,10 @@ class KVCache:
         """Keep at most `length` positions of sequence b (lengths[b] = min(lengths[b], length)).
 
         Never extends a sequence: positions past the old length were not computed."""
-        if not isinstance(b, int) or not (0 <= b < self.batch_size):
+        b, length = _index("b", b), _index("length", length)
+        if not (0 <= b < self.batch_size):
             fail("b", f"a sequence index in [0, {self.batch_size})", b)
-        if not isinstance(length, int) or length < 0:
+        if length < 0:
             fail("length", "an integer >= 0", length)
         self.lengths[b].clamp_(max=length)
 
