@@ -1,0 +1,334 @@
+"""The `apd` command.
+
+    apd generate --dllm PATH --verifier PATH --prompt TEXT [options]
+    apd bench    [--device cpu|cuda] [--csv FILE] [--plot FILE] [--markdown FILE]
+    apd demo     ...   (the embedded tiny pair; see `apd demo --help`)
+    apd sweep    ...   (R / W / M sweep on the embedded tiny pair)
+
+Errors in the input (a missing folder, a bad knob, incompatible models) end
+with a one-line message and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import List, Optional
+
+METHODS = ("apd", "leftright", "diffusion", "ar")
+_COLOURS = ["\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m", "\033[31m"]
+_RESET = "\033[0m"
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs (exit status 2)."""
+
+
+def _embedded_defaults():
+    """(dllm_dir, ar_dir) of the embedded tiny pair, when it is installed."""
+    try:
+        from apd_ext.tiny import paths
+    except ImportError:
+        return None, None
+    try:
+        d, a = paths()
+    except Exception:  # noqa: BLE001  (a broken optional module must not break the CLI)
+        return None, None
+    ok = os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(a, "config.json"))
+    return (str(d), str(a)) if ok else (None, None)
+
+
+def _w_arg(text: str):
+    if text.lower() in ("none", "off", "0"):
+        return None
+    return int(text)
+
+
+def _add_generate(sub) -> None:
+    d_def, a_def = _embedded_defaults()
+    p = sub.add_parser("generate", help="generate text with APD or a baseline",
+                       description="Generate text with APD (or a baseline); the tokenizer comes from "
+                       "the dLLM folder. Streams the accepted text, then prints the stats.")
+    p.add_argument("--dllm", default=d_def, required=d_def is None,
+                   help="dLLM checkpoint folder (Dream layout)" + (" [embedded tiny dLLM]" if d_def else ""))
+    p.add_argument("--verifier", default=a_def,
+                   help="AR verifier checkpoint folder (Qwen2 layout)" + (" [embedded tiny AR]" if a_def else ""))
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    p.add_argument("--method", choices=METHODS, default="apd")
+    p.add_argument("--R", type=float, default=0.7, help="mixture weight in [0, 1] (apd)")
+    p.add_argument("--W", type=_w_arg, default=16, help="recompute window, or 'none' for no dLLM KV cache")
+    p.add_argument("--M", type=int, default=100, help="max masked lookahead (apd, leftright)")
+    p.add_argument("--K", type=int, default=1, help="tokens per step (leftright)")
+    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: max-new-tokens)")
+    p.add_argument("--alg", default="entropy", choices=("origin", "maskgit_plus", "topk_margin", "entropy"),
+                   help="diffusion sampler")
+    p.add_argument("--acceptance", default="coupled", choices=("coupled", "argmax"))
+    p.add_argument("--compat", default=None, choices=("official",), help="reproduce the released code's sampling")
+    p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--no-color", action="store_true", help="never colour the streamed blocks")
+    p.set_defaults(func=cmd_generate)
+
+
+def _device_dtype(args):
+    import torch
+
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(dev)
+    except RuntimeError as e:
+        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here")
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def _load_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001  (transformers raises many types here)
+        raise UsageError(f"{folder}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _encode(tok, prompt: str, chat: bool) -> List[int]:
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise UsageError("--chat: the dLLM's tokenizer has no chat template")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tok(prompt, add_special_tokens=False)["input_ids"]
+
+
+class _Streamer:
+    """generate() callback: prints the newly accepted text, one colour per step on a TTY."""
+
+    def __init__(self, tok, eos, colour: bool, stream):
+        self.tok, self.eos, self.colour, self.stream = tok, set(eos), colour, stream
+        self.ids: List[int] = []
+        self.text = ""
+        self.blocks = 0
+
+    def __call__(self, step: int, tokens_accepted) -> None:
+        block = [t for t in tokens_accepted[0] if t not in self.eos]
+        if not block:
+            return
+        self.ids += block
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        # Decoding a longer id list can rewrite the tail (merged bytes): print
+        # only what extends what is already on screen.
+        k = 0
+        while k < min(len(text), len(self.text)) and text[k] == self.text[k]:
+            k += 1
+        new, self.text = text[k:], text
+        if not new:
+            return
+        if self.colour:
+            new = _COLOURS[self.blocks % len(_COLOURS)] + new + _RESET
+        self.blocks += 1
+        self.stream.write(new)
+        self.stream.flush()
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    import apd_ext
+    from apd_ext.config import APDConfig
+
+    device, dtype = _device_dtype(args)
+    if args.method == "apd" and not args.verifier:
+        raise UsageError("--verifier: required for --method apd (an AR checkpoint folder)")
+    if args.method == "ar" and not args.verifier:
+        raise UsageError("--verifier: required for --method ar (the AR model that decodes)")
+    for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
+        if folder is not None and not os.path.isdir(folder):
+            raise UsageError(f"{flag}: expected a checkpoint folder, got {folder!r} (not a directory)")
+    tok = _load_tokenizer(args.dllm)
+    ids = _encode(tok, args.prompt, args.chat)
+    if not ids:
+        raise UsageError("--prompt: the prompt encodes to no tokens")
+
+    dllm = apd_ext.load_model(args.dllm, dtype=dtype, device=device) if args.method != "ar" else None
+    verifier = None
+    if args.method in ("apd", "ar"):
+        verifier = apd_ext.load_model(args.verifier, dtype=dtype, device=device)
+    if args.method == "apd":
+        tok_v = _load_tokenizer(args.verifier) if _has_tokenizer(args.verifier) else None
+        if tok_v is not None:
+            apd_ext.check_compatible(dllm, verifier, tok, tok_v)
+        else:
+            apd_ext.check_compatible(dllm, verifier)
+
+    ref_model = dllm if dllm is not None else verifier
+    eos = list(ref_model.config.eos_token_ids)
+    colour = not args.no_color and not args.json and sys.stdout.isatty()
+    stream = None if args.json else _Streamer(tok, eos, colour, sys.stdout)
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                    max_new_tokens=args.max_new_tokens, callback=stream)
+    prompt = torch.tensor([ids], dtype=torch.long)
+    config = None
+    if args.method == "apd":
+        config = APDConfig(R=args.R, W=args.W, M=args.M, acceptance=args.acceptance, compat=args.compat,
+                           temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed)
+        out = apd_ext.generate(dllm, verifier, prompt, config, callback=stream)
+    elif args.method == "leftright":
+        out = apd_ext.generate_leftright(dllm, prompt, K=args.K, W=args.W, M=args.M, compat=args.compat,
+                                         **sampling)
+    elif args.method == "diffusion":
+        sampling["callback"] = None  # tokens land out of order: print the text at the end
+        out = apd_ext.generate_diffusion(dllm, prompt, steps=args.steps or args.max_new_tokens, alg=args.alg,
+                                         **sampling)
+    else:
+        out = apd_ext.generate_ar(verifier, prompt, **sampling)
+
+    gen = out.generated(0).tolist()
+    body = [t for t in gen if t not in set(eos)]
+    text = tok.decode(body, skip_special_tokens=True)
+    s = out.stats
+    if args.json:
+        result = {
+            "method": args.method,
+            "prompt": args.prompt,
+            "prompt_tokens": len(ids),
+            "text": text,
+            "token_ids": gen,
+            "num_generated": int(out.num_generated[0]),
+            "stopped_at_eos": bool(gen) and gen[-1] in eos,
+            "accepted_per_step": out.accepted_per_step[0],
+            "stats": s.as_dict(),
+            "config": {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                       "dllm": args.dllm, "verifier": args.verifier,
+                       **({"apd": vars(config)} if config is not None else {})},
+        }
+        print(json.dumps(result))
+        return 0
+    if stream is None or args.method == "diffusion":
+        sys.stdout.write(text)
+    per_step = s.generated_tokens / s.steps if s.steps else 0.0
+    print()
+    print(f"--- {args.method}: {s.generated_tokens} tokens in {s.steps} steps ({per_step:.2f} tokens/step), "
+          f"{s.seconds:.3f} s, {s.tokens_per_second:.1f} tokens/s")
+    print(f"    dLLM {s.dllm_seconds:.3f} s ({s.dllm_forwards} forwards), verifier {s.verifier_seconds:.3f} s "
+          f"({s.verifier_forwards} forwards), sampling {s.sampling_seconds:.3f} s; "
+          f"{device}, {str(dtype).replace('torch.', '')}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="end-to-end APD step benchmark (ours vs the reference loop)",
+                       description="Times APD steps and whole generations on random weights with a fixed "
+                       "acceptance schedule, ours against the transformers reference loop and the "
+                       "baselines; writes a CSV and a plot.")
+    from apd_ext.decoding import bench
+
+    bench.add_arguments(p)
+    p.add_argument("--csv", default="apd_bench.csv", help="CSV output file")
+    p.add_argument("--plot", default="apd_bench.png", help="plot output file (needs matplotlib)")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    from apd_ext.decoding import bench
+
+    rows = bench.run(args, progress=True)
+    bench.print_table(rows, args)
+    bench.write_csv(rows, args.csv)
+    print(f"wrote {args.csv}")
+    if bench.plot(rows, args.plot):
+        print(f"wrote {args.plot}")
+    else:
+        print("no plot: matplotlib is not installed (pip install matplotlib)")
+    return 0
+
+
+def _lazy(module: str):
+    """A subcommand whose implementation lives in an optional module with main(argv)."""
+
+    def run(argv: List[str]) -> int:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise UsageError(f"this command needs {module}, which is not installed ({e}); "
+                             "the embedded tiny models ship with the full apd-ext package") from e
+        return int(mod.main(argv) or 0)
+
+    return run
+
+
+_LAZY = {
+    "demo": ("apd_ext.tiny.demo", "APD on the embedded tiny model pair"),
+    "sweep": ("apd_ext.tiny.sweep", "sweep R / W / M on the embedded tiny model pair"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="apd", description="Adaptive Parallel Decoding for diffusion LLMs.")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,bench,demo,sweep}")
+    _add_generate(sub)
+    _add_bench(sub)
+    for name, (_, help_) in _LAZY.items():
+        sub.add_parser(name, help=help_, add_help=False)
+    return ap
+
+
+def _quiet_transformers() -> None:
+    """transformers warns when AutoTokenizer reads a Dream config.json it does not
+    know, and about deprecated config fields: noise for a command-line user."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_transformers()
+    try:
+        if argv and argv[0] in _LAZY:  # the module parses its own arguments
+            return _lazy(_LAZY[argv[0]][0])(argv[1:])
+        ap = build_parser()
+        args = ap.parse_args(argv)
+        if not getattr(args, "func", None):
+            ap.print_help()
+            return 2
+        return args.func(args)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as e:
+        if os.environ.get("APD_DEBUG"):
+            raise
+        print(f"apd: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

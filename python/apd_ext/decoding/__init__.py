@@ -1,0 +1,7 @@
+"""Decoding loops: APD (DESIGN.md §6) and its baselines on the same runtime."""
+from apd_ext.decoding.apd import generate, generate_leftright
+from apd_ext.decoding.baselines import DIFFUSION_ALGS, generate_ar, generate_diffusion
+from apd_ext.decoding.common import APDOutput, GenerationStats
+
+__all__ = ["generate", "generate_leftright", "generate_diffusion", "generate_ar", "APDOutput",
+           "GenerationStats", "DIFFUSION_ALGS"]

@@ -1,0 +1,232 @@
+"""The APD decoding loop (DESIGN.md §6) and its left-to-right baseline, which
+shares the same window, cache and noise semantics.
+
+Per sequence the loop state is a [B] tensor (t, n_prev, finished, step); left
+and right are derived from it each step. Shapes of the forwards depend on t,
+so a host copy of the state drives them; the one host synchronisation per
+step is the read of n_accept (it brings the drafted ids along, for streaming
+and for the bad-row check, in the same copy).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from apd_ext import ops
+from apd_ext.config import APDConfig
+from apd_ext.decoding.common import (
+    APDOutput,
+    Callback,
+    GenerationStats,
+    PhaseTimer,
+    check_kind,
+    check_prompt,
+    model_device,
+    normalize_prompts,
+    resolve_eos,
+    sampling_args,
+    seed_tensor,
+    finish_output,
+)
+
+
+def _check_pair(dllm, verifier) -> None:
+    check_kind("dllm", dllm, "dllm")
+    check_kind("verifier", verifier, "ar")
+    from apd_ext import check_compatible
+
+    check_compatible(dllm, verifier)
+    dd, dv = model_device(dllm), model_device(verifier)
+    if dd != dv:
+        raise ValueError(f"verifier: expected a model on {dd} (the dLLM's device), got one on {dv}")
+
+
+class _Window:
+    """The dLLM half of a step: window bounds, the forward over [left, right)
+    with [0, left) from the cache, and the rows t-1 .. t+rows-2 of the shifted
+    logits (Dream predicts position i from the hidden state at i - 1)."""
+
+    def __init__(self, dllm, batch: int, total_len: int, W: Optional[int], M: Optional[int]):
+        self.dllm = dllm
+        self.W = W
+        self.M = M if M is not None else total_len
+        self.total_len = total_len
+        self.cache = dllm.new_cache(batch, total_len)
+
+    def bounds(self, t: torch.Tensor, n_prev: torch.Tensor, first: bool):
+        """t, n_prev: host [B] int64 -> left, right: host [B] int64."""
+        if first or self.W is None:
+            left = torch.zeros_like(t)
+        else:
+            left = (t - n_prev - self.W + 1).clamp_min(0)
+        right = torch.clamp(t + self.M, max=self.total_len)
+        return left, right
+
+    def forward(self, tokens: torch.Tensor, t: int, left: int, right: int, rows: int, device):
+        """tokens: [B, total_len] device buffer (committed ids, then mask ids).
+        Returns the dLLM logits [B, rows, V_D] for positions t .. t+rows-1."""
+        self.cache.crop_(torch.tensor([left], dtype=torch.int64, device=device))
+        return self.dllm.forward(
+            tokens[:, left:right],  # [B, right - left]
+            self.cache,
+            torch.tensor([left], dtype=torch.int64, device=device),
+            torch.tensor([right - left], dtype=torch.int64, device=device),
+            logit_rows=(torch.tensor([t - 1 - left], dtype=torch.int64, device=device), rows),
+        )
+
+
+def _bad_row(step: int, t: int, draft_host: torch.Tensor, rows: int, who: str = "dLLM") -> None:
+    bad = (draft_host[:rows] < 0).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise RuntimeError(
+            f"step {step}: the {who} logits row for position {t + i} is not finite (NaN or all -inf), "
+            f"so no token could be drafted there (draft id -1); check the model's weights and dtype")
+
+
+def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
+         callback: Optional[Callback], n_accept_override: Optional[int]) -> APDOutput:
+    """One loop for APD (verifier given, K None) and leftright (verifier None,
+    K tokens per step). Both draw the draft with the same (seed, step,
+    position) noise, so APD with M=1 equals leftright with K=1."""
+    device = model_device(dllm)
+    prompts = normalize_prompts(input_ids)
+    models = [dllm] if verifier is None else [dllm, verifier]
+    total_len = check_prompt(prompts, models, cfg.max_new_tokens)
+    eos = resolve_eos(dllm, eos_token_ids)
+    eos_dev = torch.tensor(eos, dtype=torch.int64, device=device) if eos else None
+    B, plen = prompts.shape
+    mask_id = int(dllm.config.mask_token_id)
+
+    tokens = torch.full((B, total_len), mask_id, dtype=torch.int64, device=device)  # [B, L]
+    tokens[:, :plen] = prompts.to(device)
+    seeds = seed_tensor(cfg.seed, B, device)  # [B]
+    window = _Window(dllm, B, total_len, cfg.W, cfg.M)
+    # Loop state, one entry per sequence (host tensors: they size the forwards).
+    # Lengths passed to the ops are valid by construction (1 <= rows <= M), so
+    # the ops' host-side length checks (a device sync on CUDA) are skipped.
+    t = torch.full((B,), plen, dtype=torch.int64)
+    n_prev = torch.zeros(B, dtype=torch.int64)
+    step = torch.zeros(B, dtype=torch.int64)
+    finished = torch.zeros(B, dtype=torch.bool)
+
+    stats = GenerationStats()
+    timer = PhaseTimer(device)
+    accepted = [[] for _ in range(B)]
+    timer.start()
+    vcache = None
+    if verifier is not None:
+        vcache = verifier.new_cache(B, total_len)
+        if plen > 1:  # the verifier's cache holds [0, t-1) before each step
+            with timer("verifier"):
+                verifier.forward(
+                    tokens[:, : plen - 1], vcache,
+                    torch.zeros(B, dtype=torch.int64, device=device),
+                    torch.full((B,), plen - 1, dtype=torch.int64, device=device),
+                    logit_rows=(torch.full((B,), plen - 2, dtype=torch.int64, device=device), 1),
+                )
+            stats.verifier_forwards += 1
+
+    while not bool(finished.all()):
+        left_t, right_t = window.bounds(t, n_prev, first=bool(step[0] == 0))
+        ti, left, right = int(t[0]), int(left_t[0]), int(right_t[0])
+        m = right - ti  # drafted rows this step, >= 1
+        rows = m if K is None else min(K, m)
+        pos_d = t.to(device, non_blocking=True)  # [B]
+        step_d = step.to(device, non_blocking=True)  # [B]
+        rows_d = torch.full((B,), rows, dtype=torch.int64, device=device)  # [B]
+
+        with timer("dllm"):
+            d_logits = window.forward(tokens, ti, left, right, rows, device)  # [B, rows, V_D]
+        stats.dllm_forwards += 1
+        with timer("sampling"):
+            draft = ops.sample_draft(
+                d_logits, pos_d, rows_d, seeds, step_d, temperature=cfg.temperature,
+                top_k=cfg.top_k, top_p=cfg.top_p, compat=cfg.compat,
+                check_lengths=False)  # [B, rows]
+
+        if verifier is not None:
+            # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
+            # A bad row's -1 is clamped to a valid id here (it never matches, and
+            # the step raises once n_accept is read), so the embedding stays in bounds.
+            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1].clamp(min=0)], dim=1)  # [B, rows]
+            vcache.crop_(torch.full((B,), ti - 1, dtype=torch.int64, device=device))
+            with timer("verifier"):
+                a_logits = verifier.forward(
+                    v_in, vcache, (pos_d - 1), rows_d, logit_rows=None)  # [B, rows, V_A]
+            stats.verifier_forwards += 1
+            with timer("sampling"):
+                _, n_acc = ops.mixture_accept(
+                    d_logits, a_logits, draft, pos_d, rows_d, seeds, step_d, R=cfg.R,
+                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                    eos_ids=eos_dev, acceptance=cfg.sampling_acceptance, compat=cfg.compat,
+                    check_lengths=False)  # [B]
+        else:
+            with timer("sampling"):
+                n_acc = ops.accept_prefix(draft, draft, rows_d, eos_ids=eos_dev, check_lengths=False)  # [B]
+
+        if n_accept_override is not None:  # benchmarking only: a fixed acceptance schedule
+            n_acc = torch.clamp(torch.full_like(n_acc, n_accept_override), max=rows)
+        # The one host synchronisation of the step: n_accept, with the draft alongside.
+        host = torch.cat([n_acc, draft.reshape(-1)]).cpu()
+        n = int(host[0])
+        d_host = host[1 : 1 + rows]
+        _bad_row(int(step[0]), ti, d_host, rows)
+
+        tokens[:, ti : ti + n] = draft[:, :n]
+        new = d_host[:n].tolist()
+        accepted[0].append(n)
+        stats.steps += 1
+        t += n
+        n_prev.fill_(n)
+        step += 1
+        if any(v in eos for v in new) or int(t[0]) >= total_len:
+            finished[0] = True
+        if callback is not None:
+            callback(int(step[0]), [new])
+
+    seconds = timer.stop()
+    generated = int(t[0]) - plen
+    out = finish_output(prompts, tokens, generated, total_len, cfg.max_new_tokens,
+                        getattr(dllm.config, "pad_token_id", None), accepted, stats)
+    timer.fill(out.stats, seconds)
+    return out
+
+
+def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
+             eos_token_ids=None, callback: Optional[Callback] = None,
+             _n_accept_override: Optional[int] = None, **overrides) -> APDOutput:
+    """Adaptive Parallel Decoding (DESIGN.md §6).
+
+    dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
+    both from apd_ext.load_model, same tokenizer, same device.
+    input_ids: LongTensor [B, P] or a list of 1-D prompts (B = 1 until batching).
+    config: APDConfig (default APDConfig()); keyword overrides replace fields.
+    eos_token_ids: default the dLLM checkpoint's. callback(step, tokens_accepted).
+    """
+    cfg = config if config is not None else APDConfig()
+    if not isinstance(cfg, APDConfig):
+        raise TypeError(f"config: expected an APDConfig or None, got {type(cfg).__name__}")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    _check_pair(dllm, verifier)
+    return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
+                callback=callback, n_accept_override=_n_accept_override)
+
+
+def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
+                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       max_new_tokens: int = 256, eos_token_ids=None,
+                       callback: Optional[Callback] = None, compat: Optional[str] = None) -> APDOutput:
+    """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
+    no verifier. W and M as in APD (M None: the whole masked tail is in the
+    window). The first EOS ends the sequence."""
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"K: expected an int >= 1, got {K!r}")
+    check_kind("dllm", dllm, "dllm")
+    sampling_args(temperature, top_p, top_k)
+    cfg = APDConfig(R=1.0, W=W, M=M if M is not None else max_new_tokens, temperature=temperature,
+                    top_p=top_p, top_k=top_k, compat=compat, max_new_tokens=max_new_tokens, seed=seed)
+    return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
+                n_accept_override=None)

@@ -1,0 +1,283 @@
+"""End-to-end APD benchmark (bench/bench_e2e.py and `apd bench`).
+
+Random weights make acceptance meaningless, so every APD path runs a fixed
+acceptance schedule (ACCEPT tokens per step; the paper reports 7.62 on GSM8K
+at (0.7, 16, 100)) through a benchmarking-only hook, with EOS disabled. Rows:
+
+- apd            our loop (apd_ext.generate): ms/step with its dLLM / verifier /
+                 sampling breakdown, projected tokens/s = ACCEPT / step time;
+- apd-reference  the transformers reference loop (apd_ext.reference_loop) on
+                 the same weights, same schedule;
+- leftright      our left-to-right dLLM baseline, K = ACCEPT tokens per step,
+                 same W and M (the step without the verifier);
+- ar             our plain AR decoding with the verifier model (1 token/step).
+
+Shapes: tiny models on the CPU; Dream-7B + Qwen2.5-0.5B shapes (random
+weights, bf16) on CUDA. The floor of an APD step is reading both models'
+weights once (embedding tables excluded: they are only gathered) at the copy
+bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import sys
+import time
+from typing import List
+
+import torch
+
+DREAM_7B = dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False)
+QWEN_05B = dict(vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, tie=True)
+TINY_DLLM = dict(vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768, tie=False)
+TINY_AR = dict(vocab=4096, hidden=128, layers=4, heads=4, kv_heads=2, inter=384, tie=True)
+CONFIGS = [(0.7, 16, 100), (0.6, 32, 200)]
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--shapes", default="auto", choices=("auto", "tiny", "real"),
+                   help="auto: real (Dream-7B / Qwen2.5-0.5B) on CUDA, tiny on the CPU")
+    p.add_argument("--accept", type=int, default=8, help="tokens accepted per APD step (fixed schedule)")
+    p.add_argument("--steps", type=int, default=None, help="APD steps per generation (default 6 CPU, 16 CUDA)")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64 CPU, 256 CUDA)")
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per row (median; default 3)")
+    p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
+    p.add_argument("--markdown", default=None, help="append the table as markdown to this file")
+
+
+def _resolve(args):
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(dev)
+    cuda = device.type == "cuda"
+    shapes = args.shapes if args.shapes != "auto" else ("real" if cuda else "tiny")
+    return (device, shapes, args.steps or (16 if cuda else 6), args.prompt_len or (256 if cuda else 64),
+            args.repeats or 3)
+
+
+def build_hf(shape: dict, dtype, device, seed: int):
+    """A random Qwen2ForCausalLM of the given shape, built directly on the device."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], tie_word_embeddings=shape["tie"], rope_theta=1e6,
+        max_position_embeddings=4096, attn_implementation="sdpa", eos_token_id=2, bos_token_id=1,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    return model
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n) + (
+        model.lm_head.weight.numel() * model.lm_head.weight.element_size() if model.config.tie_word_embeddings else 0)
+
+
+def copy_bandwidth(device) -> float:
+    """Read + write GB/s of a large device copy (median of a few)."""
+    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - t0)
+    return 2 * n * 4 / statistics.median(times) / 1e9
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        width = 24
+        fill = int(width * self.done / self.total)
+        sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+                         f"{time.perf_counter() - self.t0:6.1f} s  {label[:48]:<48}")
+        if self.done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _median_run(fn, repeats: int):
+    fn()  # warm-up (allocator, kernels, lazy init)
+    results = [fn() for _ in range(repeats)]
+    results.sort(key=lambda r: r[0])
+    return results[len(results) // 2]
+
+
+def run(args, progress: bool = False) -> List[dict]:
+    import apd_ext
+    from apd_ext.reference_loop import reference_generate
+
+    device, shapes, steps, plen, repeats = _resolve(args)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sd, sa = (DREAM_7B, QWEN_05B) if shapes == "real" else (TINY_DLLM, TINY_AR)
+    accept = args.accept
+    if accept < 1:
+        raise ValueError(f"--accept: expected an int >= 1, got {accept}")
+    n_rows = len(CONFIGS) * (4 if not args.no_reference else 3)
+    bar = _Progress(n_rows + 1, progress)
+
+    hf_d = build_hf(sd, dtype, device, seed=0)
+    hf_a = build_hf(sa, dtype, device, seed=1)
+    mask_id = sd["vocab"] - 1
+    dllm = apd_ext.load_model(hf_d, kind="dllm", mask_token_id=mask_id)
+    ver = apd_ext.load_model(hf_a, kind="ar")
+    bw = copy_bandwidth(device)
+    floor_ms = (_weight_bytes(hf_d) + _weight_bytes(hf_a)) / (bw * 1e9) * 1e3
+    bar.step("models built")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    prompt = torch.randint(3, min(sd["vocab"], sa["vocab"]) - 1, (1, plen), generator=g)
+    new = accept * steps
+    common = dict(temperature=0.2, top_p=0.95, max_new_tokens=new, seed=0, eos_token_ids=[])
+
+    rows = []
+    for R, W, M in CONFIGS:
+        label = f"({R}, {W}, {M})"
+
+        def ours():
+            o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept, **common)
+            s = o.stats
+            return s.seconds, s.steps, s
+        sec, nsteps, s = _median_run(ours, repeats)
+        base = dict(device=str(device), shapes=shapes, config=label, accept=accept, floor_ms=floor_ms)
+        rows.append(dict(base, method="apd", ms_step=sec / nsteps * 1e3, steps=nsteps,
+                         dllm_ms=s.dllm_seconds / nsteps * 1e3, verifier_ms=s.verifier_seconds / nsteps * 1e3,
+                         sampling_ms=s.sampling_seconds / nsteps * 1e3, tokens_per_step=s.generated_tokens / nsteps,
+                         tokens_per_s=s.generated_tokens / sec))
+        bar.step(f"apd {label}")
+
+        if not args.no_reference:
+            def reference():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                r = reference_generate(hf_d, hf_a, prompt[0].tolist(), mask_token_id=mask_id, eos_token_ids=[],
+                                       R=R, W=W, M=M, temperature=0.2, top_p=0.95, max_new_tokens=new,
+                                       seed=0, n_accept_override=accept)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return time.perf_counter() - t0, len(r.accepted_per_step), r
+            sec, nsteps, r = _median_run(reference, repeats)
+            rows.append(dict(base, method="apd-reference", ms_step=sec / nsteps * 1e3, steps=nsteps,
+                             dllm_ms=None, verifier_ms=None, sampling_ms=None,
+                             tokens_per_step=r.num_generated / nsteps, tokens_per_s=r.num_generated / sec))
+            bar.step(f"apd-reference {label}")
+
+        def leftright():
+            o = apd_ext.generate_leftright(dllm, prompt, K=accept, W=W, M=M, **common)
+            return o.stats.seconds, o.stats.steps, o.stats
+        sec, nsteps, s = _median_run(leftright, repeats)
+        rows.append(dict(base, method=f"leftright K={accept}", ms_step=sec / nsteps * 1e3, steps=nsteps,
+                         dllm_ms=s.dllm_seconds / nsteps * 1e3, verifier_ms=0.0,
+                         sampling_ms=s.sampling_seconds / nsteps * 1e3,
+                         tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
+        bar.step(f"leftright {label}")
+
+        def ar():
+            o = apd_ext.generate_ar(ver, prompt, **common)
+            return o.stats.seconds, o.stats.steps, o.stats
+        sec, nsteps, s = _median_run(ar, repeats)
+        rows.append(dict(base, method="ar (verifier)", ms_step=sec / nsteps * 1e3, steps=nsteps, dllm_ms=0.0,
+                         verifier_ms=s.verifier_seconds / nsteps * 1e3, sampling_ms=s.sampling_seconds / nsteps * 1e3,
+                         tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
+        bar.step(f"ar {label}")
+
+    for r in rows:
+        ref = next((x for x in rows if x["config"] == r["config"] and x["method"] == "apd-reference"), None)
+        r["speedup_vs_reference"] = ref["ms_step"] / r["ms_step"] if ref and r["method"] == "apd" else None
+        r["x_floor"] = r["ms_step"] / floor_ms if r["method"] == "apd" else None
+    return rows
+
+
+COLUMNS = [("config", "(R, W, M)", "{}"), ("method", "method", "{}"), ("ms_step", "ms/step", "{:.2f}"),
+           ("dllm_ms", "dLLM ms", "{:.2f}"), ("verifier_ms", "verifier ms", "{:.2f}"),
+           ("sampling_ms", "sampling ms", "{:.2f}"), ("tokens_per_step", "tok/step", "{:.1f}"),
+           ("tokens_per_s", "tok/s", "{:.1f}"), ("speedup_vs_reference", "vs reference", "{:.2f}x"),
+           ("x_floor", "x floor", "{:.2f}")]
+
+
+def _cells(r) -> List[str]:
+    return ["-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in COLUMNS]
+
+
+def print_table(rows: List[dict], args) -> None:
+    if not rows:
+        return
+    r0 = rows[0]
+    title = (f"APD end to end, {r0['shapes']} shapes on {r0['device']}, fixed schedule {r0['accept']} tokens/step; "
+             f"floor (both models' weights once at copy bandwidth) {r0['floor_ms']:.3f} ms/step")
+    head = [h for _, h, _ in COLUMNS]
+    body = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    print(title)
+    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
+    for b in body:
+        print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
+    if getattr(args, "markdown", None):
+        with open(args.markdown, "a") as f:
+            f.write(f"\n### {title}\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
+            for b in body:
+                f.write("| " + " | ".join(b) + " |\n")
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    keys = list(rows[0].keys()) if rows else []
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(rows: List[dict], path: str) -> bool:
+    """tokens/s and ms/step per method and config; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(methods)
+    for k, (key, label) in enumerate((("tokens_per_s", "tokens/s"), ("ms_step", "ms/step"))):
+        ax = axes[k]
+        for j, m in enumerate(methods):
+            vals = [next((r[key] for r in rows if r["config"] == c and r["method"] == m), 0.0) for c in configs]
+            ax.bar([i + j * width for i in range(len(configs))], vals, width, label=m)
+        ax.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(configs))])
+        ax.set_xticklabels([f"(R,W,M)={c}" for c in configs])
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=8)
+    r0 = rows[0]
+    fig.suptitle(f"APD end to end: {r0['shapes']} shapes, {r0['device']}, {r0['accept']} tokens/step (fixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

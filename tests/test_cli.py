@@ -1,0 +1,131 @@
+"""The `apd` command on tiny random checkpoints with a tiny byte-level tokenizer."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from apd_ext import cli
+from tests.model_utils import make_tiny_dream, make_tiny_qwen2
+
+VOCAB, MASK = 509, 508
+SPECIALS = {"<|pad|>": 0, "<|bos|>": 1, "<|endoftext|>": 2}
+
+
+def write_tokenizer(folder, swap: bool = False) -> None:
+    """Byte-level BPE without merges: ids 0-2 special, 3-258 the 256 bytes,
+    then filler tokens up to the mask token at 508 (all fit the 509-row vocab).
+    swap=True exchanges two byte tokens (a tokenizer that disagrees)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = dict(SPECIALS)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    if swap:
+        alphabet[10], alphabet[11] = alphabet[11], alphabet[10]
+    for i, ch in enumerate(alphabet):
+        vocab[ch] = 3 + i
+    for i in range(3 + len(alphabet), MASK):
+        vocab[f"<|x{i}|>"] = i
+    vocab["<|mask|>"] = MASK
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|pad|>",
+        mask_token="<|mask|>",
+        additional_special_tokens=[f"<|x{i}|>" for i in range(3 + len(alphabet), MASK)],
+    )
+    fast.chat_template = "{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                         "{% if add_generation_prompt %}assistant: {% endif %}"
+    fast.save_pretrained(os.fspath(folder))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("apd_cli")
+    make_tiny_dream(root / "dream", vocab=VOCAB, seed=0, mask_token_id=MASK)
+    make_tiny_qwen2(root / "qwen", vocab=VOCAB, seed=1)
+    write_tokenizer(root / "dream")
+    write_tokenizer(root / "qwen")
+    make_tiny_qwen2(root / "other", vocab=VOCAB, seed=1)
+    write_tokenizer(root / "other", swap=True)
+    return root
+
+
+def _gen_args(root, *extra):
+    return ["generate", "--dllm", str(root / "dream"), "--verifier", str(root / "qwen"),
+            "--prompt", "Hello there, 2+3=", "--max-new-tokens", "12", "--device", "cpu", *extra]
+
+
+def test_generate_streams_text_and_stats(ckpts, capsys):
+    assert cli.main(_gen_args(ckpts, "--temperature", "0.7", "--W", "4", "--M", "8", "--seed", "1")) == 0
+    out = capsys.readouterr().out
+    lines = out.rstrip("\n").split("\n")
+    assert lines[-2].startswith("--- apd: ") and "tokens/s" in lines[-2]
+    assert "dLLM" in lines[-1] and "verifier" in lines[-1] and "sampling" in lines[-1]
+    assert "\033[" not in out  # not a terminal: no colour codes
+    text = "\n".join(lines[:-2])
+    assert text.strip(), "no generated text was printed"
+
+
+def test_generate_json(ckpts, capsys):
+    assert cli.main(_gen_args(ckpts, "--json", "--R", "0.5", "--W", "none", "--temperature", "0.7")) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == "apd" and res["config"]["apd"]["W"] is None
+    assert res["num_generated"] == len(res["token_ids"]) <= 12
+    assert sum(res["accepted_per_step"]) == res["num_generated"]
+    assert res["stats"]["steps"] == len(res["accepted_per_step"]) and res["stats"]["seconds"] > 0
+    assert isinstance(res["text"], str)
+
+
+def test_json_matches_the_library(ckpts, capsys):
+    import torch
+    from transformers import AutoTokenizer
+
+    import apd_ext
+
+    assert cli.main(_gen_args(ckpts, "--json", "--seed", "4", "--temperature", "0.7", "--chat")) == 0
+    res = json.loads(capsys.readouterr().out)
+    tok = AutoTokenizer.from_pretrained(str(ckpts / "dream"), local_files_only=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello there, 2+3="}], add_generation_prompt=True,
+                                  tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert res["prompt_tokens"] == len(ids)
+    out = apd_ext.generate(apd_ext.load_model(ckpts / "dream"), apd_ext.load_model(ckpts / "qwen"),
+                           torch.tensor([ids]), seed=4, temperature=0.7, max_new_tokens=12)
+    assert res["token_ids"] == out.generated(0).tolist()
+
+
+@pytest.mark.parametrize("method,extra", [("leftright", ["--K", "2"]), ("diffusion", ["--steps", "3"]),
+                                          ("ar", [])])
+def test_baseline_methods(ckpts, capsys, method, extra):
+    assert cli.main(_gen_args(ckpts, "--json", "--method", method, *extra)) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["method"] == method and 1 <= res["num_generated"] <= 12
+
+
+def test_mismatched_tokenizer_is_refused(ckpts, capsys):
+    args = _gen_args(ckpts)
+    args[args.index("--verifier") + 1] = str(ckpts / "other")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apd: error:") and "tokenizer mismatch" in err
+
+
+@pytest.mark.parametrize("extra,needle", [(["--R", "1.5"], "R"), (["--M", "0"], "M"),
+                                          (["--dllm", "/nonexistent/folder"], "--dllm")])
+def test_bad_arguments(ckpts, capsys, extra, needle):
+    assert cli.main(_gen_args(ckpts, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apd: error:") and needle in err
+
+
+def test_console_script_entry_point(ckpts):
+    """`python -m apd_ext.cli` (what the `apd` console script calls) in a fresh process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "apd_ext.cli", *_gen_args(ckpts, "--json")], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["method"] == "apd"
