@@ -56,9 +56,10 @@ class _Layer:
 
 
 def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # As Qwen2RMSNorm: normalise in fp32, round to the model dtype, then scale
-    # (F.rms_norm is one fused kernel on CUDA).
-    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    # One fused kernel on CUDA (fp32 accumulation). Qwen2RMSNorm rounds the
+    # normalised row to the model dtype before scaling; this rounds once, after:
+    # the same in fp32, within one ulp in bf16/fp16, and 4 kernels fewer.
+    return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
