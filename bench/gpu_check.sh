@@ -32,7 +32,7 @@ python3 -m pytest -q -x -ra -m cuda tests 2>&1 | tail -40 | tee "$OUT/tests.log"
 
 stage "benchmarks"
 : > "$OUT/table.md"
-for b in bench/bench_sampling.py bench/bench_attention.py bench/bench_models.py; do
+for b in bench/bench_sampling.py bench/bench_attention.py bench/bench_models.py bench/bench_e2e.py; do
   [ -f "$b" ] || continue
   timeout 120 python3 "$b" --device cuda --markdown "$OUT/table.md" 2>&1 | tail -30
 done

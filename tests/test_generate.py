@@ -292,3 +292,31 @@ def test_nan_row_names_step_and_position(pair):
         generate(dllm, pair.verifier, [PROMPT], max_new_tokens=4)
     with pytest.raises(RuntimeError, match=f"step 0: .*position {len(PROMPT)}"):
         generate_leftright(dllm, [PROMPT], max_new_tokens=4)
+
+
+# --------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_with_one_sync_per_step(pair):
+    """On CUDA the loop gives the CPU's tokens and synchronises the host at most
+    once per step (reading n_accept), plus a few times around the loop."""
+    import warnings
+
+    dllm = apd_ext.load_model(pair.root / "dream", device="cuda")
+    ver = apd_ext.load_model(pair.root / "qwen", device="cuda")
+    kw = dict(R=0.5, W=4, M=8, temperature=0.7, acceptance="argmax", seed=6, max_new_tokens=NEW, eos_token_ids=[])
+    cpu = _gen(pair, **kw)
+    generate(dllm, ver, [PROMPT], **kw)  # warm-up: lazy CUDA init, allocator
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = generate(dllm, ver, [PROMPT], **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert out.stats.steps >= 12  # argmax acceptance at tau 0.7: about one token per step
+    assert len(syncs) <= out.stats.steps + 6, [str(w.message) for w in syncs[:5]]
+    assert _tokens(out) == _tokens(cpu)
+    assert out.stats.dllm_seconds > 0 and out.stats.verifier_seconds > 0

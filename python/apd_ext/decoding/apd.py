@@ -63,17 +63,42 @@ class _Window:
         right = torch.clamp(t + self.M, max=self.total_len)
         return left, right
 
-    def forward(self, tokens: torch.Tensor, t: int, left: int, right: int, rows: int, device):
+    def forward(self, tokens: torch.Tensor, left: int, right: int, rows: int, args: "_StepArgs"):
         """tokens: [B, total_len] device buffer (committed ids, then mask ids).
         Returns the dLLM logits [B, rows, V_D] for positions t .. t+rows-1."""
-        self.cache.crop_(torch.tensor([left], dtype=torch.int64, device=device))
+        self.cache.crop_(args.left)
         return self.dllm.forward(
             tokens[:, left:right],  # [B, right - left]
             self.cache,
-            torch.tensor([left], dtype=torch.int64, device=device),
-            torch.tensor([right - left], dtype=torch.int64, device=device),
-            logit_rows=(torch.tensor([t - 1 - left], dtype=torch.int64, device=device), rows),
+            args.left,
+            args.window,
+            logit_rows=(args.row_start, rows),
         )
+
+
+class _StepArgs:
+    """The per-step [B] int64 vectors the forwards and ops read on the device,
+    staged in one host buffer (pinned on CUDA) and sent with ONE non-blocking
+    copy: no per-vector host->device transfer, no stream synchronisation.
+    Reusing the buffer is safe because each step ends with a synchronising
+    read (n_accept), after which the previous copy has completed."""
+
+    FIELDS = ("left", "window", "row_start", "pos", "rows", "step", "ver_start")
+
+    def __init__(self, batch: int, device: torch.device):
+        self.device = device
+        self.host = torch.zeros((len(self.FIELDS), batch), dtype=torch.int64,
+                                pin_memory=device.type == "cuda")  # [7, B]
+
+    def send(self, **values) -> None:
+        for i, name in enumerate(self.FIELDS):
+            self.host[i] = values[name]
+        if self.device.type == "cuda":
+            dev = self.host.to(self.device, non_blocking=True)
+        else:
+            dev = self.host.clone()
+        for i, name in enumerate(self.FIELDS):
+            setattr(self, name, dev[i])  # [B] views
 
 
 def _bad_row(step: int, t: int, draft_host: torch.Tensor, rows: int, who: str = "dLLM") -> None:
@@ -103,6 +128,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     tokens[:, :plen] = prompts.to(device)
     seeds = seed_tensor(cfg.seed, B, device)  # [B]
     window = _Window(dllm, B, total_len, cfg.W, cfg.M)
+    args = _StepArgs(B, device)
     # Loop state, one entry per sequence (host tensors: they size the forwards).
     # Lengths passed to the ops are valid by construction (1 <= rows <= M), so
     # the ops' host-side length checks (a device sync on CUDA) are skipped.
@@ -133,12 +159,12 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
         ti, left, right = int(t[0]), int(left_t[0]), int(right_t[0])
         m = right - ti  # drafted rows this step, >= 1
         rows = m if K is None else min(K, m)
-        pos_d = t.to(device, non_blocking=True)  # [B]
-        step_d = step.to(device, non_blocking=True)  # [B]
-        rows_d = torch.full((B,), rows, dtype=torch.int64, device=device)  # [B]
+        args.send(left=left_t, window=right_t - left_t, row_start=t - 1 - left_t, pos=t, rows=rows,
+                  step=step, ver_start=t - 1)
+        pos_d, step_d, rows_d = args.pos, args.step, args.rows  # [B] each, on the device
 
         with timer("dllm"):
-            d_logits = window.forward(tokens, ti, left, right, rows, device)  # [B, rows, V_D]
+            d_logits = window.forward(tokens, left, right, rows, args)  # [B, rows, V_D]
         stats.dllm_forwards += 1
         with timer("sampling"):
             draft = ops.sample_draft(
@@ -151,10 +177,10 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
             # A bad row's -1 is clamped to a valid id here (it never matches, and
             # the step raises once n_accept is read), so the embedding stays in bounds.
             v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1].clamp(min=0)], dim=1)  # [B, rows]
-            vcache.crop_(torch.full((B,), ti - 1, dtype=torch.int64, device=device))
+            vcache.crop_(args.ver_start)
             with timer("verifier"):
                 a_logits = verifier.forward(
-                    v_in, vcache, (pos_d - 1), rows_d, logit_rows=None)  # [B, rows, V_A]
+                    v_in, vcache, args.ver_start, rows_d, logit_rows=None)  # [B, rows, V_A]
             stats.verifier_forwards += 1
             with timer("sampling"):
                 _, n_acc = ops.mixture_accept(

@@ -43,17 +43,16 @@ class APDOutput:
     pad id after each sequence's end; num_generated: [B] int64 (the first EOS
     included); accepted_per_step[b]: tokens committed at each step."""
 
-    sequences: torch.Tensor
-    num_generated: torch.Tensor
+    sequences: torch.Tensor  # [B, P + max_new_tokens] int64
+    num_generated: torch.Tensor  # [B] int64
     accepted_per_step: List[List[int]]
     stats: GenerationStats = field(default_factory=GenerationStats)
+    prompt_lengths: List[int] = field(default_factory=list)
 
     def generated(self, b: int = 0) -> torch.Tensor:
         """The generated ids of sequence b (1-D, EOS included)."""
-        prompt_len = self.sequences.shape[1] - self.max_new_tokens
-        return self.sequences[b, prompt_len : prompt_len + int(self.num_generated[b])]
-
-    max_new_tokens: int = 0
+        start = self.prompt_lengths[b]
+        return self.sequences[b, start : start + int(self.num_generated[b])]
 
 
 class PhaseTimer:
@@ -238,7 +237,7 @@ def finish_output(prompts: torch.Tensor, tokens: torch.Tensor, generated: int, t
         num_generated=torch.tensor([generated], dtype=torch.int64),
         accepted_per_step=accepted,
         stats=stats,
-        max_new_tokens=max_new_tokens,
+        prompt_lengths=[plen],
     )
 
 
