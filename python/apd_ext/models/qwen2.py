@@ -186,9 +186,11 @@ class Qwen2Runtime:
         B, Lw = input_ids.shape
         Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         dev = self.device
-        q_start = q_start.to(torch.int64)
-        q_len = q_len.to(torch.int64)
-        kv_len = q_start + q_len  # [B]
+        # Clamps are no-ops for valid input (checked above on CPU); on CUDA they
+        # keep bad lengths in bounds for the kernel, which trusts them.
+        q_start = q_start.to(torch.int64).clamp(0, cache.max_len)
+        q_len = q_len.to(torch.int64).clamp(0, Lw)
+        kv_len = (q_start + q_len).clamp_(max=cache.max_len)  # [B]
 
         j = torch.arange(Lw, device=dev)  # [Lw]
         pos = q_start[:, None] + j  # [B, Lw] absolute positions
