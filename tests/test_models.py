@@ -191,6 +191,27 @@ def test_sharded_checkpoint_loads_like_single_file(qwen, tmp_path):
     assert torch.equal(la, lb)
 
 
+def test_tied_bf16_checkpoint_loads_as_fp32(tmp_path):
+    # Tied head (no lm_head.weight in the file) stored in bf16, loaded as fp32:
+    # the logits are those of the bf16 weights computed in fp32.
+    from safetensors import safe_open
+
+    hf = make_tiny_qwen2(tmp_path / "src", tie=True, seed=4).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path / "bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+    model = apd_ext.load_model(tmp_path / "bf16")
+    assert model.dtype == torch.float32 and model.lm_head is model.embed
+    ids = ids_batch(2, 9, seed=16)
+    out = model.forward(ids, model.new_cache(2, 9), i64(0, 0), i64(9, 9))
+    from transformers import Qwen2ForCausalLM
+
+    # (Not hf.float(): .to(bf16) also rounded transformers' RoPE inv_freq buffer.)
+    ref = Qwen2ForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager")
+    assert ref.model.norm.weight.dtype == torch.float32
+    torch.testing.assert_close(out, hf_logits(ref.eval(), ids), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, 0.08), (torch.float16, 0.012)])  # logits ~N(0, 0.7)
 def test_dtype_conversion(qwen, dtype, atol):
     path, hf = qwen
