@@ -320,3 +320,22 @@ def test_cuda_matches_cpu_with_one_sync_per_step(pair):
     assert len(syncs) <= out.stats.steps + 6, [str(w.message) for w in syncs[:5]]
     assert _tokens(out) == _tokens(cpu)
     assert out.stats.dllm_seconds > 0 and out.stats.verifier_seconds > 0
+
+
+def test_smaller_verifier_vocab_and_one_token_prompt(pair, tmp_path):
+    """V_A < V_D (Qwen2.5's 151936 vs Dream's 152064): the mixture runs over the
+    shared ids, draft ids >= V_A never match; still equal to the reference. A
+    one-token prompt leaves the verifier nothing to prefill."""
+    hf_small = make_tiny_qwen2(tmp_path / "small", vocab=200, seed=1)
+    small = apd_ext.load_model(tmp_path / "small")
+    committed = []
+    for prompt in (PROMPT[:5], PROMPT[:1]):
+        for kw in (dict(R=0.9, W=2, M=8, temperature=1.5, top_p=1.0), dict(R=0.5, W=None, M=4, temperature=0.0)):
+            kw.update(max_new_tokens=NEW, seed=8, eos_token_ids=[])
+            out = generate(pair.dllm, small, [prompt], **kw)
+            ref = reference_generate(pair.hf_dllm, hf_small, prompt, mask_token_id=MASK, **kw)
+            assert out.sequences[0, : len(prompt) + NEW].tolist() == ref.tokens
+            assert out.accepted_per_step[0] == ref.accepted_per_step
+            committed += out.generated(0).tolist()
+    # The dLLM committed ids the verifier lacks (step-first tokens), and the loop went on.
+    assert any(v >= 200 for v in committed)

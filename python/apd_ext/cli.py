@@ -41,7 +41,7 @@ def _embedded_defaults():
 
 
 def _w_arg(text: str):
-    if text.lower() in ("none", "off", "0"):
+    if text.lower() in ("none", "off"):
         return None
     return int(text)
 

@@ -116,7 +116,9 @@ def reference_generate(dllm: Qwen2ForCausalLM, verifier: Qwen2ForCausalLM, promp
 
         # 3. The verifier scores the draft in one causal pass: [x_{t-1}, x̂_t .. x̂_{t+m-2}].
         _crop(ver_cache, t - 1)
-        v_in = torch.cat([x[:, t - 1 : t], draft[:, : m - 1]], dim=1)
+        # Ids the verifier cannot embed (the dLLM's padding rows >= V_A) are fed as
+        # V_A - 1; such a draft is never accepted past the step's first token.
+        v_in = torch.cat([x[:, t - 1 : t], draft[:, : m - 1]], dim=1).clamp(0, verifier.config.vocab_size - 1)
         ver_logits = verifier(input_ids=v_in, position_ids=torch.arange(t - 1, t - 1 + m, device=device)[None],
                               cache=ver_cache, use_cache=True).logits.float()  # [1, m, V_A]
 

@@ -142,6 +142,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     accepted = [[] for _ in range(B)]
     timer.start()
     vcache = None
+    v_vocab = int(verifier.config.vocab_size) if verifier is not None else 0
     if verifier is not None:
         vcache = verifier.new_cache(B, total_len)
         if plen > 1:  # the verifier's cache holds [0, t-1) before each step
@@ -174,9 +175,11 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
 
         if verifier is not None:
             # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
-            # A bad row's -1 is clamped to a valid id here (it never matches, and
-            # the step raises once n_accept is read), so the embedding stays in bounds.
-            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1].clamp(min=0)], dim=1)  # [B, rows]
+            # Ids the verifier cannot embed are clamped into [0, V_A): a bad row's
+            # -1 (the step raises once n_accept is read) and dLLM ids >= V_A (its
+            # padding rows: such a draft never matches, DESIGN §4, but the first
+            # token of a step is accepted anyway and then feeds the next step).
+            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1).clamp_(0, v_vocab - 1)  # [B, rows]
             vcache.crop_(args.ver_start)
             with timer("verifier"):
                 a_logits = verifier.forward(
