@@ -238,6 +238,7 @@ def test_live_model_handoff_shares_tensors(tmp_path, tie):
     l0, h0 = model.layers[1], hf.model.layers[1]
     assert l0.w_o.data_ptr() == h0.self_attn.o_proj.weight.data_ptr()
     assert l0.w_down.data_ptr() == h0.mlp.down_proj.weight.data_ptr()
+    assert l0.w_gate.data_ptr() == h0.mlp.gate_proj.weight.data_ptr() and l0.w_gate_up is None  # not fused: shared
     assert l0.ln_attn.data_ptr() == h0.input_layernorm.weight.data_ptr()
     ids = ids_batch(2, 9, seed=12)
     out = model.forward(ids, model.new_cache(2, 9), i64(0, 0), i64(9, 9))

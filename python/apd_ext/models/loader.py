@@ -144,7 +144,7 @@ def load_model(
     dtype = dtype or first.dtype
     device = torch.device(device) if device is not None else first.device
     tensors = _live_tensors(src, expected_shapes(config), dtype, device, where)
-    return Qwen2Runtime(kind_, config, tensors, path=None)
+    return Qwen2Runtime(kind_, config, tensors, path=None, fuse_mlp=False)  # share, do not copy
 
 
 def random_model(

@@ -51,6 +51,7 @@ class _Layer:
     w_gate: torch.Tensor  # [I, H]
     w_up: torch.Tensor  # [I, H]
     w_down: torch.Tensor  # [H, I]
+    w_gate_up: Optional[torch.Tensor]  # [2 I, H] when fused (w_gate / w_up are then views of it)
     ln_attn: torch.Tensor  # [H]
     ln_mlp: torch.Tensor  # [H]
 
@@ -62,6 +63,13 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
 
 
+def _add_linear_(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # x += a @ w.T in one GEMM (the residual is the epilogue's C, beta = 1).
+    rows = x.view(-1, x.shape[-1])  # [N, H]
+    rows.addmm_(a.reshape(rows.shape[0], -1), w.t())  # a: N rows of w.shape[1]
+    return x
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     # HF's x * cos + rotate_half(x) * sin, with rotate_half(x) * sin written as
     # roll(x, D/2) * [-sin, sin] (the same products, three kernels instead of five).
@@ -71,7 +79,12 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 class Qwen2Runtime:
     """A loaded Qwen2 / Dream model. Build with apd_ext.load_model."""
 
-    def __init__(self, kind: str, config: ModelConfig, tensors: dict, *, path: Optional[str] = None):
+    def __init__(
+        self, kind: str, config: ModelConfig, tensors: dict, *, path: Optional[str] = None, fuse_mlp: bool = True
+    ):
+        """tensors: the checkpoint's tensors by name, already on the device and in
+        the dtype. q/k/v are concatenated here (a copy); fuse_mlp also stacks
+        gate/up into one GEMM (a copy, so load_model skips it for live models)."""
         self.kind = kind
         self.config = config
         self.path = path
@@ -86,13 +99,18 @@ class Qwen2Runtime:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             t = lambda n: tensors[p + n]  # noqa: E731
+            gate, up, gate_up = t("mlp.gate_proj.weight"), t("mlp.up_proj.weight"), None
+            if fuse_mlp:
+                gate_up = torch.cat([gate, up])
+                gate, up = gate_up[: config.intermediate_size], gate_up[config.intermediate_size :]
             self.layers.append(
                 _Layer(
                     w_qkv=torch.cat([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")]),
                     b_qkv=torch.cat([t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")]),
                     w_o=t("self_attn.o_proj.weight"),
-                    w_gate=t("mlp.gate_proj.weight"),
-                    w_up=t("mlp.up_proj.weight"),
+                    w_gate=gate,
+                    w_up=up,
+                    w_gate_up=gate_up,
                     w_down=t("mlp.down_proj.weight"),
                     ln_attn=t("input_layernorm.weight"),
                     ln_mlp=t("post_attention_layernorm.weight"),
@@ -215,9 +233,13 @@ class Qwen2Runtime:
             k_cache.index_put_((bidx, slot), qk[:, :, Hq:])
             v_cache.index_put_((bidx, slot), qkv[:, :, Hq + Hkv :])
             attn = _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, self.causal)  # [B, Lw, Hq, D]
-            x = x + F.linear(attn.reshape(B, Lw, Hq * D), L.w_o)
+            x = _add_linear_(x, attn, L.w_o)  # attn [B, Lw, Hq, D] -> rows of Hq D
             h = _rms_norm(x, L.ln_mlp, c.rms_norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, L.w_gate)) * F.linear(h, L.w_up), L.w_down)
+            if L.w_gate_up is not None:
+                gate, up = F.linear(h, L.w_gate_up).split(c.intermediate_size, dim=-1)
+            else:
+                gate, up = F.linear(h, L.w_gate), F.linear(h, L.w_up)
+            x = _add_linear_(x, F.silu(gate) * up, L.w_down)
         cache.lengths.copy_(kv_len)
 
         if logit_rows is not None:
