@@ -339,3 +339,23 @@ def test_smaller_verifier_vocab_and_one_token_prompt(pair, tmp_path):
             committed += out.generated(0).tolist()
     # The dLLM committed ids the verifier lacks (step-first tokens), and the loop went on.
     assert any(v >= 200 for v in committed)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("W,M", [(4, 8), (16, 100), (None, 8)])
+def test_cuda_graphs_match_eager(pair, W, M):
+    dllm = apd_ext.load_model(pair.root / "dream", device="cuda")
+    ver = apd_ext.load_model(pair.root / "qwen", device="cuda")
+    kw = dict(R=0.7, W=W, M=M, temperature=0.7, seed=2, max_new_tokens=NEW, eos_token_ids=[])
+    eager = generate(dllm, ver, [PROMPT], **kw)
+    graphed = generate(dllm, ver, [PROMPT], cuda_graphs=True, **kw)
+    assert _tokens(graphed) == _tokens(eager)
+    assert graphed.accepted_per_step == eager.accepted_per_step
+    lr = dict(temperature=0.7, seed=2, max_new_tokens=NEW, eos_token_ids=[])
+    assert _tokens(generate_leftright(dllm, [PROMPT], K=3, W=W, M=M, cuda_graphs=True, **lr)) == _tokens(
+        generate_leftright(dllm, [PROMPT], K=3, W=W, M=M, **lr))
+
+
+def test_cuda_graphs_need_cuda(pair):
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        _gen(pair, cuda_graphs=True, max_new_tokens=4)

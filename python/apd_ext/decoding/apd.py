@@ -47,12 +47,31 @@ class _Window:
     with [0, left) from the cache, and the rows t-1 .. t+rows-2 of the shifted
     logits (Dream predicts position i from the hidden state at i - 1)."""
 
-    def __init__(self, dllm, batch: int, total_len: int, W: Optional[int], M: Optional[int]):
+    def __init__(self, dllm, batch: int, total_len: int, W: Optional[int], M: Optional[int],
+                 graphs: bool = False):
         self.dllm = dllm
         self.W = W
         self.M = M if M is not None else total_len
         self.total_len = total_len
         self.cache = dllm.new_cache(batch, total_len)
+        self.graphed = None
+        if graphs and W is not None:
+            # After the first step the window is n_prev + W - 1 + M rows at most
+            # (n_prev <= M) and about W + M at least: capture the power-of-two
+            # buckets covering [W + M, 2M + W - 1] now, outside the timed loop.
+            # Shorter windows (near the end) are padded into the smallest one;
+            # longer ones (the first step, with the prompt) run eagerly. W=None
+            # windows grow with the sequence, so they always run eagerly.
+            from apd_ext.models.graphs import BucketedGraphs
+
+            lo, hi = min(self.M + W, total_len), min(2 * self.M + W - 1, total_len)
+            buckets = [1 << (lo - 1).bit_length()]
+            while buckets[-1] < hi:
+                buckets.append(buckets[-1] * 2)
+            self.graphed = BucketedGraphs(dllm, self.cache, buckets=tuple(buckets))
+            zero = torch.zeros(batch, dtype=torch.int64, device=self.cache.device)
+            for size in buckets:  # q_len = 0: capture only, nothing valid is written
+                self.graphed(torch.zeros(batch, size, dtype=torch.int64, device=zero.device), zero, zero, zero, 1)
 
     def bounds(self, t: torch.Tensor, n_prev: torch.Tensor, first: bool):
         """t, n_prev: host [B] int64 -> left, right: host [B] int64."""
@@ -67,6 +86,8 @@ class _Window:
         """tokens: [B, total_len] device buffer (committed ids, then mask ids).
         Returns the dLLM logits [B, rows, V_D] for positions t .. t+rows-1."""
         self.cache.crop_(args.left)
+        if self.graphed is not None:
+            return self.graphed(tokens[:, left:right], args.left, args.window, args.row_start, rows)
         return self.dllm.forward(
             tokens[:, left:right],  # [B, right - left]
             self.cache,
@@ -110,8 +131,32 @@ def _bad_row(step: int, t: int, draft_host: torch.Tensor, rows: int, who: str = 
             f"so no token could be drafted there (draft id -1); check the model's weights and dtype")
 
 
+class _Verifier:
+    """The verifier half of a step: one causal forward over m <= M rows
+    starting at position t-1, on a cache holding [0, t-1). With graphs, one CUDA
+    graph of exactly M rows replays every step (shorter windows near the end
+    are padded; their logits rows are sliced off)."""
+
+    def __init__(self, verifier, batch: int, total_len: int, max_rows: int, graphs: bool):
+        self.model = verifier
+        self.cache = verifier.new_cache(batch, total_len)
+        self.vocab = int(verifier.config.vocab_size)
+        self.max_rows = max_rows
+        self.graph = verifier.graphed(self.cache, max_rows) if graphs else None
+
+    def forward(self, v_in: torch.Tensor, start: torch.Tensor, rows_d: torch.Tensor, rows: int):
+        """v_in: [B, rows] ids, start / rows_d: [B] -> logits [B, rows, V_A]."""
+        self.cache.crop_(start)
+        if self.graph is None:
+            return self.model.forward(v_in, self.cache, start, rows_d, logit_rows=None)
+        if rows < self.max_rows:
+            v_in = torch.nn.functional.pad(v_in, (0, self.max_rows - rows))
+        return self.graph(v_in, start, rows_d)[:, :rows]  # a view of the graph's output
+
+
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
-         callback: Optional[Callback], n_accept_override: Optional[int]) -> APDOutput:
+         callback: Optional[Callback], n_accept_override: Optional[int],
+         cuda_graphs: bool = False) -> APDOutput:
     """One loop for APD (verifier given, K None) and leftright (verifier None,
     K tokens per step). Both draw the draft with the same (seed, step,
     position) noise, so APD with M=1 equals leftright with K=1."""
@@ -127,7 +172,9 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     tokens = torch.full((B, total_len), mask_id, dtype=torch.int64, device=device)  # [B, L]
     tokens[:, :plen] = prompts.to(device)
     seeds = seed_tensor(cfg.seed, B, device)  # [B]
-    window = _Window(dllm, B, total_len, cfg.W, cfg.M)
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
+    window = _Window(dllm, B, total_len, cfg.W, cfg.M, graphs=cuda_graphs)
     args = _StepArgs(B, device)
     # Loop state, one entry per sequence (host tensors: they size the forwards).
     # Lengths passed to the ops are valid by construction (1 <= rows <= M), so
@@ -140,15 +187,15 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     stats = GenerationStats()
     timer = PhaseTimer(device)
     accepted = [[] for _ in range(B)]
-    timer.start()
-    vcache = None
-    v_vocab = int(verifier.config.vocab_size) if verifier is not None else 0
+    ver = None
     if verifier is not None:
-        vcache = verifier.new_cache(B, total_len)
+        ver = _Verifier(verifier, B, total_len, min(cfg.M, total_len - plen), cuda_graphs)
+    timer.start()
+    if ver is not None:
         if plen > 1:  # the verifier's cache holds [0, t-1) before each step
             with timer("verifier"):
                 verifier.forward(
-                    tokens[:, : plen - 1], vcache,
+                    tokens[:, : plen - 1], ver.cache,
                     torch.zeros(B, dtype=torch.int64, device=device),
                     torch.full((B,), plen - 1, dtype=torch.int64, device=device),
                     logit_rows=(torch.full((B,), plen - 2, dtype=torch.int64, device=device), 1),
@@ -173,17 +220,15 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
                 top_k=cfg.top_k, top_p=cfg.top_p, compat=cfg.compat,
                 check_lengths=False)  # [B, rows]
 
-        if verifier is not None:
+        if ver is not None:
             # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
             # Ids the verifier cannot embed are clamped into [0, V_A): a bad row's
             # -1 (the step raises once n_accept is read) and dLLM ids >= V_A (its
             # padding rows: such a draft never matches, DESIGN §4, but the first
             # token of a step is accepted anyway and then feeds the next step).
-            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1).clamp_(0, v_vocab - 1)  # [B, rows]
-            vcache.crop_(args.ver_start)
+            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1).clamp_(0, ver.vocab - 1)  # [B, rows]
             with timer("verifier"):
-                a_logits = verifier.forward(
-                    v_in, vcache, args.ver_start, rows_d, logit_rows=None)  # [B, rows, V_A]
+                a_logits = ver.forward(v_in, args.ver_start, rows_d, rows)  # [B, rows, V_A]
             stats.verifier_forwards += 1
             with timer("sampling"):
                 _, n_acc = ops.mixture_accept(
@@ -224,7 +269,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
 
 
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
-             eos_token_ids=None, callback: Optional[Callback] = None,
+             eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
              _n_accept_override: Optional[int] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
@@ -233,6 +278,9 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     input_ids: LongTensor [B, P] or a list of 1-D prompts (B = 1 until batching).
     config: APDConfig (default APDConfig()); keyword overrides replace fields.
     eos_token_ids: default the dLLM checkpoint's. callback(step, tokens_accepted).
+    cuda_graphs: replay the verifier's M-row forward and the dLLM's windows
+    (power-of-two buckets) as CUDA graphs, captured before the timed loop.
+    Same tokens as eager; CUDA only; off by default.
     """
     cfg = config if config is not None else APDConfig()
     if not isinstance(cfg, APDConfig):
@@ -241,16 +289,17 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
         cfg = cfg.replace(**overrides)
     _check_pair(dllm, verifier)
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
-                callback=callback, n_accept_override=_n_accept_override)
+                callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                        max_new_tokens: int = 256, eos_token_ids=None,
-                       callback: Optional[Callback] = None, compat: Optional[str] = None) -> APDOutput:
+                       callback: Optional[Callback] = None, compat: Optional[str] = None,
+                       cuda_graphs: bool = False) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
-    window). The first EOS ends the sequence."""
+    window). The first EOS ends the sequence. cuda_graphs as in generate."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K: expected an int >= 1, got {K!r}")
     check_kind("dllm", dllm, "dllm")
@@ -258,4 +307,4 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
     cfg = APDConfig(R=1.0, W=W, M=M if M is not None else max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, compat=compat, max_new_tokens=max_new_tokens, seed=seed)
     return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
-                n_accept_override=None)
+                n_accept_override=None, cuda_graphs=cuda_graphs)

@@ -6,6 +6,7 @@ at (0.7, 16, 100)) through a benchmarking-only hook, with EOS disabled. Rows:
 
 - apd            our loop (apd_ext.generate): ms/step with its dLLM / verifier /
                  sampling breakdown, projected tokens/s = ACCEPT / step time;
+- apd+graphs     the same with cuda_graphs=True (CUDA only);
 - apd-reference  the transformers reference loop (apd_ext.reference_loop) on
                  the same weights, same schedule;
 - leftright      our left-to-right dLLM baseline, K = ACCEPT tokens per step,
@@ -138,7 +139,7 @@ def run(args, progress: bool = False) -> List[dict]:
     accept = args.accept
     if accept < 1:
         raise ValueError(f"--accept: expected an int >= 1, got {accept}")
-    n_rows = len(CONFIGS) * (4 if not args.no_reference else 3)
+    n_rows = len(CONFIGS) * (3 + (not args.no_reference) + (device.type == "cuda"))
     bar = _Progress(n_rows + 1, progress)
 
     hf_d = build_hf(sd, dtype, device, seed=0)
@@ -169,6 +170,22 @@ def run(args, progress: bool = False) -> List[dict]:
                          sampling_ms=s.sampling_seconds / nsteps * 1e3, tokens_per_step=s.generated_tokens / nsteps,
                          tokens_per_s=s.generated_tokens / sec))
         bar.step(f"apd {label}")
+
+        if device.type == "cuda":
+            def graphed():
+                o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, cuda_graphs=True,
+                                     _n_accept_override=accept, **common)
+                return o.stats.seconds, o.stats.steps, o.stats
+            try:
+                sec, nsteps, s = _median_run(graphed, repeats)
+                rows.append(dict(base, method="apd+graphs", ms_step=sec / nsteps * 1e3, steps=nsteps,
+                                 dllm_ms=s.dllm_seconds / nsteps * 1e3,
+                                 verifier_ms=s.verifier_seconds / nsteps * 1e3,
+                                 sampling_ms=s.sampling_seconds / nsteps * 1e3,
+                                 tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
+            except Exception as e:  # noqa: BLE001  (report, keep the other rows)
+                print(f"\napd+graphs {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            bar.step(f"apd+graphs {label}")
 
         if not args.no_reference:
             def reference():
@@ -208,8 +225,9 @@ def run(args, progress: bool = False) -> List[dict]:
 
     for r in rows:
         ref = next((x for x in rows if x["config"] == r["config"] and x["method"] == "apd-reference"), None)
-        r["speedup_vs_reference"] = ref["ms_step"] / r["ms_step"] if ref and r["method"] == "apd" else None
-        r["x_floor"] = r["ms_step"] / floor_ms if r["method"] == "apd" else None
+        is_ours = r["method"] in ("apd", "apd+graphs")
+        r["speedup_vs_reference"] = ref["ms_step"] / r["ms_step"] if ref and is_ours else None
+        r["x_floor"] = r["ms_step"] / floor_ms if is_ours else None
     return rows
 
 
