@@ -6,8 +6,10 @@ Two forwards of one APD step, with random weights at the real shapes on CUDA
   512-position context, bidirectional, LM head on the 100 drafted rows;
 - verifier draft: Qwen2.5-0.5B shape (tied head), B=1, M=100 causal rows after
   a 412-position prefix, LM head on every row; eager and CUDA-graphed.
-The baseline is transformers' Qwen2ForCausalLM holding the same tensors (the
-runtime is built from the live model), with a DynamicCache prefilled to the
+The baseline is transformers' Qwen2ForCausalLM holding the same weights (the
+runtime is built over its tensors, q/k/v and gate/up fused as a folder load
+does; without transformers the runtime alone runs on random weights), with a
+DynamicCache prefilled to the
 same prefix and cropped back after each call, SDPA attention, and a zero 4D
 mask (bidirectional) for the dLLM. The floor is every weight read once
 (embedding table excluded: it is only gathered) at the copy bandwidth measured
@@ -28,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import apd_ext  # noqa: E402
+from apd_ext.models import Qwen2Runtime  # noqa: E402
 
 DREAM_7B = dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False)
 QWEN_05B = dict(vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, tie=True)
@@ -100,15 +103,19 @@ def build_hf(shape, dtype, device):
 
 def weight_bytes(model) -> int:
     """Bytes of every weight a forward reads (the embedding is only gathered)."""
-    n = sum(t.numel() * t.element_size() for L in model.layers for t in vars(L).values())
-    return n + model.norm.numel() * model.norm.element_size() + model.lm_head.numel() * model.lm_head.element_size()
+    tensors = [t for L in model.layers for t in vars(L).values() if t is not None] + [model.norm, model.lm_head]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}  # views counted once
+    return sum(storages.values())
 
 
 def bench_case(name, shape, *, kind, ctx, window, row_start, n_rows, dtype, device, time_fn, bw, graphs):
     mask_id = shape["vocab"] - 1 if kind == "dllm" else None
     if have_transformers():
         hf = build_hf(shape, dtype, device)
-        model = apd_ext.load_model(hf, kind=kind, mask_token_id=mask_id)
+        live = apd_ext.load_model(hf, kind=kind, mask_token_id=mask_id)
+        # The runtime as a folder load builds it (gate/up fused), over the same weights.
+        model = Qwen2Runtime(live.kind, live.config, hf.state_dict(), fuse_mlp=True)
+        del live
     else:  # the runtime alone, on random weights
         hf = None
         cfg = {"model_type": "Dream" if kind == "dllm" else "qwen2", "vocab_size": shape["vocab"],
