@@ -226,7 +226,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
             # -1 (the step raises once n_accept is read) and dLLM ids >= V_A (its
             # padding rows: such a draft never matches, DESIGN §4, but the first
             # token of a step is accepted anyway and then feeds the next step).
-            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1).clamp_(0, ver.vocab - 1)  # [B, rows]
+            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1)  # [B, rows]
+            v_in.clamp_(0, ver.vocab - 1)
             with timer("verifier"):
                 a_logits = ver.forward(v_in, args.ver_start, rows_d, rows)  # [B, rows, V_A]
             stats.verifier_forwards += 1

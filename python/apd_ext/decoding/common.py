@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -111,10 +111,6 @@ def model_device(model) -> torch.device:
     if dev is not None:
         return torch.device(dev)
     return next(model.parameters()).device
-
-
-def model_name(model) -> str:
-    return getattr(model, "name", None) or type(model).__name__
 
 
 def check_kind(argname: str, model, kind: str) -> None:
@@ -239,6 +235,3 @@ def finish_output(prompts: torch.Tensor, tokens: torch.Tensor, generated: int, t
         stats=stats,
         prompt_lengths=[plen],
     )
-
-
-Prompts = Union[torch.Tensor, List]
