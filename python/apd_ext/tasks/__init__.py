@@ -1,0 +1,1 @@
+"""Checkable task generators used to train and evaluate the embedded models."""

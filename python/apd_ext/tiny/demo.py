@@ -1,0 +1,130 @@
+"""`apd demo`: APD on the embedded tiny pair, one arithmetic test problem.
+
+Streams the blocks the verifier accepts (alternating colours on a terminal),
+then prints the answer, whether it matches the reference, tokens per dLLM
+forward and tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Defaults of the demo and the sweep (the sweep varies R, W, M around them).
+DEFAULT_R, DEFAULT_W, DEFAULT_M = 0.7, 16, 56
+MAX_NEW = 56
+_COLOURS = ["\033[38;5;45m", "\033[38;5;214m", "\033[38;5;120m", "\033[38;5;207m"]
+_RESET, _BOLD = "\033[0m", "\033[1m"
+
+
+def load_pair(dllm_dir=None, ar_dir=None, dtype: str = "float32", device: str = "cpu"):
+    """(dllm, verifier, tokenizer) from checkpoint folders (default: the embedded pair)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    import apd_ext
+    from apd_ext.tiny import paths
+
+    d_def, a_def = paths()
+    dllm_dir = Path(dllm_dir or d_def)
+    ar_dir = Path(ar_dir or a_def)
+    dt = getattr(torch, dtype, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
+    dllm = apd_ext.load_model(str(dllm_dir), dtype=dt, device=device)
+    ar = apd_ext.load_model(str(ar_dir), dtype=dt, device=device)
+    tok = AutoTokenizer.from_pretrained(str(dllm_dir), local_files_only=True)
+    return dllm, ar, tok
+
+
+def encode_prompt(tok, question: str):
+    import torch
+
+    from apd_ext.tasks import arith
+    ids = tok(arith.prompt_of(question), add_special_tokens=False)["input_ids"]
+    return torch.tensor([ids], dtype=torch.long)
+
+
+def generated_text(tok, out) -> str:
+    ids = out.generated(0).tolist()
+    if tok.eos_token_id in ids:
+        ids = ids[: ids.index(tok.eos_token_id)]
+    return tok.decode(ids, skip_special_tokens=True)
+
+
+def _streamer(tok, colour: bool, stream=sys.stdout):
+    """A generate() callback printing each accepted block as it is committed."""
+    state = {"ids": [], "text": "", "block": 0}
+
+    def cb(step: int, accepted) -> None:
+        block = [t for t in accepted[0] if t != tok.eos_token_id]
+        if not block:
+            return
+        state["ids"] += block
+        text = tok.decode(state["ids"], skip_special_tokens=True)
+        new, state["text"] = text[len(state["text"]):], text
+        if colour:
+            new = _COLOURS[state["block"] % len(_COLOURS)] + new + _RESET
+        state["block"] += 1
+        stream.write(new)
+        stream.flush()
+
+    return cb
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="apd demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", type=int, default=0, help="test problem index (0..499)")
+    ap.add_argument("--question", default=None, help="your own word problem instead of a test one")
+    ap.add_argument("--R", type=float, default=DEFAULT_R)
+    ap.add_argument("--W", type=int, default=DEFAULT_W)
+    ap.add_argument("--M", type=int, default=DEFAULT_M)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
+    ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
+    ap.add_argument("--ar", default=None, help="AR verifier folder (default: embedded)")
+    ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded test set)")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    args = ap.parse_args(argv)
+
+    import apd_ext
+    from apd_ext.tasks import arith
+    from apd_ext.tiny import test_file
+
+    if args.question is not None:
+        question, final = args.question, None
+    else:
+        probs = arith.load_jsonl(args.tasks or test_file())
+        if not 0 <= args.index < len(probs):
+            ap.error(f"--index: expected 0..{len(probs) - 1}, got {args.index}")
+        question, final = probs[args.index].question, probs[args.index].final
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+
+    dllm, ar, tok = load_pair(args.dllm, args.ar, args.dtype, args.device)
+    prompt = encode_prompt(tok, question)
+    print(f"{_BOLD if colour else ''}Question:{_RESET if colour else ''} {question}")
+    print(f"APD R={args.R} W={args.W} M={args.M} temperature={args.temperature}"
+          f" ({'blocks accepted per step alternate colours' if colour else 'streaming'}):")
+    out = apd_ext.generate(dllm, ar, prompt, R=args.R, W=args.W, M=args.M,
+                           temperature=args.temperature, seed=args.seed,
+                           max_new_tokens=args.max_new_tokens, callback=_streamer(tok, colour))
+    print()
+    text = generated_text(tok, out)
+    got = arith.extract_answer(text)
+    st = out.stats
+    verdict = "" if final is None else (f" (reference {final}: "
+                                         f"{'correct' if got == final else 'WRONG'})")
+    print(f"Answer: {got}{verdict}")
+    print(f"{st.generated_tokens} tokens in {st.steps} steps, {st.dllm_forwards} dLLM forwards: "
+          f"{st.generated_tokens / max(1, st.dllm_forwards):.2f} tokens per dLLM forward, "
+          f"{st.tokens_per_second:.1f} tokens/s on {args.device}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
