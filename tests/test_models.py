@@ -103,6 +103,18 @@ def test_dllm_matches_bidirectional_transformers(dream):
     torch.testing.assert_close(out2, ref2, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ar", "dllm"])
+def test_kernel_path_equals_reference_path(qwen, dream, monkeypatch, kind):
+    from apd_ext.models import qwen2
+
+    model = apd_ext.load_model((qwen if kind == "ar" else dream)[0])
+    ids = ids_batch(2, 10, seed=17)
+    run = lambda: model.forward(ids, model.new_cache(2, 12), i64(2, 0), i64(7, 10))  # noqa: E731
+    fast = run()
+    monkeypatch.setattr(qwen2, "_ATTENTION", "reference")  # the fp64 oracle inside the same forward
+    torch.testing.assert_close(fast, run(), atol=1e-5, rtol=1e-5)
+
+
 def test_dllm_shifted_logit_rows(dream):
     # Dream scores position i from row i - 1: positions t .. right-1 need rows
     # t-1 .. right-2, which logit_rows returns without running the head elsewhere.

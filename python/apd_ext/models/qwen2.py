@@ -198,6 +198,8 @@ class Qwen2Runtime:
         their logits are finite but meaningless. Value checks on q_start / q_len
         run on CPU only; on CUDA, out-of-range rows are redirected to the
         cache's scratch slot (memory-safe, but the caller must pass sane values).
+        Cache positions [0, q_start) are read as they are (the dLLM's stale
+        prefix is by design); nothing checks that they were ever written.
         """
         self._check_args(input_ids, cache, q_start, q_len, logit_rows)
         c = self.config
