@@ -140,7 +140,8 @@ def bench_case(name, shape, *, kind, ctx, window, row_start, n_rows, dtype, devi
         gf = model.graphed(cache, window, n_rows=n_rows)
         out["graph"] = time_fn(lambda: gf(win, q_start, q_len, rows[0]))
         got = gf(win, q_start, q_len, rows[0]).float()
-        out["graph_diff"] = float((got - model.forward(win, cache, q_start, q_len, logit_rows=rows).float()).abs().max())
+        want = model.forward(win, cache, q_start, q_len, logit_rows=rows).float()
+        out["graph_diff"] = float((got - want).abs().max())
         del gf
 
     out["hf"] = out["maxdiff"] = None
@@ -212,8 +213,9 @@ def main():
         rows.append(r)
         if cuda:
             torch.cuda.empty_cache()
-        print(f"  {name}: apd {r['apd']:.3f} ms, graphed {fmt(r['graph'], '.3f')} ms, transformers {fmt(r['hf'], '.3f')} ms, "
-              f"floor {r['floor']:.3f} ms, max |apd - transformers| {fmt(r['maxdiff'], '.3g')}"
+        print(f"  {name}: apd {r['apd']:.3f} ms, graphed {fmt(r['graph'], '.3f')} ms, "
+              f"transformers {fmt(r['hf'], '.3f')} ms, floor {r['floor']:.3f} ms, "
+              f"max |apd - transformers| {fmt(r['maxdiff'], '.3g')}"
               + (f", max |graphed - eager| {r['graph_diff']:.3g}" if "graph_diff" in r else ""), flush=True)
 
     head = ["forward", "ctx", "window", "logit rows", "apd ms", "graphed ms", "transformers ms", "hf/apd",
@@ -221,8 +223,9 @@ def main():
     body = []
     for r in rows:
         best = min(x for x in (r["apd"], r["graph"]) if x is not None)
+        speedup = fmt(r["hf"] and r["hf"] / r["apd"], ".2f") + ("x" if r["hf"] else "")
         body.append([r["name"], r["ctx"], r["window"], r["rows"], fmt(r["apd"], ".3f"), fmt(r["graph"], ".3f"),
-                     fmt(r["hf"], ".3f"), fmt(r["hf"] and r["hf"] / r["apd"], ".2f") + ("x" if r["hf"] else ""), f"{r['weights_gb']:.3f}",
+                     fmt(r["hf"], ".3f"), speedup, f"{r['weights_gb']:.3f}",
                      fmt(r["floor"], ".3f"), f"{r['apd'] / r['floor']:.2f}x", f"{best / r['floor']:.2f}x"])
     body = [[str(c) for c in b] for b in body]
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"

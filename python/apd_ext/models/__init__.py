@@ -11,4 +11,13 @@ from apd_ext.models.graphs import BucketedGraphs, GraphedForward
 from apd_ext.models.loader import load_model, random_model
 from apd_ext.models.qwen2 import Qwen2Runtime
 
-__all__ = ["BucketedGraphs", "GraphedForward", "KVCache", "ModelConfig", "Qwen2Runtime", "check_compatible", "load_model", "random_model"]
+__all__ = [
+    "BucketedGraphs",
+    "GraphedForward",
+    "KVCache",
+    "ModelConfig",
+    "Qwen2Runtime",
+    "check_compatible",
+    "load_model",
+    "random_model",
+]

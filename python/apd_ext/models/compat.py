@@ -38,7 +38,8 @@ def check_compatible(dllm, verifier, tokenizer_dllm=None, tokenizer_verifier=Non
                 raise ValueError(f"{name} {i} is outside the {who} vocabulary [0, {bound})")
 
     ids_in("dllm mask_token_id", [cd.mask_token_id], vd, "dLLM's")
-    shared_special = cd.eos_token_ids + ca.eos_token_ids + [cd.bos_token_id, ca.bos_token_id, cd.pad_token_id, ca.pad_token_id]
+    shared_special = cd.eos_token_ids + ca.eos_token_ids
+    shared_special += [cd.bos_token_id, ca.bos_token_id, cd.pad_token_id, ca.pad_token_id]
     ids_in("special token id", shared_special, v, f"shared (min of {vd} and {va})")
     if cd.bos_token_id is not None and ca.bos_token_id is not None and cd.bos_token_id != ca.bos_token_id:
         raise ValueError(f"bos_token_id mismatch: dLLM {cd.bos_token_id}, verifier {ca.bos_token_id}")

@@ -105,8 +105,8 @@ class Qwen2Runtime:
                 gate, up = gate_up[: config.intermediate_size], gate_up[config.intermediate_size :]
             self.layers.append(
                 _Layer(
-                    w_qkv=torch.cat([t("self_attn.q_proj.weight"), t("self_attn.k_proj.weight"), t("self_attn.v_proj.weight")]),
-                    b_qkv=torch.cat([t("self_attn.q_proj.bias"), t("self_attn.k_proj.bias"), t("self_attn.v_proj.bias")]),
+                    w_qkv=torch.cat([t(f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                    b_qkv=torch.cat([t(f"self_attn.{n}_proj.bias") for n in "qkv"]),
                     w_o=t("self_attn.o_proj.weight"),
                     w_gate=gate,
                     w_up=up,
@@ -118,9 +118,8 @@ class Qwen2Runtime:
             )
         D = config.head_dim
         # As Qwen2RotaryEmbedding (default rope): fp32 inverse frequencies [D/2].
-        self.inv_freq = 1.0 / (
-            config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).to(device=self.device, dtype=torch.float) / D)
-        )
+        exponents = torch.arange(0, D, 2, dtype=torch.int64).to(device=self.device, dtype=torch.float) / D
+        self.inv_freq = 1.0 / (config.rope_theta**exponents)  # [D/2]
 
     def __repr__(self) -> str:
         c = self.config
@@ -168,7 +167,9 @@ class Qwen2Runtime:
             if not (isinstance(logit_rows, tuple) and len(logit_rows) == 2):
                 raise TypeError("logit_rows: expected None or a tuple (row_start [B] int tensor, n_rows int)")
             row_start, n_rows = logit_rows
-            check_tensor("logit_rows[0]", row_start, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device, shape=(B,))
+            check_tensor(
+                "logit_rows[0]", row_start, ndim=1, dtypes=(torch.int32, torch.int64), device=self.device, shape=(B,)
+            )
             if not isinstance(n_rows, int) or not (1 <= n_rows <= Lw):
                 fail("logit_rows[1]", f"an int in [1, {Lw}]", n_rows)
         # Value checks only where they cost no device synchronisation.
@@ -176,7 +177,8 @@ class Qwen2Runtime:
             if bool((q_len < 0).any()) or bool((q_len > Lw).any()):
                 fail("q_len", f"values in [0, {Lw}]", q_len.tolist())
             if bool((q_start < 0).any()) or bool((q_start + q_len > cache.max_len).any()):
-                fail("q_start", f"q_start >= 0 and q_start + q_len <= cache.max_len ({cache.max_len})", q_start.tolist())
+                want = f"q_start >= 0 and q_start + q_len <= cache.max_len ({cache.max_len})"
+                fail("q_start", want, q_start.tolist())
             if logit_rows is not None:
                 rs = logit_rows[0]
                 if bool((rs < 0).any()) or bool((rs + n_rows > Lw).any()):
