@@ -66,9 +66,11 @@ def reference_generate(dllm: Qwen2ForCausalLM, verifier: Qwen2ForCausalLM, promp
                        W: Optional[int] = 16, M: int = 100, temperature: float = 0.2,
                        top_p: float = 0.95, top_k: int = 0, acceptance: Optional[str] = "coupled",
                        compat: Optional[str] = None, max_new_tokens: int = 256, seed: int = 0,
-                       n_accept_override: Optional[int] = None) -> ReferenceResult:
+                       n_accept_override: Optional[int] = None,
+                       max_steps: Optional[int] = None) -> ReferenceResult:
     """APD for one prompt (a list of ids). Same arguments as APDConfig;
-    n_accept_override fixes the accepted count per step (benchmarking only)."""
+    n_accept_override fixes the accepted count per step and max_steps stops
+    after that many steps (both for benchmarking only)."""
     if compat == "official":
         acceptance = None  # the released code's argmax acceptance
     device = dllm.device
@@ -138,6 +140,8 @@ def reference_generate(dllm: Qwen2ForCausalLM, verifier: Qwen2ForCausalLM, promp
         n_prev = n
         step += 1
         if any(v in eos_token_ids for v in new):
+            break
+        if max_steps is not None and step >= max_steps:
             break
     return ReferenceResult(tokens=x[0, :t].tolist(), num_generated=t - P, accepted_per_step=accepted)
 

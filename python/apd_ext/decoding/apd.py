@@ -156,7 +156,7 @@ class _Verifier:
 
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
          callback: Optional[Callback], n_accept_override: Optional[int],
-         cuda_graphs: bool = False) -> APDOutput:
+         cuda_graphs: bool = False, stop_after_steps: Optional[int] = None) -> APDOutput:
     """One loop for APD (verifier given, K None) and leftright (verifier None,
     K tokens per step). Both draw the draft with the same (seed, step,
     position) noise, so APD with M=1 equals leftright with K=1."""
@@ -258,6 +258,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
         step += 1
         if any(v in eos for v in new) or int(t[0]) >= total_len:
             finished[0] = True
+        if stop_after_steps is not None and stats.steps >= stop_after_steps:  # benchmarking only
+            finished[0] = True
         if callback is not None:
             callback(int(step[0]), [new])
 
@@ -271,7 +273,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
 
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
-             _n_accept_override: Optional[int] = None, **overrides) -> APDOutput:
+             _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
+             **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
     dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
@@ -282,6 +285,8 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     cuda_graphs: replay the verifier's M-row forward and the dLLM's windows
     (power-of-two buckets) as CUDA graphs, captured before the timed loop.
     Same tokens as eager; CUDA only; off by default.
+    _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
+    acceptance schedule; stop after that many steps), not part of the API.
     """
     cfg = config if config is not None else APDConfig()
     if not isinstance(cfg, APDConfig):
@@ -290,14 +295,15 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
         cfg = cfg.replace(**overrides)
     _check_pair(dllm, verifier)
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
-                callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs)
+                callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
+                stop_after_steps=_stop_after_steps)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
                        temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                        max_new_tokens: int = 256, eos_token_ids=None,
                        callback: Optional[Callback] = None, compat: Optional[str] = None,
-                       cuda_graphs: bool = False) -> APDOutput:
+                       cuda_graphs: bool = False, _stop_after_steps: Optional[int] = None) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
     window). The first EOS ends the sequence. cuda_graphs as in generate."""
@@ -308,4 +314,4 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
     cfg = APDConfig(R=1.0, W=W, M=M if M is not None else max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, compat=compat, max_new_tokens=max_new_tokens, seed=seed)
     return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
-                n_accept_override=None, cuda_graphs=cuda_graphs)
+                n_accept_override=None, cuda_graphs=cuda_graphs, stop_after_steps=_stop_after_steps)

@@ -40,7 +40,10 @@ def add_arguments(p) -> None:
     p.add_argument("--shapes", default="auto", choices=("auto", "tiny", "real"),
                    help="auto: real (Dream-7B / Qwen2.5-0.5B) on CUDA, tiny on the CPU")
     p.add_argument("--accept", type=int, default=8, help="tokens accepted per APD step (fixed schedule)")
-    p.add_argument("--steps", type=int, default=None, help="APD steps per generation (default 6 CPU, 16 CUDA)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed APD steps per generation (default 6 CPU, 16 CUDA)")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="generation budget: windows are min(M, what is left) rows, as in a real run")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64 CPU, 256 CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed generations per row (median; default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
@@ -152,15 +155,18 @@ def run(args, progress: bool = False) -> List[dict]:
     bar.step("models built")
     g = torch.Generator(device="cpu").manual_seed(0)
     prompt = torch.randint(3, min(sd["vocab"], sa["vocab"]) - 1, (1, plen), generator=g)
-    new = accept * steps
+    new = max(args.max_new_tokens, accept * steps)
     common = dict(temperature=0.2, top_p=0.95, max_new_tokens=new, seed=0, eos_token_ids=[])
+    # The AR baseline decodes as many tokens as APD commits in its timed steps.
+    ar_common = dict(common, max_new_tokens=accept * steps)
 
     rows = []
     for R, W, M in CONFIGS:
         label = f"({R}, {W}, {M})"
 
         def ours():
-            o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept, **common)
+            o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept,
+                                 _stop_after_steps=steps, **common)
             s = o.stats
             return s.seconds, s.steps, s
         sec, nsteps, s = _median_run(ours, repeats)
@@ -174,7 +180,7 @@ def run(args, progress: bool = False) -> List[dict]:
         if device.type == "cuda":
             def graphed():
                 o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, cuda_graphs=True,
-                                     _n_accept_override=accept, **common)
+                                     _n_accept_override=accept, _stop_after_steps=steps, **common)
                 return o.stats.seconds, o.stats.steps, o.stats
             try:
                 sec, nsteps, s = _median_run(graphed, repeats)
@@ -194,7 +200,7 @@ def run(args, progress: bool = False) -> List[dict]:
                 t0 = time.perf_counter()
                 r = reference_generate(hf_d, hf_a, prompt[0].tolist(), mask_token_id=mask_id, eos_token_ids=[],
                                        R=R, W=W, M=M, temperature=0.2, top_p=0.95, max_new_tokens=new,
-                                       seed=0, n_accept_override=accept)
+                                       seed=0, n_accept_override=accept, max_steps=steps)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 return time.perf_counter() - t0, len(r.accepted_per_step), r
@@ -205,7 +211,7 @@ def run(args, progress: bool = False) -> List[dict]:
             bar.step(f"apd-reference {label}")
 
         def leftright():
-            o = apd_ext.generate_leftright(dllm, prompt, K=accept, W=W, M=M, **common)
+            o = apd_ext.generate_leftright(dllm, prompt, K=accept, W=W, M=M, _stop_after_steps=steps, **common)
             return o.stats.seconds, o.stats.steps, o.stats
         sec, nsteps, s = _median_run(leftright, repeats)
         rows.append(dict(base, method=f"leftright K={accept}", ms_step=sec / nsteps * 1e3, steps=nsteps,
@@ -215,7 +221,7 @@ def run(args, progress: bool = False) -> List[dict]:
         bar.step(f"leftright {label}")
 
         def ar():
-            o = apd_ext.generate_ar(ver, prompt, **common)
+            o = apd_ext.generate_ar(ver, prompt, **ar_common)
             return o.stats.seconds, o.stats.steps, o.stats
         sec, nsteps, s = _median_run(ar, repeats)
         rows.append(dict(base, method="ar (verifier)", ms_step=sec / nsteps * 1e3, steps=nsteps, dllm_ms=0.0,
