@@ -129,3 +129,36 @@ def test_console_script_entry_point(ckpts):
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["method"] == "apd"
+
+
+def test_streamer_colours_each_step(ckpts):
+    import io
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpts / "dream"), local_files_only=True)
+    buf = io.StringIO()
+    s = cli._Streamer(tok, eos=[2], colour=True, stream=buf)
+    blocks = [tok("ab", add_special_tokens=False)["input_ids"], tok("cde", add_special_tokens=False)["input_ids"],
+              [2]]
+    for i, b in enumerate(blocks):
+        s(i + 1, [b])
+    out = buf.getvalue()
+    assert out == cli._COLOURS[0] + "ab" + cli._RESET + cli._COLOURS[1] + "cde" + cli._RESET
+
+
+def test_bench_writes_csv_and_plot(tmp_path, capsys):
+    csv_path, png = tmp_path / "b.csv", tmp_path / "b.png"
+    args = ["bench", "--device", "cpu", "--steps", "1", "--repeats", "1", "--max-new-tokens", "16",
+            "--csv", str(csv_path), "--plot", str(png), "--markdown", str(tmp_path / "b.md")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "apd-reference" in out and "ms/step" in out
+    rows = csv_path.read_text().splitlines()
+    assert rows[0].startswith("device,") and len(rows) == 1 + 2 * 4
+    assert (tmp_path / "b.md").read_text().count("| apd |") == 2
+    try:
+        import matplotlib  # noqa: F401
+        assert png.stat().st_size > 0
+    except ImportError:
+        assert "matplotlib is not installed" in out
