@@ -161,12 +161,19 @@ def test_eos_stops_and_is_counted(pair):
     assert out.sequences[0, len(PROMPT) + k + 1 :].tolist() == [pad] * (NEW - k - 1)
 
 
-def test_checkpoint_eos_is_the_default(pair):
-    # The default EOS ids are the checkpoint's; with an explicit empty list the
-    # loop runs to the budget.
-    assert pair.dllm.config.eos_token_ids == [2]
-    out = _gen(pair, R=0.5, W=4, M=8, temperature=0.7, seed=4, max_new_tokens=NEW, eos_token_ids=[])
-    assert int(out.num_generated[0]) == NEW
+def test_checkpoint_eos_is_the_default(pair, tmp_path):
+    """The same weights saved with an EOS id the loop is known to draft: without
+    eos_token_ids, generation stops at the checkpoint's EOS and counts it."""
+    kw = dict(R=0.5, W=4, M=8, temperature=0.7, seed=4, max_new_tokens=NEW)
+    free = _gen(pair, eos_token_ids=[], **kw).generated(0).tolist()
+    k, eos = _first_new_token(free, 6)
+    make_tiny_dream(tmp_path / "dream", seed=0, mask_token_id=MASK, eos_token_id=eos)
+    make_tiny_qwen2(tmp_path / "qwen", seed=1, eos_token_id=eos)
+    dllm, ver = apd_ext.load_model(tmp_path / "dream"), apd_ext.load_model(tmp_path / "qwen")
+    assert dllm.config.eos_token_ids == [eos]
+    out = generate(dllm, ver, [PROMPT], **kw)
+    assert out.generated(0).tolist() == free[: k + 1]
+    assert out.stats.generated_tokens == k + 1
 
 
 # --------------------------------------------------------------- baselines
