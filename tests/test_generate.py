@@ -80,6 +80,17 @@ def test_matches_reference_loop(pair, R, W, M, tau, mode):
     assert s.seconds > 0 and s.tokens_per_second > 0
 
 
+def test_reference_from_checkpoint_folders(pair):
+    """The reference loop reading the folders with transformers (Dream's
+    config.json mapped onto Qwen2Config) gives the fast loop's tokens."""
+    from apd_ext.reference_loop import reference_generate_from_paths
+
+    kw = dict(R=0.7, W=4, M=8, temperature=0.7, top_p=0.95, max_new_tokens=NEW, seed=1)
+    ref = reference_generate_from_paths(str(pair.root / "dream"), str(pair.root / "qwen"), PROMPT, **kw)
+    out = _gen(pair, **kw)
+    assert _tokens(out) == ref.tokens and out.accepted_per_step[0] == ref.accepted_per_step
+
+
 # --------------------------------------------------------------- properties
 
 

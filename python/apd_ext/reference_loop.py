@@ -24,13 +24,8 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from apd_ext import reference as ref
 
-# Fields of a Dream config.json that mean the same thing in a Qwen2Config.
-_QWEN2_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "tie_word_embeddings", "attention_dropout", "head_dim", "bos_token_id",
-    "eos_token_id", "pad_token_id",
-)
+# Keys of a Dream config.json that name the Dream class rather than the network.
+_DREAM_ONLY = ("architectures", "model_type", "auto_map", "mask_token_id", "transformers_version")
 
 
 def load_hf_model(path: str, *, dtype=torch.float32, device="cpu", attn_implementation="eager"):
@@ -39,8 +34,7 @@ def load_hf_model(path: str, *, dtype=torch.float32, device="cpu", attn_implemen
     it is (same weight names); its extra fields (mask_token_id) stay in the dict."""
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    fields = {k: raw[k] for k in _QWEN2_FIELDS if k in raw}
-    config = Qwen2Config(**fields)
+    config = Qwen2Config(**{k: v for k, v in raw.items() if k not in _DREAM_ONLY})
     model = Qwen2ForCausalLM.from_pretrained(
         path, config=config, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True)
     return model.to(device).eval(), raw
