@@ -1,0 +1,164 @@
+// Host side of window_attention on CUDA: support check, kernel / split
+// planning, argument packing and dispatch to the explicitly instantiated
+// kernels (attention_simple_*.cu, attention_mma_*.cu).
+#include <climits>
+
+#include "apd/attention_launch.h"
+#include "apd/cuda/attention_common.cuh"
+
+namespace apd {
+
+namespace {
+
+size_t elem_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+// 16-byte vector loads of 8-element chunks are aligned for this tensor.
+bool vec_aligned(const void* ptr, DType t, int64_t sb, int64_t sl, int64_t sh) {
+  const size_t es = elem_size(t);
+  const auto al = [&](int64_t stride) { return (int64_t(es) * stride) % 16 == 0; };
+  return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && al(sb) && al(sl) && al(sh);
+}
+
+bool all_aligned(const WindowAttentionParams& p) {
+  return vec_aligned(p.q, p.dtype, p.q_stride_b, p.q_stride_l, p.q_stride_h) &&
+         vec_aligned(p.k_cache, p.dtype, p.k_stride_b, p.k_stride_l, p.k_stride_h) &&
+         vec_aligned(p.v_cache, p.dtype, p.v_stride_b, p.v_stride_l, p.v_stride_h);
+}
+
+bool mma_applies(const WindowAttentionParams& p) {
+  return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) && (p.D == 64 || p.D == 128) &&
+         all_aligned(p);
+}
+
+int device_sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave a sticky error for the launch check
+    return 132;
+  }
+  return n > 0 ? n : 132;
+}
+
+}  // namespace
+
+const char* window_attention_unsupported(const WindowAttentionParams& p) {
+  if (p.D <= 0 || p.D % 8 != 0 || p.D > 256)
+    return "head dim D must be a multiple of 8 in [8, 256] on CUDA";
+  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0) return "Hq must be a positive multiple of Hkv";
+  if (p.B * p.Hkv > 65535) return "B * Hkv must be at most 65535 on CUDA";
+  if (p.Lmax >= INT_MAX / 2 || p.Lq * p.Hq >= INT_MAX / 2 || p.B >= INT_MAX / 2)
+    return "sequence lengths must stay below 2^30 on CUDA";
+  return nullptr;
+}
+
+WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p, const WindowAttentionOptions& opt) {
+  WindowAttentionPlan plan;
+  const bool mma = opt.impl == AttnImpl::kMma && mma_applies(p);
+  plan.impl = mma ? AttnImpl::kMma : AttnImpl::kSimple;
+  plan.block_m = mma ? attn::kMmaBlockM : attn::kSimpleBlockM;
+  plan.block_n = mma ? attn::kMmaBlockN : attn::kSimpleBlockN;
+  const int64_t G = p.Hq / p.Hkv;
+  plan.q_tiles = ceil_div<int64_t>(p.Lq * G, plan.block_m);
+  const int64_t bn = plan.block_n;
+  const int64_t lmax_tiles = ceil_div<int64_t>(p.Lmax, bn);  // key tiles of the cache
+
+  // Splits: requested, or enough to give every SM about two CTAs when the
+  // (b, kv head, q tile) grid alone would leave SMs idle, keeping >= 256 keys
+  // per split and at most 64 splits.
+  int64_t want = opt.num_splits;
+  if (want <= 0) {
+    const int64_t ctas = int64_t(p.B) * p.Hkv * plan.q_tiles;
+    const int64_t sms = device_sm_count();
+    want = 1;
+    if (ctas < sms) {
+      want = ceil_div<int64_t>(2 * sms, ctas);
+      const int64_t max_by_len = ceil_div<int64_t>(p.Lmax, 256);
+      if (want > max_by_len) want = max_by_len;
+      if (want > 64) want = 64;
+    }
+  }
+  if (want < 1) want = 1;
+  if (want > 65535) want = 65535;
+  if (lmax_tiles <= 1 || want == 1) {
+    plan.num_splits = 1;
+    plan.chunk = lmax_tiles * bn;
+  } else {
+    // Whole key tiles per split; the last split may be shorter, none is empty.
+    const int64_t tiles_per = ceil_div<int64_t>(lmax_tiles, want);
+    plan.chunk = tiles_per * bn;
+    plan.num_splits = int(ceil_div<int64_t>(lmax_tiles, tiles_per));
+  }
+  if (plan.num_splits > 1) {
+    const size_t rows = size_t(p.B) * p.Lq * p.Hq;
+    plan.workspace_bytes = size_t(plan.num_splits) * rows * (size_t(p.D) + 1) * sizeof(float);
+  }
+  return plan;
+}
+
+namespace {
+
+template <typename T>
+cudaError_t dispatch(const attn::AttnArgs& a, const WindowAttentionPlan& plan, cudaStream_t stream) {
+  cudaError_t e = cudaSuccess;
+  if (plan.impl == AttnImpl::kMma) {
+    if constexpr (sizeof(T) == 2) {
+      e = a.D == 64 ? attn::launch_mma<T, 64>(a, plan.q_tiles, stream)
+                    : attn::launch_mma<T, 128>(a, plan.q_tiles, stream);
+    } else {
+      return cudaErrorInvalidValue;
+    }
+  } else {
+    const int ndc = (a.D + 31) / 32;
+    if (ndc <= 1) e = attn::launch_simple<T, 1>(a, plan.q_tiles, stream);
+    else if (ndc <= 2) e = attn::launch_simple<T, 2>(a, plan.q_tiles, stream);
+    else if (ndc <= 4) e = attn::launch_simple<T, 4>(a, plan.q_tiles, stream);
+    else e = attn::launch_simple<T, 8>(a, plan.q_tiles, stream);
+  }
+  if (e != cudaSuccess || plan.num_splits == 1) return e;
+  return attn::launch_combine<T>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_window_attention(const WindowAttentionParams& p, const WindowAttentionPlan& plan,
+                                    void* workspace, size_t workspace_bytes, cudaStream_t stream) {
+  if (window_attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
+  if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < plan.workspace_bytes ||
+                              reinterpret_cast<uintptr_t>(workspace) % 16 != 0))
+    return cudaErrorInvalidValue;
+  if (plan.impl == AttnImpl::kMma && !mma_applies(p)) return cudaErrorInvalidValue;
+  if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return cudaSuccess;
+
+  attn::AttnArgs a{};
+  a.q = p.q;
+  a.k = p.k_cache;
+  a.v = p.v_cache;
+  a.out = p.out;
+  const size_t rows = size_t(p.B) * p.Lq * p.Hq;
+  a.ws_o = plan.num_splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  a.ws_lse = plan.num_splits > 1 ? a.ws_o + size_t(plan.num_splits) * rows * p.D : nullptr;
+  a.q_start = p.q_start;
+  a.q_len = p.q_len;
+  a.kv_len = p.kv_len;
+  a.q_sb = p.q_stride_b; a.q_sl = p.q_stride_l; a.q_sh = p.q_stride_h;
+  a.k_sb = p.k_stride_b; a.k_sl = p.k_stride_l; a.k_sh = p.k_stride_h;
+  a.v_sb = p.v_stride_b; a.v_sl = p.v_stride_l; a.v_sh = p.v_stride_h;
+  a.B = int(p.B); a.Lq = int(p.Lq); a.Hq = int(p.Hq); a.Hkv = int(p.Hkv);
+  a.G = int(p.Hq / p.Hkv); a.D = int(p.D); a.Lmax = int(p.Lmax);
+  a.num_splits = plan.num_splits;
+  a.chunk = int(plan.chunk);
+  a.scale_log2 = p.scale * attn::kLog2e;
+  a.causal = p.causal;
+  a.q_vec = vec_aligned(p.q, p.dtype, p.q_stride_b, p.q_stride_l, p.q_stride_h);
+  a.k_vec = vec_aligned(p.k_cache, p.dtype, p.k_stride_b, p.k_stride_l, p.k_stride_h);
+  a.v_vec = vec_aligned(p.v_cache, p.dtype, p.v_stride_b, p.v_stride_l, p.v_stride_h);
+
+  switch (p.dtype) {
+    case DType::kFloat32: return dispatch<float>(a, plan, stream);
+    case DType::kBFloat16: return dispatch<bf16_t>(a, plan, stream);
+    case DType::kFloat16: return dispatch<fp16_t>(a, plan, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace apd

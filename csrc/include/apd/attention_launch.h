@@ -1,0 +1,54 @@
+// Torch-free host API of the CUDA window_attention kernels (DESIGN.md §5).
+//
+// Two steps, so that the caller can allocate the workspace from its own
+// (caching, graph-safe) allocator and never synchronises with the device:
+//   plan = plan_window_attention(params, options);       // pure host logic
+//   ws   = <plan.workspace_bytes bytes on the device>;   // 0 when not split
+//   err  = launch_window_attention(params, plan, ws, plan.workspace_bytes, stream);
+// The plan depends only on shapes, dtype, pointer alignment and the device's
+// SM count, never on the contents of q_start / q_len / kv_len.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "apd/attention_params.h"
+
+namespace apd {
+
+enum class AttnImpl : int {
+  kSimple = 0,  // CUDA-core fp32 kernel: any D % 8 == 0, D <= 256, fp32/bf16/fp16 (the default)
+  kMma = 1,     // tensor-core mma.sync m16n8k16 kernel: D in {64, 128}, bf16/fp16
+};
+
+struct WindowAttentionOptions {
+  AttnImpl impl = AttnImpl::kSimple;  // kMma falls back to kSimple where it does not apply
+  int num_splits = 0;                 // 0: heuristic; >= 1: requested number of KV splits
+};
+
+struct WindowAttentionPlan {
+  AttnImpl impl = AttnImpl::kSimple;  // the kernel that will run
+  int block_m = 0;                    // packed (position, head) query rows per CTA
+  int block_n = 0;                    // keys per K/V tile
+  int64_t q_tiles = 0;                // ceil(Lq * Hq / Hkv / block_m)
+  int num_splits = 1;                 // KV chunks; 1 = no split, no workspace, no combine
+  int64_t chunk = 0;                  // keys per split, a multiple of block_n
+  size_t workspace_bytes = 0;         // fp32 partial out [S, B, Lq, Hq, D] + lse [S, B, Lq, Hq]
+};
+
+// nullptr when the CUDA kernels support these shapes, else a message naming the
+// problem (e.g. an unsupported head dim). Host-only, no device access.
+const char* window_attention_unsupported(const WindowAttentionParams& p);
+
+// Chooses the kernel and the split (queries the current device's SM count).
+WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p,
+                                          const WindowAttentionOptions& opt);
+
+// Launches the attention kernel (and the combine kernel when split) on
+// `stream`. `workspace` must hold plan.workspace_bytes bytes, 16-byte aligned.
+// Returns the launch error, if any; never synchronises.
+cudaError_t launch_window_attention(const WindowAttentionParams& p, const WindowAttentionPlan& plan,
+                                    void* workspace, size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace apd

@@ -1,0 +1,212 @@
+// Pieces shared by the window_attention CUDA kernels: the device-side argument
+// block, element loads/stores, warp reductions, the per-row visibility rule
+// and the split-KV combine kernel.
+//
+// Conventions every kernel follows (DESIGN.md §5):
+//  * GQA packing. G = Hq / Hkv query heads share one kv head. A CTA works on
+//    one (b, kv head) and a tile of block_m "packed rows"; packed row r of
+//    that kv head is query position r / G, query head kvh * G + r % G. All G
+//    heads of a position are thus next to each other, and every K/V tile a
+//    CTA stages is used by all of them.
+//  * Scores are kept in log2 units: Q is multiplied by scale * log2(e) once,
+//    softmax uses exp2f, and the lse written for the combine is base 2.
+//  * Row j of sequence b is valid iff j < q_len[b]; it sees keys
+//    [0, kv_len[b]) (bidirectional) or [0, min(kv_len[b], q_start[b] + j + 1))
+//    (causal). q_len and kv_len are clamped to [0, Lq] and [0, Lmax] on the
+//    device, so bad values can give wrong numbers but never wild reads.
+//  * Split-KV: split s covers keys [s * chunk, (s + 1) * chunk). It writes the
+//    normalised fp32 partial output and its lse (-inf when it saw no key) for
+//    every valid row to the workspace; the combine kernel merges the splits
+//    and writes zeros for padding rows. Without a split the attention kernel
+//    writes `out` itself, padding rows included.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "apd/attention_launch.h"
+#include "apd/common.h"
+
+namespace apd {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Device-side arguments (a by-value kernel parameter).
+struct AttnArgs {
+  const void* q;  // [B, Lq, Hq, D]
+  const void* k;  // [B, Lmax, Hkv, D]
+  const void* v;  // [B, Lmax, Hkv, D]
+  void* out;      // [B, Lq, Hq, D] contiguous
+  float* ws_o;    // [S, B, Lq, Hq, D] fp32 (split only)
+  float* ws_lse;  // [S, B, Lq, Hq] fp32, base-2 lse (split only)
+  const int64_t* q_start;  // [B]
+  const int64_t* q_len;    // [B]
+  const int64_t* kv_len;   // [B]
+  int64_t q_sb, q_sl, q_sh;  // element strides
+  int64_t k_sb, k_sl, k_sh;
+  int64_t v_sb, v_sl, v_sh;
+  int B, Lq, Hq, Hkv, G, D, Lmax;
+  int num_splits;
+  int chunk;          // keys per split (multiple of the kernel's block_n)
+  float scale_log2;   // scale * log2(e)
+  bool causal;
+  bool q_vec, k_vec, v_vec;  // 16-byte vector loads are aligned for this tensor
+};
+
+// ---------------------------------------------------------------------------
+// Element conversion and 8-element loads (D is a multiple of 8, so a row is a
+// whole number of 8-element chunks; `vec` says they are 16-byte aligned).
+// ---------------------------------------------------------------------------
+APD_DEVICE float load_elem(const float* p) { return *p; }
+APD_DEVICE float load_elem(const bf16_t* p) {
+  return __uint_as_float(uint32_t(reinterpret_cast<const uint16_t*>(p)[0]) << 16);
+}
+APD_DEVICE float load_elem(const fp16_t* p) {
+  return __half2float(__ushort_as_half(reinterpret_cast<const uint16_t*>(p)[0]));
+}
+
+APD_DEVICE void unpack2(uint32_t w, float* f, bf16_t) {
+  f[0] = __uint_as_float(w << 16);
+  f[1] = __uint_as_float(w & 0xffff0000u);
+}
+APD_DEVICE void unpack2(uint32_t w, float* f, fp16_t) {
+  f[0] = __half2float(__ushort_as_half(uint16_t(w & 0xffffu)));
+  f[1] = __half2float(__ushort_as_half(uint16_t(w >> 16)));
+}
+
+template <typename T>
+APD_DEVICE void load8(const T* p, float (&f)[8], bool vec) {
+  if constexpr (sizeof(T) == 4) {
+    if (vec) {
+      const float4 a = reinterpret_cast<const float4*>(p)[0];
+      const float4 b = reinterpret_cast<const float4*>(p)[1];
+      f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+      f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+      return;
+    }
+  } else {
+    if (vec) {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      unpack2(u.x, f + 0, T{});
+      unpack2(u.y, f + 2, T{});
+      unpack2(u.z, f + 4, T{});
+      unpack2(u.w, f + 6, T{});
+      return;
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e) f[e] = load_elem(p + e);
+}
+
+APD_DEVICE void store_elem(float* p, float x) { *p = x; }
+APD_DEVICE void store_elem(bf16_t* p, float x) {
+  *reinterpret_cast<uint16_t*>(p) = __bfloat16_as_ushort(__float2bfloat16_rn(x));
+}
+APD_DEVICE void store_elem(fp16_t* p, float x) {
+  *reinterpret_cast<uint16_t*>(p) = __half_as_ushort(__float2half_rn(x));
+}
+
+// ---------------------------------------------------------------------------
+// Warp reductions (all 32 lanes must take part).
+// ---------------------------------------------------------------------------
+APD_DEVICE float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+APD_DEVICE float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// ---------------------------------------------------------------------------
+// Per-sequence bounds.
+// ---------------------------------------------------------------------------
+struct SeqInfo {
+  int q_len;     // clamped to [0, Lq]
+  int kv_len;    // clamped to [0, Lmax]
+  int64_t q_start;
+};
+
+APD_DEVICE SeqInfo load_seq(const AttnArgs& a, int b) {
+  SeqInfo s;
+  const int64_t ql = a.q_len[b], kl = a.kv_len[b];
+  s.q_len = int(ql < 0 ? 0 : (ql > a.Lq ? a.Lq : ql));
+  s.kv_len = int(kl < 0 ? 0 : (kl > a.Lmax ? a.Lmax : kl));
+  s.q_start = a.q_start[b];
+  return s;
+}
+
+// Number of visible keys of query position `pos` (assumed < q_len).
+APD_DEVICE int key_limit(const AttnArgs& a, const SeqInfo& s, int pos) {
+  if (!a.causal) return s.kv_len;
+  const int64_t lim = s.q_start + pos + 1;
+  return lim <= 0 ? 0 : (lim < s.kv_len ? int(lim) : s.kv_len);
+}
+
+// Key range [kb, ke) of one CTA: its split intersected with the keys that the
+// last valid position of its packed-row tile can see. Uniform over the CTA.
+APD_DEVICE void cta_key_range(const AttnArgs& a, const SeqInfo& s, int64_t row0, int block_m,
+                              int split, int& kb, int& ke) {
+  const int64_t p_first = row0 / a.G;
+  int64_t p_last = (row0 + block_m - 1) / a.G;
+  if (p_last > s.q_len - 1) p_last = s.q_len - 1;
+  const int max_limit = p_first <= p_last ? key_limit(a, s, int(p_last)) : 0;
+  kb = split * a.chunk;
+  const int64_t e = int64_t(kb) + a.chunk;
+  ke = e < max_limit ? int(e) : max_limit;
+  if (ke < kb) ke = kb;
+}
+
+// ---------------------------------------------------------------------------
+// Split-KV combine: one warp per (b, position, query head) row.
+//   out = sum_s w_s * o_s / sum_s w_s,  w_s = exp2(lse_s - max_s lse_s).
+// ---------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(256) window_attention_combine_kernel(const AttnArgs a) {
+  const int64_t rows = int64_t(a.B) * a.Lq * a.Hq;
+  const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;  // whole warp
+  const int pos = int((row / a.Hq) % a.Lq);
+  const int b = int(row / (int64_t(a.Hq) * a.Lq));
+  const SeqInfo s = load_seq(a, b);
+  T* o = static_cast<T*>(a.out) + row * a.D;
+  if (pos >= s.q_len) {
+    for (int d = lane; d < a.D; d += 32) store_elem(o + d, 0.f);
+    return;
+  }
+  float m = -INFINITY;
+  for (int sp = 0; sp < a.num_splits; ++sp) m = fmaxf(m, a.ws_lse[sp * rows + row]);
+  for (int d = lane; d < a.D; d += 32) {
+    float num = 0.f, den = 0.f;
+    for (int sp = 0; sp < a.num_splits; ++sp) {
+      const float l = a.ws_lse[sp * rows + row];
+      const float w = (m == -INFINITY || l == -INFINITY) ? 0.f : exp2f(l - m);
+      den += w;
+      if (w > 0.f) num += w * a.ws_o[(sp * rows + row) * a.D + d];
+    }
+    store_elem(o + d, den > 0.f ? num / den : 0.f);
+  }
+}
+
+// Host-side launch entry points, explicitly instantiated in csrc/cuda/attention_*.cu.
+template <typename T, int NDC>
+cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
+template <typename T, int D>
+cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
+template <typename T>
+cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream);
+
+// Tile sizes, needed by the planner without the kernel definitions.
+constexpr int kSimpleBlockM = 64;  // 8 warps x 8 packed rows
+constexpr int kSimpleBlockN = 32;  // one key per lane
+constexpr int kMmaBlockM = 64;     // 4 warps x 16 packed rows
+constexpr int kMmaBlockN = 64;
+
+}  // namespace attn
+}  // namespace apd

@@ -1,0 +1,228 @@
+// window_attention, CUDA-core kernel (the default path; any D % 8 == 0 up to
+// 256, fp32 / bf16 / fp16 inputs, fp32 math throughout).
+//
+// Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
+//  * grid = (q_tiles, B * Hkv, num_splits); 256 threads = 8 warps.
+//  * A CTA owns block_m = 64 packed rows (positions x the G query heads of
+//    one kv head) and walks its key range in tiles of block_n = 32 keys.
+//  * Shared memory (fp32, converted once on load), DP = 32 * NDC >= D:
+//      Qs [64][DP]      Q pre-scaled by scale * log2(e)  (Q is read once)
+//      Ks [32][DP + 1]  odd stride: lane j reads key j's row without bank conflicts
+//      Vs [32][DP]      lane reads dims lane + 32 i: conflict-free
+//    = 4 * (64 DP + 32 (DP + 1) + 32 DP) bytes: 65.7 KB at D = 128, 131 KB at 256.
+//  * Warp w owns packed rows 8w .. 8w + 7. S = Q K^T: lane j computes the
+//    scores of key j for its warp's 8 rows. Online softmax per row with warp
+//    shuffles (the running sum stays per lane and is reduced once at the end).
+//    O += P V: lane owns output dims lane + 32 i (i < NDC) of the 8 rows; p of
+//    key j is broadcast with a shuffle. Accumulators: 8 x NDC fp32 per lane.
+//  * Bytes moved per CTA: Q tile once, K and V of its key range once (shared
+//    by all G heads of the kv head), out or the fp32 partials once.
+// Loads are synchronous (no double buffering): several CTAs per SM hide the
+// latency. Every __syncthreads is reached by all threads: the loop bounds are
+// uniform over the CTA.
+#pragma once
+#include "apd/cuda/attention_common.cuh"
+
+namespace apd {
+namespace attn {
+
+template <typename T, int NDC>
+struct SimpleCfg {
+  static constexpr int kWarps = 8;
+  static constexpr int kRows = 8;  // packed rows per warp
+  static constexpr int kBlockM = kWarps * kRows;
+  static constexpr int kBlockN = 32;
+  static constexpr int kDP = 32 * NDC;
+  static constexpr int kKS = kDP + 1;
+  static constexpr size_t kSmemFloats = size_t(kBlockM) * kDP + size_t(kBlockN) * kKS + size_t(kBlockN) * kDP;
+  static constexpr size_t kSmemBytes = kSmemFloats * sizeof(float);
+  static_assert(kBlockM == kSimpleBlockM && kBlockN == kSimpleBlockN, "planner tile sizes");
+};
+
+template <typename T, int NDC>
+__global__ void __launch_bounds__(256) window_attention_simple_kernel(const AttnArgs a) {
+  using Cfg = SimpleCfg<T, NDC>;
+  constexpr int R = Cfg::kRows, BM = Cfg::kBlockM, BN = Cfg::kBlockN, DP = Cfg::kDP, KS = Cfg::kKS;
+  constexpr int NT = Cfg::kWarps * 32;
+  constexpr int CH = DP / 8;  // 8-element chunks per (padded) row
+
+  extern __shared__ __align__(16) float smem[];
+  float* Qs = smem;               // [BM][DP]
+  float* Ks = Qs + BM * DP;       // [BN][KS]
+  float* Vs = Ks + BN * KS;       // [BN][DP]  (offset is a multiple of 4 floats)
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int64_t row0 = int64_t(blockIdx.x) * BM;
+  const int b = int(blockIdx.y / a.Hkv), kvh = int(blockIdx.y % a.Hkv);
+  const int split = int(blockIdx.z);
+  const int G = a.G, D = a.D;
+  const int64_t npacked = int64_t(a.Lq) * G;
+  const SeqInfo s = load_seq(a, b);
+
+  int kb, ke;
+  cta_key_range(a, s, row0, BM, split, kb, ke);
+
+  const T* qg = static_cast<const T*>(a.q);
+  const T* kg = static_cast<const T*>(a.k);
+  const T* vg = static_cast<const T*>(a.v);
+
+  // Q tile -> Qs (zeros for padding rows and for dims >= D).
+  if (kb < ke) {
+    for (int c = tid; c < BM * CH; c += NT) {
+      const int r = c / CH, d0 = (c % CH) * 8;
+      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      const int64_t prow = row0 + r;
+      const int64_t pos = prow / G;
+      if (d0 < D && prow < npacked && pos < s.q_len) {
+        const int hq = kvh * G + int(prow % G);
+        load8(qg + int64_t(b) * a.q_sb + pos * a.q_sl + int64_t(hq) * a.q_sh + d0, f, a.q_vec);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] *= a.scale_log2;
+      }
+      float4* dst = reinterpret_cast<float4*>(Qs + r * DP + d0);
+      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+      dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+    }
+  }
+
+  // This warp's rows: key limit (0 for padding rows).
+  int lim[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int64_t prow = row0 + warp * R + r;
+    const int64_t pos = prow / G;
+    lim[r] = (prow < npacked && pos < s.q_len) ? key_limit(a, s, int(pos)) : 0;
+    if (lim[r] > ke) lim[r] = ke;
+  }
+
+  float m[R], lsum[R], acc[R][NDC];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    m[r] = -INFINITY;
+    lsum[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < NDC; ++i) acc[r][i] = 0.f;
+  }
+
+  for (int kt = kb; kt < ke; kt += BN) {
+    __syncthreads();  // the previous tile is consumed (and Qs is written, first time)
+    for (int c = tid; c < BN * CH; c += NT) {
+      const int j = c / CH, d0 = (c % CH) * 8;
+      const int key = kt + j;
+      float fk[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      float fv[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (d0 < D && key < ke) {
+        load8(kg + int64_t(b) * a.k_sb + int64_t(key) * a.k_sl + int64_t(kvh) * a.k_sh + d0, fk, a.k_vec);
+        load8(vg + int64_t(b) * a.v_sb + int64_t(key) * a.v_sl + int64_t(kvh) * a.v_sh + d0, fv, a.v_vec);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) Ks[j * KS + d0 + e] = fk[e];
+      float4* dv = reinterpret_cast<float4*>(Vs + j * DP + d0);
+      dv[0] = make_float4(fv[0], fv[1], fv[2], fv[3]);
+      dv[1] = make_float4(fv[4], fv[5], fv[6], fv[7]);
+    }
+    __syncthreads();
+
+    // S = Q K^T for key kt + lane.
+    float sc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) sc[r] = 0.f;
+    const float* krow = Ks + lane * KS;
+    for (int d = 0; d < D; d += 4) {
+      const float k0 = krow[d], k1 = krow[d + 1], k2 = krow[d + 2], k3 = krow[d + 3];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float4 qv = *reinterpret_cast<const float4*>(Qs + (warp * R + r) * DP + d);
+        sc[r] = fmaf(qv.x, k0, sc[r]);
+        sc[r] = fmaf(qv.y, k1, sc[r]);
+        sc[r] = fmaf(qv.z, k2, sc[r]);
+        sc[r] = fmaf(qv.w, k3, sc[r]);
+      }
+    }
+
+    // Online softmax (base 2). Masked scores are -inf and give p = 0; a row
+    // that has seen no key yet keeps m = -inf and uses 0 as its reference.
+    const int key = kt + lane;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float x = key < lim[r] ? sc[r] : -INFINITY;
+      const float mnew = fmaxf(m[r], warp_max(x));
+      const float mref = mnew == -INFINITY ? 0.f : mnew;
+      const float alpha = exp2f(m[r] - mref);
+      const float p = exp2f(x - mref);
+      lsum[r] = lsum[r] * alpha + p;
+#pragma unroll
+      for (int i = 0; i < NDC; ++i) acc[r][i] *= alpha;
+      m[r] = mnew;
+      sc[r] = p;
+    }
+
+    // O += P V.
+    const int nkeys = ke - kt < BN ? ke - kt : BN;  // uniform
+    for (int j = 0; j < nkeys; ++j) {
+      float vj[NDC];
+#pragma unroll
+      for (int i = 0; i < NDC; ++i) vj[i] = Vs[j * DP + lane + 32 * i];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float pj = __shfl_sync(0xffffffffu, sc[r], j);
+#pragma unroll
+        for (int i = 0; i < NDC; ++i) acc[r][i] = fmaf(pj, vj[i], acc[r][i]);
+      }
+    }
+  }
+
+  // Epilogue.
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float l = warp_sum(lsum[r]);
+    const int64_t prow = row0 + warp * R + r;
+    if (prow >= npacked) continue;
+    const int64_t pos = prow / G;
+    const int hq = kvh * G + int(prow % G);
+    const bool valid = pos < s.q_len;
+    const bool seen = valid && l > 0.f;
+    const float inv = seen ? 1.f / l : 0.f;
+    if (a.num_splits == 1) {
+      T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
+#pragma unroll
+      for (int i = 0; i < NDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) store_elem(o + d, seen ? acc[r][i] * inv : 0.f);
+      }
+    } else if (valid) {
+      const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
+      float* o = a.ws_o + idx * D;
+#pragma unroll
+      for (int i = 0; i < NDC; ++i) {
+        const int d = lane + 32 * i;
+        if (d < D) o[d] = seen ? acc[r][i] * inv : 0.f;
+      }
+      if (lane == 0) a.ws_lse[idx] = seen ? m[r] + log2f(l) : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int NDC>
+cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
+  using Cfg = SimpleCfg<T, NDC>;
+  auto kernel = window_attention_simple_kernel<T, NDC>;
+  const size_t smem = Cfg::kSmemBytes;
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
+  kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream) {
+  const int64_t rows = int64_t(a.B) * a.Lq * a.Hq;
+  window_attention_combine_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+}  // namespace attn
+}  // namespace apd

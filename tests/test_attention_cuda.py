@@ -1,0 +1,225 @@
+"""window_attention on CUDA (DESIGN.md §5) against the fp64 reference and the
+CPU kernel, for both CUDA implementations (APD_ATTN_IMPL=simple | mma) and
+with the split-KV path forced off, forced on and left to the heuristic
+(APD_ATTN_SPLITS). Also: split/no-split agreement, opcheck, CUDA-graph
+capture/replay, bad inputs. Every test needs a GPU and skips without one."""
+import pytest
+import torch
+from attention_utils import assert_attention_close, attention_errors, make_case
+
+from apd_ext import ops
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+IMPLS = ["simple", "mma"]
+
+# name -> make_case kwargs (see tests/test_attention.py for the CPU twins).
+CASES = {
+    # odd lengths, kv_len == q_start + q_len, GQA 2, D 64
+    "odd_tight_gqa2": dict(Lq=37, Lmax=101, Hq=4, Hkv=2, D=64, q_start=[50], q_len=[37], kv_len=[87]),
+    # window at 0, padding rows (q_len < Lq, one q_len 0), ragged, GQA 7, D 128
+    "pos0_pad_gqa7": dict(
+        Lq=40, Lmax=200, Hq=7, Hkv=1, D=128, q_start=[0, 130, 3], q_len=[33, 17, 0], kv_len=[70, 147, 3]
+    ),
+    # GQA 1, D 40, key-tile edges (32, 64, 65, 128, 261)
+    "gqa1_d40_edges": dict(
+        Lq=19, Lmax=261, Hq=3, Hkv=3, D=40, q_start=[0, 5, 109, 45], q_len=[19, 1, 19, 19], kv_len=[64, 65, 128, 261]
+    ),
+    # non-contiguous, misaligned q (mma falls back to simple) and k/v views of one buffer, Dream heads
+    "strided_dream": dict(
+        Lq=23, Lmax=150, Hq=28, Hkv=4, D=128, q_start=[100, 7], q_len=[23, 11], kv_len=[150, 18],
+        noncontig_q=True, packed_kv=True,
+    ),
+    # sharp softmax, int32 lengths, D 72
+    "sharp_int32_d72": dict(
+        Lq=9, Lmax=300, Hq=6, Hkv=2, D=72, q_start=[250, 0], q_len=[9, 9], kv_len=[300, 200],
+        q_gain=6.0, len_dtype=torch.int32,
+    ),
+    # dLLM decode step at B=1 (Dream-7B heads): the heuristic splits
+    "dream_b1": dict(Lq=16, Lmax=1000, Hq=28, Hkv=4, D=128, q_start=[984], q_len=[16], kv_len=[1000]),
+    # verifier (Qwen2.5-0.5B heads), ragged, packed k/v, sharp
+    "qwen_verifier": dict(
+        Lq=20, Lmax=333, Hq=14, Hkv=2, D=64, q_start=[313, 0, 77], q_len=[20, 20, 5], kv_len=[333, 20, 90],
+        packed_kv=True, q_gain=3.0,
+    ),
+    # big cache, short sequences: most splits see no key
+    "sparse_cache": dict(Lq=7, Lmax=2000, Hq=4, Hkv=2, D=64, q_start=[40, 0], q_len=[7, 3], kv_len=[47, 300]),
+    # largest and smallest head dims of the simple kernel
+    "d256": dict(Lq=5, Lmax=90, Hq=2, Hkv=1, D=256, q_start=[80, 0], q_len=[5, 2], kv_len=[90, 33]),
+    "d8": dict(Lq=11, Lmax=70, Hq=4, Hkv=4, D=8, q_start=[59], q_len=[11], kv_len=[70]),
+}
+
+# Cases that the mma kernel can actually take (bf16/fp16, D in {64, 128}, aligned rows).
+MMA_CASES = {"odd_tight_gqa2", "pos0_pad_gqa7", "dream_b1", "qwen_verifier", "sparse_cache"}
+
+
+def _dtype_id(d):
+    return str(d).replace("torch.", "")
+
+
+@pytest.fixture
+def use(monkeypatch):
+    """use(impl, splits): select the CUDA implementation and split-KV mode for the next calls."""
+
+    def set_(impl="simple", splits="0"):
+        monkeypatch.setenv("APD_ATTN_IMPL", impl)
+        monkeypatch.setenv("APD_ATTN_SPLITS", str(splits))
+
+    return set_
+
+
+def _case(name, dtype, **over):
+    kw = dict(CASES[name])
+    kw.update(over)
+    return make_case(dtype=dtype, device="cuda", seed=list(CASES).index(name), **kw)
+
+
+def _aligned_strided_q(q):
+    """Same values, heads interleaved with unused ones: strided but 16-byte aligned rows."""
+    B, Lq, Hq, D = q.shape
+    big = torch.zeros(B, Lq, 2 * Hq, D, dtype=q.dtype, device=q.device)
+    big[:, :, 1::2] = q
+    out = big[:, :, 1::2]
+    assert not out.is_contiguous()
+    return out
+
+
+def _run(c, causal, **kw):
+    out = ops.window_attention(*c.args(), causal=causal, **kw)
+    torch.cuda.synchronize()
+    return out
+
+
+@pytest.mark.parametrize("splits", ["0", "1", "3"], ids=["auto", "nosplit", "split3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("impl", IMPLS)
+def test_against_reference(use, impl, name, causal, dtype, splits):
+    if impl == "mma" and (name not in MMA_CASES or dtype == torch.float32):
+        pytest.skip("the mma kernel does not apply: the simple kernel would run again")
+    use(impl, splits)
+    c = _case(name, dtype)
+    out = _run(c, causal)
+    assert out.is_contiguous()
+    assert_attention_close(out, *c.args(), causal=causal, what=f"{name}/{impl}/splits={splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_aligned_strided_q(use, impl, dtype):
+    """A non-contiguous q that keeps 16-byte rows: the mma kernel takes it."""
+    use(impl, "2")
+    c = _case("qwen_verifier", dtype)
+    args = (_aligned_strided_q(c.q),) + c.args()[1:]
+    out = ops.window_attention(*args, causal=True)
+    assert_attention_close(out, *args, causal=True, what=f"aligned strided q/{impl}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_cpu_kernel(use, impl, dtype):
+    """CUDA and the CPU kernel agree within the reference tolerance of each other."""
+    use(impl, "0")
+    for name in ("pos0_pad_gqa7", "qwen_verifier", "gqa1_d40_edges"):
+        c = _case(name, dtype)
+        cuda = _run(c, True)
+        cpu = ops.window_attention(*c.to("cpu").args(), causal=True)
+        e = attention_errors(cpu, *c.to("cpu").args(), causal=True)
+        tol = 2.0 * e["err_sdpa"] + e["round"]
+        diff = (cuda.cpu().double() - cpu.double()).abs().max().item()
+        assert diff <= tol, (name, diff, e)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_split_equals_unsplit(use, impl, dtype):
+    """Splitting the KV range changes only the order of operations: the outputs
+    agree to rounding of the output dtype, and padding rows are zero either way."""
+    c = _case("qwen_verifier", dtype)
+    use(impl, "1")
+    one = _run(c, False)
+    outs = {}
+    for s in ("2", "5", "64"):
+        use(impl, s)
+        outs[s] = _run(c, False)
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for s, o in outs.items():
+        torch.testing.assert_close(o, one, rtol=ulp, atol=ulp, msg=lambda m: f"splits={s}: {m}")
+        assert torch.all(o[2, 5:] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_deterministic(use, impl):
+    use(impl, "0")
+    c = _case("dream_b1", torch.bfloat16)
+    a, b = _run(c, False), _run(c, False)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("splits", ["1", "4"])
+def test_opcheck(use, impl, splits):
+    use(impl, splits)
+    c = _case("qwen_verifier", torch.bfloat16, len_dtype=torch.int32)
+    torch.library.opcheck(torch.ops.apd.window_attention.default, (*c.args(), True, 0.125))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("splits", ["1", "4"])
+def test_cuda_graph_replay_equals_eager(use, impl, splits):
+    """Capture (workspace included) and replay with new inputs written in place."""
+    use(impl, splits)
+    c = _case("dream_b1", torch.bfloat16, q_start=[900], kv_len=[916])
+    args = c.args()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the capture
+            ops.window_attention(*args, causal=False, check_lengths=False)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = ops.window_attention(*args, causal=False, check_lengths=False)
+    for step in range(3):
+        torch.manual_seed(step)
+        c.q.copy_(torch.randn_like(c.q, dtype=torch.float32).to(c.q.dtype))
+        c.kv_len.fill_(916 + 7 * step)
+        g.replay()
+        eager = ops.window_attention(*args, causal=False)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager), step
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize("D", [12, 264])
+def test_unsupported_head_dim_is_a_clear_error(D):
+    c = make_case(Lq=3, Lmax=10, Hq=2, Hkv=1, D=D, q_start=[0], q_len=[3], kv_len=[5], device="cuda")
+    with pytest.raises(RuntimeError, match="head dim"):
+        ops.window_attention(*c.args(), causal=False)
+
+
+def test_mixed_devices_rejected():
+    c = make_case(Lq=3, Lmax=10, Hq=2, Hkv=1, D=16, q_start=[0], q_len=[3], kv_len=[5], device="cuda")
+    with pytest.raises(ValueError, match="^k_cache:"):
+        ops.window_attention(c.q, c.k_cache.cpu(), c.v_cache, c.q_start, c.q_len, c.kv_len, causal=False)
+    with pytest.raises(RuntimeError, match="window_attention"):
+        torch.ops.apd.window_attention(c.q, c.k_cache, c.v_cache, c.q_start.cpu(), c.q_len, c.kv_len, False, 0.25)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_lengths_never_read_out_of_bounds(use, impl):
+    """The CUDA op does not read lengths on the host (no sync); the kernels clamp
+    them, so out-of-range values give garbage but no fault and no NaN."""
+    use(impl, "0")
+    c = make_case(Lq=6, Lmax=64, Hq=4, Hkv=2, D=64, q_start=[2, 0], q_len=[6, 3], kv_len=[10, 3],
+                  dtype=torch.bfloat16, device="cuda")
+    for ql, kl in (([60, 3], [10, 3]), ([6, -4], [10, 1000]), ([6, 3], [-5, 2**40])):
+        q_len = torch.tensor(ql, device="cuda")
+        kv_len = torch.tensor(kl, device="cuda")
+        out = torch.ops.apd.window_attention(c.q, c.k_cache, c.v_cache, c.q_start, q_len, kv_len, True, 0.125)
+        torch.cuda.synchronize()
+        assert torch.isfinite(out.float()).all()
