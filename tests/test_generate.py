@@ -114,6 +114,14 @@ def test_M1_equals_leftright_K1(pair, W):
     assert b.stats.verifier_forwards == 0
 
 
+def test_baseline_defaults_are_apdconfig_defaults(pair):
+    cfg = APDConfig()
+    a = _gen(pair, M=1, W=None, max_new_tokens=8)
+    b = generate_leftright(pair.dllm, [PROMPT], K=1, W=None, M=1, max_new_tokens=8)
+    assert _tokens(a) == _tokens(b)
+    assert (cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed) == (0.2, 0.95, 0, 0)
+
+
 def test_W_beyond_sequence_equals_no_cache(pair):
     kw = dict(R=0.5, M=8, temperature=0.7, seed=2, max_new_tokens=NEW)
     a = _gen(pair, W=1000, **kw)
@@ -216,14 +224,15 @@ def test_diffusion_runs_and_stops(pair, alg):
 
 
 def test_diffusion_one_step_is_the_argmax_of_one_forward(pair):
-    out = generate_diffusion(pair.dllm, [PROMPT], steps=1, alg="entropy", max_new_tokens=6, eos_token_ids=[])
+    out = generate_diffusion(pair.dllm, [PROMPT], steps=1, alg="entropy", temperature=0.0, max_new_tokens=6,
+                             eos_token_ids=[])
     x = torch.tensor([PROMPT + [MASK] * 6])
     logits = pair.hf_dllm(input_ids=x, attention_mask={"full_attention": torch.zeros(1, 1, 30, 30)}).logits
     assert out.generated(0).tolist() == logits[0, len(PROMPT) - 1 : -1].argmax(-1).tolist()
 
 
 def test_ar_greedy_matches_transformers(pair):
-    out = generate_ar(pair.verifier, [PROMPT], max_new_tokens=10, eos_token_ids=[])
+    out = generate_ar(pair.verifier, [PROMPT], temperature=0.0, max_new_tokens=10, eos_token_ids=[])
     ids = list(PROMPT)
     with torch.no_grad():
         for _ in range(10):

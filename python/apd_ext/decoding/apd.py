@@ -300,13 +300,14 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
-                       temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                       temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
                        max_new_tokens: int = 256, eos_token_ids=None,
                        callback: Optional[Callback] = None, compat: Optional[str] = None,
                        cuda_graphs: bool = False, _stop_after_steps: Optional[int] = None) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
-    window). The first EOS ends the sequence. cuda_graphs as in generate."""
+    window). The first EOS ends the sequence. Sampling defaults are
+    APDConfig's (temperature 0.2, top_p 0.95); cuda_graphs as in generate."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K: expected an int >= 1, got {K!r}")
     check_kind("dllm", dllm, "dllm")

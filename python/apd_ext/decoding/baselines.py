@@ -52,8 +52,8 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
     return p / p.sum(dim=-1, keepdim=True)
 
 
-def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, temperature: float = 0.0,
-                       top_p: float = 1.0, top_k: int = 0, seed: int = 0, max_new_tokens: int = 256,
+def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, temperature: float = 0.2,
+                       top_p: float = 0.95, top_k: int = 0, seed: int = 0, max_new_tokens: int = 256,
                        eos_token_ids=None, callback: Optional[Callback] = None,
                        eps: float = 1e-3) -> APDOutput:
     """Dream-style masked diffusion over the whole tail [P, P + max_new_tokens):
@@ -62,7 +62,8 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
     the drawn token's probability ('maskgit_plus'), top-1 minus top-2
     probability ('topk_margin') or negative entropy ('entropy'). Tokens are
     drawn with the shared Gumbel noise (seed, step, position). The output
-    keeps tokens up to and including the first EOS."""
+    keeps tokens up to and including the first EOS. Sampling defaults are
+    APDConfig's (temperature 0.2, top_p 0.95)."""
     check_kind("dllm", dllm, "dllm")
     check_choice("alg", alg, DIFFUSION_ALGS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -140,12 +141,13 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
     return out
 
 
-def generate_ar(model, input_ids, *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0,
                 seed: int = 0, max_new_tokens: int = 256, eos_token_ids=None,
                 callback: Optional[Callback] = None) -> APDOutput:
     """Plain autoregressive decoding with a Qwen2 model (kind 'ar'): greedy at
     temperature 0, otherwise Gumbel-max sampling with the shared noise
-    (seed, step, position). Stops after the first EOS or at the budget."""
+    (seed, step, position); defaults are APDConfig's (0.2, top_p 0.95). Stops
+    after the first EOS or at the budget."""
     check_kind("model", model, "ar")
     sampling_args(temperature, top_p, top_k)
     device = model_device(model)
