@@ -28,7 +28,14 @@ python3 setup.py -q build_ext --inplace 2>&1 | tail -20 | tee "$OUT/build.log"
 python3 -c "import apd_ext" || { echo "BUILD FAILED"; exit 1; }
 
 stage "cuda tests"
-python3 -m pytest -q -x -ra -m cuda tests 2>&1 | tail -40 | tee "$OUT/tests.log"
+python3 -m pytest -q -x -ra -m cuda tests --ignore=tests/test_attention_cuda.py 2>&1 | tail -40 | tee "$OUT/tests.log"
+
+# window_attention, both CUDA kernels (APD_ATTN_IMPL=simple | mma): its own
+# process and no -x, so that a fault in the unverified mma kernel neither hides
+# the simple kernel's results nor poisons the other tests' CUDA context.
+stage "attention tests"
+python3 -m pytest -q -rfE -m cuda tests/test_attention_cuda.py -k "not mma" 2>&1 | tail -40 | tee "$OUT/attention_tests.log"
+python3 -m pytest -q -rfE -m cuda tests/test_attention_cuda.py -k mma 2>&1 | tail -40 | tee -a "$OUT/attention_tests.log"
 
 stage "benchmarks"
 : > "$OUT/table.md"
@@ -36,6 +43,11 @@ for b in bench/bench_sampling.py bench/bench_attention.py bench/bench_models.py 
   [ -f "$b" ] || continue
   timeout 120 python3 "$b" --device cuda --markdown "$OUT/table.md" 2>&1 | tail -30
 done
+# The tensor-core attention kernel, same shapes (the table above is the default kernel).
+if [ -f bench/bench_attention.py ]; then
+  echo "**window_attention with APD_ATTN_IMPL=mma**" >> "$OUT/table.md"
+  APD_ATTN_IMPL=mma timeout 90 python3 bench/bench_attention.py --device cuda --markdown "$OUT/table.md" 2>&1 | tail -30
+fi
 
 stage "table"
 cat "$OUT/table.md"
