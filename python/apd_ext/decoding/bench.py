@@ -13,6 +13,9 @@ at (0.7, 16, 100)) through a benchmarking-only hook, with EOS disabled. Rows:
                  same W and M (the step without the verifier);
 - ar             our plain AR decoding with the verifier model (1 token/step).
 
+With --whole (default on CUDA) the APD rows also time one complete
+max-new-tokens generation (the "whole-gen tok/s" column).
+
 Shapes: tiny models on the CPU; Dream-7B + Qwen2.5-0.5B shapes (random
 weights, bf16) on CUDA. The floor of an APD step is reading both models'
 weights once (embedding tables excluded: they are only gathered) at the copy
@@ -20,6 +23,7 @@ bandwidth measured in the same run.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
 import sys
@@ -47,6 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64 CPU, 256 CUDA)")
     p.add_argument("--repeats", type=int, default=None, help="timed generations per row (median; default 3)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
+    p.add_argument("--whole", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time one complete max-new-tokens generation per APD row (default: on CUDA)")
     p.add_argument("--markdown", default=None, help="append the table as markdown to this file")
 
 
@@ -135,6 +141,7 @@ def run(args, progress: bool = False) -> List[dict]:
     from apd_ext.reference_loop import reference_generate
 
     device, shapes, steps, plen, repeats = _resolve(args)
+    whole = args.whole if args.whole is not None else device.type == "cuda"
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -164,9 +171,9 @@ def run(args, progress: bool = False) -> List[dict]:
     for R, W, M in CONFIGS:
         label = f"({R}, {W}, {M})"
 
-        def ours():
+        def ours(stop=steps, graphs=False):
             o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept,
-                                 _stop_after_steps=steps, **common)
+                                 _stop_after_steps=stop, cuda_graphs=graphs, **common)
             s = o.stats
             return s.seconds, s.steps, s
         sec, nsteps, s = _median_run(ours, repeats)
@@ -175,32 +182,34 @@ def run(args, progress: bool = False) -> List[dict]:
                          dllm_ms=s.dllm_seconds / nsteps * 1e3, verifier_ms=s.verifier_seconds / nsteps * 1e3,
                          sampling_ms=s.sampling_seconds / nsteps * 1e3, tokens_per_step=s.generated_tokens / nsteps,
                          tokens_per_s=s.generated_tokens / sec))
+        if whole:
+            sec, _, s = ours(stop=None)
+            rows[-1]["gen_tokens_per_s"] = s.generated_tokens / sec
         bar.step(f"apd {label}")
 
         if device.type == "cuda":
-            def graphed():
-                o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, cuda_graphs=True,
-                                     _n_accept_override=accept, _stop_after_steps=steps, **common)
-                return o.stats.seconds, o.stats.steps, o.stats
             try:
-                sec, nsteps, s = _median_run(graphed, repeats)
+                sec, nsteps, s = _median_run(lambda: ours(graphs=True), repeats)
                 rows.append(dict(base, method="apd+graphs", ms_step=sec / nsteps * 1e3, steps=nsteps,
                                  dllm_ms=s.dllm_seconds / nsteps * 1e3,
                                  verifier_ms=s.verifier_seconds / nsteps * 1e3,
                                  sampling_ms=s.sampling_seconds / nsteps * 1e3,
                                  tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
+                if whole:
+                    sec, _, s = ours(stop=None, graphs=True)
+                    rows[-1]["gen_tokens_per_s"] = s.generated_tokens / sec
             except Exception as e:  # noqa: BLE001  (report, keep the other rows)
                 print(f"\napd+graphs {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
             bar.step(f"apd+graphs {label}")
 
         if not args.no_reference:
-            def reference():
+            def reference(stop=steps):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 r = reference_generate(hf_d, hf_a, prompt[0].tolist(), mask_token_id=mask_id, eos_token_ids=[],
                                        R=R, W=W, M=M, temperature=0.2, top_p=0.95, max_new_tokens=new,
-                                       seed=0, n_accept_override=accept, max_steps=steps)
+                                       seed=0, n_accept_override=accept, max_steps=stop)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 return time.perf_counter() - t0, len(r.accepted_per_step), r
@@ -208,6 +217,9 @@ def run(args, progress: bool = False) -> List[dict]:
             rows.append(dict(base, method="apd-reference", ms_step=sec / nsteps * 1e3, steps=nsteps,
                              dllm_ms=None, verifier_ms=None, sampling_ms=None,
                              tokens_per_step=r.num_generated / nsteps, tokens_per_s=r.num_generated / sec))
+            if whole:
+                sec, _, r = reference(stop=None)
+                rows[-1]["gen_tokens_per_s"] = r.num_generated / sec
             bar.step(f"apd-reference {label}")
 
         def leftright():
@@ -240,7 +252,8 @@ def run(args, progress: bool = False) -> List[dict]:
 COLUMNS = [("config", "(R, W, M)", "{}"), ("method", "method", "{}"), ("ms_step", "ms/step", "{:.2f}"),
            ("dllm_ms", "dLLM ms", "{:.2f}"), ("verifier_ms", "verifier ms", "{:.2f}"),
            ("sampling_ms", "sampling ms", "{:.2f}"), ("tokens_per_step", "tok/step", "{:.1f}"),
-           ("tokens_per_s", "tok/s", "{:.1f}"), ("speedup_vs_reference", "vs reference", "{:.2f}x"),
+           ("tokens_per_s", "tok/s", "{:.1f}"), ("gen_tokens_per_s", "whole-gen tok/s", "{:.1f}"),
+           ("speedup_vs_reference", "vs reference", "{:.2f}x"),
            ("x_floor", "x floor", "{:.2f}")]
 
 
@@ -269,9 +282,9 @@ def print_table(rows: List[dict], args) -> None:
 
 
 def write_csv(rows: List[dict], path: str) -> None:
-    keys = list(rows[0].keys()) if rows else []
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=keys, restval="")
         w.writeheader()
         w.writerows(rows)
 
