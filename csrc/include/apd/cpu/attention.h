@@ -33,9 +33,9 @@ namespace apd::cpu {
 namespace attn {
 
 constexpr int kBlockN = 64;  // keys per block (columns of S)
-constexpr int kRowTile = 4;  // rows per register tile
-constexpr int kColTile = 16; // columns per register tile (2 vectors)
-constexpr int kDAlign = 16;  // head dim is zero-padded to a multiple of this
+constexpr int kRowTile = 6;  // rows per register tile: 6 x 2 accumulators + 3 operands = 15 ymm
+constexpr int kRowAlign = 2; // packed rows are padded to a multiple of this (tail tiles of 2)
+constexpr int kDAlign = 16;  // head dim is zero-padded to a multiple of this (2 vectors)
 
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
@@ -45,7 +45,7 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 // (harmless here) ABI note in the non-AVX clone.
 #define APD_LOAD8(v, ptr) std::memcpy(&(v), (ptr), sizeof(f32x8))
 #define APD_STORE8(ptr, v) std::memcpy((ptr), &(v), sizeof(f32x8))
-#define APD_SPLAT8(x) (f32x8{} + (x))
+#define APD_SPLAT8(x) (f32x8{(x), (x), (x), (x), (x), (x), (x), (x)})  // x: side-effect free
 
 // x <- 2^x for x <= 0, inputs below -126 treated as -126 (2^-126 is far below
 // any softmax weight that matters next to the row max's weight of 1). Round to
@@ -68,32 +68,40 @@ APD_CPU_ALWAYS_INLINE void exp2_nonpos(f32x8& x) {
   x = p * (f32x8)e;  // vector cast = bit reinterpretation: e holds the bits of 2^n
 }
 
-// S[R, 64] = Q[R, Dp] . Kt[Dp, 64]; R % kRowTile == 0, Dp % kDAlign == 0.
+// S[ROWS, 64] = Q[ROWS, Dp] . Kt[Dp, 64] for ROWS rows starting at q / s.
+template <int ROWS>
+APD_CPU_ALWAYS_INLINE void scores_tile(const float* __restrict q, const float* __restrict kt, float* __restrict s,
+                                       int dp) {
+  for (int c0 = 0; c0 < kBlockN; c0 += 16) {
+    f32x8 acc[ROWS][2] = {};
+    const float* kc = kt + c0;
+    const float* qd = q;
+    for (int d = 0; d < dp; ++d, kc += kBlockN, ++qd) {
+      f32x8 k0, k1;
+      APD_LOAD8(k0, kc);
+      APD_LOAD8(k1, kc + 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; ++i) {
+        const f32x8 qi = APD_SPLAT8(qd[i * dp]);
+        acc[i][0] += qi * k0;
+        acc[i][1] += qi * k1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      APD_STORE8(s + i * kBlockN + c0, acc[i][0]);
+      APD_STORE8(s + i * kBlockN + c0 + 8, acc[i][1]);
+    }
+  }
+}
+
+// S[R, 64] = Q[R, Dp] . Kt[Dp, 64]; R % kRowAlign == 0, Dp % kDAlign == 0.
 APD_CPU_MULTIVERSION
 static void scores_block(const float* __restrict q, const float* __restrict kt, float* __restrict s,
                          int rows, int dp) {
-  for (int r0 = 0; r0 < rows; r0 += kRowTile) {
-    const float* qr = q + int64_t(r0) * dp;
-    for (int c0 = 0; c0 < kBlockN; c0 += kColTile) {
-      f32x8 acc[kRowTile][2] = {};
-      const float* kc = kt + c0;
-      for (int d = 0; d < dp; ++d) {
-        f32x8 k0, k1;
-        APD_LOAD8(k0, kc + d * kBlockN);
-        APD_LOAD8(k1, kc + d * kBlockN + 8);
-#pragma GCC unroll 4
-        for (int i = 0; i < kRowTile; ++i) {
-          const f32x8 qi = APD_SPLAT8(qr[i * dp + d]);
-          acc[i][0] += qi * k0;
-          acc[i][1] += qi * k1;
-        }
-      }
-      for (int i = 0; i < kRowTile; ++i) {
-        APD_STORE8(s + (r0 + i) * kBlockN + c0, acc[i][0]);
-        APD_STORE8(s + (r0 + i) * kBlockN + c0 + 8, acc[i][1]);
-      }
-    }
-  }
+  int r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile) scores_tile<kRowTile>(q + int64_t(r) * dp, kt, s + r * kBlockN, dp);
+  for (; r < rows; r += 2) scores_tile<2>(q + int64_t(r) * dp, kt, s + r * kBlockN, dp);
 }
 
 // Online-softmax update of each row of S in place: row r sees its first
@@ -103,6 +111,8 @@ APD_CPU_MULTIVERSION
 static void softmax_block(float* __restrict s, const int* __restrict n_vis, float* __restrict m,
                           float* __restrict l, float* __restrict alpha, int rows) {
   const f32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const f32x8 neg_inf = APD_SPLAT8(-std::numeric_limits<float>::infinity());
+  const f32x8 zero = {};
   for (int r = 0; r < rows; ++r) {
     float* sr = s + r * kBlockN;
     const int nv = n_vis[r];
@@ -111,20 +121,27 @@ static void softmax_block(float* __restrict s, const int* __restrict n_vis, floa
       alpha[r] = 1.0f;
       continue;
     }
-    float bmax = sr[0];
-    for (int n = 1; n < nv; ++n) bmax = std::max(bmax, sr[n]);
+    const f32x8 limit = APD_SPLAT8(float(nv));
+    f32x8 vmax = neg_inf;
+    for (int c = 0; c < kBlockN; c += 8) {
+      f32x8 x;
+      APD_LOAD8(x, sr + c);
+      x = (lane + float(c)) < limit ? x : neg_inf;
+      vmax = x > vmax ? x : vmax;
+    }
+    float bmax = vmax[0];
+    for (int i = 1; i < 8; ++i) bmax = std::max(bmax, float(vmax[i]));
     const float m_new = std::max(m[r], bmax);
     alpha[r] = std::exp2(m[r] - m_new);  // m_old = -inf on the first block -> 0
     f32x8 sum = {};
-    const f32x8 limit = APD_SPLAT8(float(nv));
     for (int c = 0; c < kBlockN; c += 8) {
       f32x8 p;
       APD_LOAD8(p, sr + c);
       p -= m_new;
       exp2_nonpos(p);
-      const f32x8 kept = (lane + float(c)) < limit ? p : APD_SPLAT8(0.0f);
-      sum += kept;
-      APD_STORE8(sr + c, kept);
+      p = (lane + float(c)) < limit ? p : zero;
+      sum += p;
+      APD_STORE8(sr + c, p);
     }
     float total = 0.0f;
     for (int i = 0; i < 8; ++i) total += sum[i];
@@ -133,41 +150,49 @@ static void softmax_block(float* __restrict s, const int* __restrict n_vis, floa
   }
 }
 
-// O[R, Dp] = alpha * O + P[R, :nb] . V[:nb, Dp].
+// O[ROWS, Dp] = alpha * O + P[ROWS, :nb] . V[:nb, Dp] for ROWS rows starting at p / o.
+template <int ROWS>
+APD_CPU_ALWAYS_INLINE void pv_tile(const float* __restrict p, const float* __restrict v,
+                                   const float* __restrict alpha, float* __restrict o, int nb, int dp) {
+  for (int c0 = 0; c0 < dp; c0 += 16) {
+    f32x8 acc[ROWS][2];
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      const f32x8 a = APD_SPLAT8(alpha[i]);
+      APD_LOAD8(acc[i][0], o + int64_t(i) * dp + c0);
+      APD_LOAD8(acc[i][1], o + int64_t(i) * dp + c0 + 8);
+      acc[i][0] *= a;
+      acc[i][1] *= a;
+    }
+    const float* vn = v + c0;
+    const float* pn = p;
+    for (int n = 0; n < nb; ++n, vn += dp, ++pn) {
+      f32x8 v0, v1;
+      APD_LOAD8(v0, vn);
+      APD_LOAD8(v1, vn + 8);
+#pragma GCC unroll 8
+      for (int i = 0; i < ROWS; ++i) {
+        const f32x8 pi = APD_SPLAT8(pn[i * kBlockN]);
+        acc[i][0] += pi * v0;
+        acc[i][1] += pi * v1;
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < ROWS; ++i) {
+      APD_STORE8(o + int64_t(i) * dp + c0, acc[i][0]);
+      APD_STORE8(o + int64_t(i) * dp + c0 + 8, acc[i][1]);
+    }
+  }
+}
+
+// O[R, Dp] = alpha * O + P[R, :nb] . V[:nb, Dp]; R % kRowAlign == 0.
 APD_CPU_MULTIVERSION
 static void pv_block(const float* __restrict p, const float* __restrict v, const float* __restrict alpha,
                      float* __restrict o, int rows, int nb, int dp) {
-  for (int r0 = 0; r0 < rows; r0 += kRowTile) {
-    const float* pr = p + r0 * kBlockN;
-    for (int c0 = 0; c0 < dp; c0 += kColTile) {
-      f32x8 acc[kRowTile][2];
-      for (int i = 0; i < kRowTile; ++i) {
-        const f32x8 a = APD_SPLAT8(alpha[r0 + i]);
-        float* orow = o + int64_t(r0 + i) * dp + c0;
-        APD_LOAD8(acc[i][0], orow);
-        APD_LOAD8(acc[i][1], orow + 8);
-        acc[i][0] *= a;
-        acc[i][1] *= a;
-      }
-      const float* vc = v + c0;
-      for (int n = 0; n < nb; ++n) {
-        f32x8 v0, v1;
-        APD_LOAD8(v0, vc + int64_t(n) * dp);
-        APD_LOAD8(v1, vc + int64_t(n) * dp + 8);
-#pragma GCC unroll 4
-        for (int i = 0; i < kRowTile; ++i) {
-          const f32x8 pi = APD_SPLAT8(pr[i * kBlockN + n]);
-          acc[i][0] += pi * v0;
-          acc[i][1] += pi * v1;
-        }
-      }
-      for (int i = 0; i < kRowTile; ++i) {
-        float* orow = o + int64_t(r0 + i) * dp + c0;
-        APD_STORE8(orow, acc[i][0]);
-        APD_STORE8(orow + 8, acc[i][1]);
-      }
-    }
-  }
+  int r = 0;
+  for (; r + kRowTile <= rows; r += kRowTile)
+    pv_tile<kRowTile>(p + r * kBlockN, v, alpha + r, o + int64_t(r) * dp, nb, dp);
+  for (; r < rows; r += 2) pv_tile<2>(p + r * kBlockN, v, alpha + r, o + int64_t(r) * dp, nb, dp);
 }
 
 // Query rows per task: about 128 packed rows (BM * G) keep a task's fp32
@@ -235,6 +260,19 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
       for (int64_t d = 0; d < D; ++d) w.kt[d * kBlockN + n] = to_float(kr[d]);
       for (int64_t d = 0; d < D; ++d) vs[d] = to_float(vr[d]);
     }
+    // Next block's K/V rows (strided by the cache layout) start their trip
+    // from memory while this block computes.
+    const int64_t nb_next = std::min<int64_t>(kBlockN, kend - k0 - kBlockN);
+    for (int64_t n = 0; n < nb_next; ++n) {
+      const char* kr = reinterpret_cast<const char*>(kc + b * p.k_stride_b + (k0 + kBlockN + n) * p.k_stride_l +
+                                                     hkv * p.k_stride_h);
+      const char* vr = reinterpret_cast<const char*>(vc + b * p.v_stride_b + (k0 + kBlockN + n) * p.v_stride_l +
+                                                     hkv * p.v_stride_h);
+      for (int64_t off = 0; off < D * int64_t(sizeof(T)); off += 64) {
+        __builtin_prefetch(kr + off);
+        __builtin_prefetch(vr + off);
+      }
+    }
     for (int r = 0; r < rows; ++r) w.n_vis[r] = int(std::clamp<int64_t>(w.limit[r] - k0, 0, nb));
     scores_block(w.q.data(), w.kt.data(), w.s.data(), rows, dpi);
     softmax_block(w.s.data(), w.n_vis.data(), w.m.data(), w.l.data(), w.alpha.data(), rows);
@@ -264,7 +302,7 @@ void window_attention(const WindowAttentionParams& p) {
   const int64_t g = p.Hq / p.Hkv;
   const int64_t bm = choose_block_m(p, nthreads);
   const int64_t nqb = ceil_div<int64_t>(p.Lq, bm);
-  const int64_t rows_padded = ceil_div<int64_t>(bm * g, kRowTile) * kRowTile;
+  const int64_t rows_padded = ceil_div<int64_t>(bm * g, kRowAlign) * kRowAlign;
   const int64_t dp = ceil_div<int64_t>(p.D, kDAlign) * kDAlign;
   const int64_t ntasks = p.B * p.Hkv * nqb;
 #pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, ntasks)))
