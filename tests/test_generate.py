@@ -386,3 +386,48 @@ def test_cuda_graphs_match_eager(pair, W, M):
 def test_cuda_graphs_need_cuda(pair):
     with pytest.raises(ValueError, match="cuda_graphs"):
         _gen(pair, cuda_graphs=True, max_new_tokens=4)
+
+
+class _EagerGraph:
+    """A CPU stand-in for models.graphs.GraphedForward with its contract: a
+    fixed window of rows, padding rows beyond q_len, and one output buffer that
+    every call overwrites. It lets the CPU suite check the loop's graph path
+    (bucket choice, padding, row slicing, aliasing) without a GPU."""
+
+    windows = []
+
+    def __init__(self, model, cache, window, *, n_rows=None, warmup=2, pool=None):
+        self.model, self.cache, self.window, self.n_rows = model, cache, window, n_rows
+        self.logits = None
+        _EagerGraph.windows.append((model.kind, window))
+
+    def __call__(self, input_ids, q_start, q_len, row_start=None):
+        assert input_ids.shape[1] == self.window
+        rows = None if self.n_rows is None else (row_start, self.n_rows)
+        out = self.model.forward(input_ids, self.cache, q_start, q_len, logit_rows=rows)
+        if self.logits is None:
+            self.logits = torch.empty_like(out)
+        self.logits.copy_(out)
+        return self.logits
+
+
+@pytest.mark.parametrize("W,M,new", [(4, 8, NEW), (16, 100, 40), (3, 5, 13)])
+def test_graph_path_matches_eager_on_cpu(pair, monkeypatch, W, M, new):
+    import apd_ext.decoding.apd as apd_mod
+    import apd_ext.models.graphs as graphs
+
+    monkeypatch.setattr(graphs, "GraphedForward", _EagerGraph)
+    monkeypatch.setattr(apd_mod, "_graphs_supported", lambda device: True)
+    _EagerGraph.windows = []
+    kw = dict(R=0.9, W=W, M=M, temperature=0.7, seed=2, max_new_tokens=new, eos_token_ids=[])
+    eager = _gen(pair, **kw)
+    graphed = _gen(pair, cuda_graphs=True, **kw)
+    assert _tokens(graphed) == _tokens(eager)
+    assert graphed.accepted_per_step == eager.accepted_per_step
+    # Captured before the loop: the verifier's min(M, new)-row graph and the
+    # dLLM buckets covering windows of W + M .. 2M + W - 1 rows.
+    L = len(PROMPT) + new
+    lo, hi = min(M + W, L), min(2 * M + W - 1, L)
+    dllm_windows = sorted(w for k, w in _EagerGraph.windows if k == "dllm")
+    assert ("ar", min(M, new)) in _EagerGraph.windows
+    assert dllm_windows[0] >= lo and dllm_windows[0] // 2 < lo and dllm_windows[-1] >= hi

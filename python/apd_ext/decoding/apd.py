@@ -154,6 +154,10 @@ class _Verifier:
         return self.graph(v_in, start, rows_d)[:, :rows]  # a view of the graph's output
 
 
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
          callback: Optional[Callback], n_accept_override: Optional[int],
          cuda_graphs: bool = False, stop_after_steps: Optional[int] = None) -> APDOutput:
@@ -172,7 +176,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     tokens = torch.full((B, total_len), mask_id, dtype=torch.int64, device=device)  # [B, L]
     tokens[:, :plen] = prompts.to(device)
     seeds = seed_tensor(cfg.seed, B, device)  # [B]
-    if cuda_graphs and device.type != "cuda":
+    if cuda_graphs and not _graphs_supported(device):
         raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
     window = _Window(dllm, B, total_len, cfg.W, cfg.M, graphs=cuda_graphs)
     args = _StepArgs(B, device)
