@@ -64,6 +64,37 @@ def test_custom_scale_and_strided_d(causal):
     torch.testing.assert_close(direct, out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(Lq=3, Lmax=5, Hq=2, Hkv=1, D=1, q_start=[1], q_len=[3], kv_len=[4]),
+        dict(Lq=3, Lmax=5, Hq=2, Hkv=2, D=3, q_start=[0, 0], q_len=[0, 1], kv_len=[0, 1]),  # an empty cache
+        dict(Lq=1, Lmax=700, Hq=1, Hkv=1, D=256, q_start=[699], q_len=[1], kv_len=[700]),  # one decode row
+        dict(Lq=2, Lmax=9, Hq=5, Hkv=5, D=17, q_start=[7], q_len=[2], kv_len=[9]),
+    ],
+    ids=["d1", "empty_cache", "d256_decode", "d17"],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_edge_shapes(kw, causal):
+    c = make_case(**kw)
+    out = ops.window_attention(*c.args(), causal=causal)
+    assert_attention_close(out, *c.args(), causal=causal)
+
+
+def test_empty_tensors():
+    no_rows = dict(Lq=0, Lmax=0, q_start=[0], q_len=[0], kv_len=[0])
+    no_batch = dict(Lq=4, Lmax=6, q_start=[], q_len=[], kv_len=[])
+    for kw in (no_rows, no_batch):
+        c = make_case(Hq=2, Hkv=1, D=8, **kw)
+        assert ops.window_attention(*c.args(), causal=True).shape == c.q.shape
+
+
+def test_traces_under_torch_compile():
+    c = make_case(Lq=5, Lmax=20, Hq=4, Hkv=2, D=16, q_start=[3], q_len=[5], kv_len=[12])
+    fn = torch.compile(lambda *a: ops.window_attention(*a, causal=True), backend="eager", fullgraph=True)
+    assert torch.equal(fn(*c.args()), ops.window_attention(*c.args(), causal=True))
+
+
 def test_window_semantics_by_hand():
     """One tiny case against hand-built softmaxes, independent of the reference's mask code."""
     torch.manual_seed(3)
