@@ -431,3 +431,20 @@ def test_graph_path_matches_eager_on_cpu(pair, monkeypatch, W, M, new):
     dllm_windows = sorted(w for k, w in _EagerGraph.windows if k == "dllm")
     assert ("ar", min(M, new)) in _EagerGraph.windows
     assert dllm_windows[0] >= lo and dllm_windows[0] // 2 < lo and dllm_windows[-1] >= hi
+
+
+def test_diffusion_confidence_filter():
+    """The filtered distribution behind the diffusion confidences: top-k, then
+    the shortest highest-first prefix reaching top_p of the kept mass, ties by
+    lower index, renormalised."""
+    from apd_ext.decoding.baselines import _filtered_probs
+
+    logits = torch.tensor([[0.05, 0.5, 0.15, 0.3]]).log()
+    p = _filtered_probs(logits, 0.0, 0, 0.8)
+    assert torch.allclose(p, torch.tensor([[0.0, 0.625, 0.0, 0.375]]))
+    p = _filtered_probs(logits, 1.0, 1, 1.0)
+    assert torch.equal(p, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    p = _filtered_probs(torch.zeros(1, 4), 1.0, 0, 0.5)  # ties: the two lowest ids
+    assert torch.allclose(p, torch.tensor([[0.5, 0.5, 0.0, 0.0]]))
+    p = _filtered_probs(logits, 2.0, 0, 1.0)  # temperature flattens, keeps all
+    assert torch.allclose(p, torch.softmax(logits / 2.0, dim=-1))

@@ -29,12 +29,12 @@ DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
 def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """logits [N, V] -> probabilities [N, V] of the filtered distribution of
-    DESIGN §4 (top-k, then top-p over the sorted order); temperature 0 uses the
-    plain softmax (its argmax is the drawn token)."""
+    DESIGN §4 (top-k, then top-p over the sorted order), renormalised. As in
+    Dream's samplers the filter also applies at temperature 0 (on the raw
+    logits): it decides the confidences, not the drawn argmax."""
     z = logits.float()
-    if temperature <= 0:
-        return torch.softmax(z, dim=-1)
-    z = z / temperature
+    if temperature > 0:
+        z = z / temperature
     p = torch.softmax(z, dim=-1)
     sp, order = torch.sort(p, dim=-1, descending=True, stable=True)
     V = z.shape[-1]
