@@ -1,0 +1,661 @@
+// CUDA kernels of the sampling core (DESIGN.md §4, docs/SEMANTICS.md):
+// sample_draft, mixture_accept (target + n_accept) and accept_prefix.
+// Torch-free; the per-row math (order keys, temperature, scores, mixture,
+// bad rows, kept set, accept scan) comes from apd/sampling_row.h, shared with
+// the CPU kernels.
+//
+// ALGORITHM. One CTA of kSampleThreads threads per (sequence b, row i); each thread
+// reads 4 consecutive vocab entries per tile (one 8/16-byte load when the row
+// is aligned, one Philox call for their 4 noise words), tiles walk the row in
+// index order. Rows i >= valid_len[b] only write -1.
+//   tau == 0 (and acceptance="argmax")  : 1 pass, argmax with lowest-index ties.
+//   tau > 0, no filter                  : 1 pass, argmax of z + g (z = x / tau)
+//                                         and the row max for the bad-row test.
+//   tau > 0, top-k and/or top-p         :
+//     a. max pass: zmax (NaN-propagating) -> bad rows stop here with -1;
+//     b. radix select on the descending key dk = desc_key(z) (ascending dk is
+//        the sorted order), 11/11/10-bit digits, 3 passes per select. Each
+//        pass builds a block-wide histogram in shared memory of counts and of
+//        the probability mass exp(z - zmax) in 2^-40 fixed point (integer
+//        atomics: the sums do not depend on the order of the atomics, so the
+//        kernel is deterministic run to run). top-k selects by count, top-p by
+//        mass; top-p inside the top-k prefix selects only among dk < dk(k-th).
+//        The result is a threshold dk, the count / mass before it and of its
+//        ties; the count of ties to keep follows from ties_to_reach();
+//     c. when only some of the threshold's ties are kept, one more pass finds
+//        the index of the last kept tie (block scan of tie flags, index order);
+//     d. final pass: argmax of (score + Gumbel) over the kept set; noise is
+//        regenerated from Philox, never stored, and skipped for entries whose
+//        score + kGumbelMax cannot beat the thread's best.
+//   mixture_accept "coupled" with 0 < R < 1 adds one first pass for the two
+//   rows' log-sum-exp (fp64 sums, as the CPU kernels); m_v is then recomputed
+//   from both rows on every pass.
+//   n_accept: a second tiny kernel (one thread per sequence) on the same stream.
+//
+// MEMORY TRAFFIC. The floor is one read of the logits: B*M*V*sizeof(T) for
+// sample_draft, B*M*(V_D + V_A)*sizeof(T) for mixture_accept. The unfiltered
+// and tau == 0 paths read each row once (the coupled mixture with 0 < R < 1
+// adds its lse pass: twice). The filtered path reads a row 5 times (max, 3
+// radix, final), +3 when top-k and top-p both act and the top-p cut falls
+// before the k-th value, +1 with a partial tie. Only the first read should come
+// from HBM: the kernel takes 128 registers, so one 512-thread CTA per SM is
+// resident, ~132 rows in flight: 40 MB of bf16 dLLM rows (V = 152064) fit the
+// H200's 50 MB L2, the 80 MB of a bf16 mixture's row pairs do not entirely.
+// The goal (within 1.5x of the floor) is measured by bench/bench_sampling.py
+// --device cuda, not assumed; candidate compaction into shared memory after
+// the first radix pass is the next step if the re-reads miss L2.
+//
+// Numbers: the kernel uses exactly the fp32 operations of sampling_row.h (its
+// mixtures are written with mul_rn/add_rn, so nvcc cannot contract them into
+// FMAs); the only places where it can differ from the CPU kernels are
+// summation order (lse, top-p mass: SEMANTICS.md permits it) and the ulps of
+// the device expf/logf, i.e. fp32 near-ties.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "apd/common.h"
+#include "apd/philox.h"
+#include "apd/sampling_params.h"
+#include "apd/sampling_row.h"
+
+namespace apd {
+namespace cuda {
+
+constexpr int kSampleThreads = 512;                     // threads per CTA (one row)
+constexpr int kVec = 4;                                 // consecutive entries per thread and tile
+constexpr int kTile = kSampleThreads * kVec;            // entries per tile
+constexpr int kUnroll = 4;                              // tiles loaded ahead per thread
+constexpr int kRadixBits = 11;                          // widest digit
+constexpr int kBins = 1 << kRadixBits;                  // histogram bins
+constexpr int kBinsPerThread = kBins / kSampleThreads;  // 4
+constexpr int kRadixPasses = 3;                         // 11 + 11 + 10 bits
+constexpr float kMassScale = 1099511627776.0f;          // 2^40: mass fixed point
+static_assert(kBins % kSampleThreads == 0, "bins must split evenly over threads");
+
+// Digit layout of the 32-bit key, most significant first.
+APD_DEVICE int radix_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+APD_DEVICE int radix_width(int pass) { return pass == 2 ? 10 : 11; }
+
+// ---------------------------------------------------------------------------
+// Loads
+// ---------------------------------------------------------------------------
+
+APD_DEVICE float load_float(float x) { return x; }
+APD_DEVICE float load_float(bf16_t x) { return to_float(x); }
+APD_DEVICE float load_float(fp16_t x) { return __half2float(__ushort_as_half(x.bits)); }  // exact
+
+template <typename T>
+struct alignas(kVec * sizeof(T)) Pack4 {
+  T v[kVec];
+};
+
+// One logit row [n] with stride 1. `vec` says the row start is aligned for
+// Pack4 loads; entries at or past n read as -inf (callers mask them by index).
+template <typename T>
+struct RowPtr {
+  const T* p;
+  int n;
+  bool vec;
+
+  APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
+    if (vec && v0 + kVec <= n) {
+      const Pack4<T> pk = *reinterpret_cast<const Pack4<T>*>(p + v0);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[j] = load_float(pk.v[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[j] = v0 + j < n ? load_float(p[v0 + j]) : -INFINITY;
+    }
+  }
+};
+
+template <typename T>
+APD_DEVICE RowPtr<T> make_row(const void* base, int64_t offset, int64_t n) {
+  const T* p = static_cast<const T*>(base) + offset;
+  return RowPtr<T>{p, int(n), reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0};
+}
+
+// ---------------------------------------------------------------------------
+// Row sources: the per-entry value x_v the sampler works on
+// ---------------------------------------------------------------------------
+
+// sample_draft: x = l.
+template <typename T>
+struct DraftSource {
+  RowPtr<T> l;
+  APD_DEVICE void load4(int v0, float (&x)[kVec]) const { l.load4(v0, x); }
+};
+
+// mixture_accept, acceptance="coupled": x = m (needs both rows' lse).
+template <typename T>
+struct CoupledSource {
+  RowPtr<T> d, a;
+  MixtureRow mix;
+  APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
+    float dv[kVec], av[kVec];
+    d.load4(v0, dv);
+    a.load4(v0, av);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = mixture_coupled(dv[j], av[j], mix);
+  }
+};
+
+// mixture_accept, acceptance="argmax": x = R d + (1 - R) a on raw logits.
+template <typename T>
+struct ArgmaxSource {
+  RowPtr<T> d, a;
+  float R, one_minus_R;
+  APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
+    float dv[kVec], av[kVec];
+    d.load4(v0, dv);
+    a.load4(v0, av);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = mixture_argmax(dv[j], av[j], R, one_minus_R);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Block reductions and shared memory
+// ---------------------------------------------------------------------------
+
+// Row max (NaN-propagating) and the best (score, index) seen so far.
+struct MaxArg {
+  float zmax;
+  float score;
+  int idx;
+};
+
+struct MaxArgOp {
+  APD_DEVICE MaxArg operator()(const MaxArg& a, const MaxArg& b) const {
+    MaxArg r;
+    r.zmax = nan_max(a.zmax, b.zmax);
+    const bool a_wins = better(a.score, a.idx, b.score, b.idx);
+    r.score = a_wins ? a.score : b.score;
+    r.idx = a_wins ? a.idx : b.idx;
+    return r;
+  }
+};
+
+// Log-sum-exp with the numerics of the CPU kernels' row_lse (apd/cpu/sampling.h):
+// fp32 terms exp(x - max), an fp64 sum, lse = float(double(max) + log(sum)),
+// non-finite max -> -inf (all -inf) or NaN. Here in one pass: the running fp64
+// sum is rescaled (in fp64) when the max grows, so the result rounds like the
+// CPU's almost always; the fp32-sum LseAcc of sampling_row.h would differ by
+// ulps on most rows, which moves m and can reorder near-equal mixture values.
+struct Lse64 {
+  float m;
+  double s;
+};
+
+APD_DEVICE void lse64_push(Lse64& acc, float x) {
+  if (x == -INFINITY) return;
+  if (x > acc.m || x != x) {  // a new max; a NaN sticks (later comparisons fail)
+    acc.s = (acc.m == -INFINITY ? 0.0 : acc.s * exp(double(acc.m) - double(x))) + 1.0;
+    acc.m = x;
+  } else {
+    acc.s += double(expf(x - acc.m));
+  }
+}
+
+struct Lse64Op {
+  APD_DEVICE Lse64 operator()(const Lse64& a, const Lse64& b) const {
+    if (a.m == -INFINITY) return b;
+    if (b.m == -INFINITY) return a;
+    const float m = nan_max(a.m, b.m);
+    if (!(fabsf(m) <= FLT_MAX)) return Lse64{m, 0.0};  // non-finite: the sum no longer matters
+    return Lse64{m, a.s * exp(double(a.m) - double(m)) + b.s * exp(double(b.m) - double(m))};
+  }
+};
+
+APD_DEVICE float lse64_value(const Lse64& acc) {
+  if (acc.m == -INFINITY) return -INFINITY;
+  if (!(fabsf(acc.m) <= FLT_MAX)) return NAN;
+  return float(double(acc.m) + log(acc.s));
+}
+
+// Histogram prefix: (count, fixed-point mass).
+struct CountMass {
+  unsigned long long cnt;
+  unsigned long long mass;
+};
+
+struct CountMassSum {
+  APD_DEVICE CountMass operator()(const CountMass& a, const CountMass& b) const {
+    return CountMass{a.cnt + b.cnt, a.mass + b.mass};
+  }
+};
+
+struct MinOp {
+  APD_DEVICE unsigned operator()(unsigned a, unsigned b) const { return a < b ? a : b; }
+};
+
+// Outcome of one radix select over the dk of the entries in a candidate set.
+struct Selection {
+  uint32_t dk;                    // threshold key
+  unsigned long long cnt_before;  // entries with a smaller dk (earlier in sorted order)
+  unsigned long long mass_before; // their mass (2^-40 fixed point)
+  unsigned long long cnt_eq;      // entries with dk == threshold
+  unsigned long long mass_eq;     // their mass
+  double target;                  // the mass target used (mass selects only)
+};
+
+struct SampleSmem {
+  unsigned int hist_cnt[kBins];
+  unsigned long long hist_mass[kBins];
+  union {
+    typename cub::BlockReduce<MaxArg, kSampleThreads>::TempStorage maxarg;
+    typename cub::BlockReduce<Lse64, kSampleThreads>::TempStorage lse;
+    typename cub::BlockScan<CountMass, kSampleThreads>::TempStorage scan_cm;
+    typename cub::BlockReduce<unsigned, kSampleThreads>::TempStorage min_u;
+    typename cub::BlockScan<int, kSampleThreads>::TempStorage scan_i;
+  } tmp;
+  // Block-wide broadcasts.
+  MaxArg maxarg;
+  float lse_d, lse_a;
+  Selection sel;
+  unsigned code;
+  int tie_last;
+};
+
+APD_DEVICE unsigned long long fixed_mass(float z, float zmax) {
+  // z <= zmax, so e in [0, 1]; an exact power-of-two scale, rounded to nearest.
+  return __float2ull_rn(expf(z - zmax) * kMassScale);
+}
+
+// ---------------------------------------------------------------------------
+// One row
+// ---------------------------------------------------------------------------
+
+// Everything the sampler needs about one row; all members are uniform in the CTA.
+struct RowContext {
+  int V;              // entries sampled over
+  float tau;          // > 0 on the noisy paths
+  bool official;      // score = z / tau (temperature twice)
+  uint64_t seed, step;
+  int64_t pos;
+};
+
+template <class Src>
+class RowSampler {
+ public:
+  APD_DEVICE RowSampler(const Src& src, const RowContext& ctx, SampleSmem& sm)
+      : src_(src), ctx_(ctx), sm_(sm) {}
+
+  // argmax_v x_v, or -1 for a bad row (tau == 0 and acceptance="argmax").
+  APD_DEVICE int64_t argmax() {
+    const MaxArg r = scan_row</*kTemper=*/false, /*kNoise=*/false>(keep_all());
+    return row_is_bad(r.zmax) ? -1 : r.idx;
+  }
+
+  // The tau > 0 sampler of DESIGN §4 under cfg (top_k, top_p, compat).
+  APD_DEVICE int64_t sample(const SamplerConfig& cfg) {
+    const int V = ctx_.V;
+    if (!filter_active(cfg.top_k, cfg.top_p, V)) {
+      const MaxArg r = scan_row<true, true>(keep_all());
+      return row_is_bad(r.zmax) ? -1 : r.idx;
+    }
+    const float zmax = scan_row<true, false>(keep_all()).zmax;
+    if (row_is_bad(zmax)) return -1;
+    const KeptSet kept = cfg.official ? kept_official(cfg, zmax) : kept_default(cfg, zmax);
+    return scan_row<true, true>(kept).idx;
+  }
+
+ private:
+  const Src& src_;
+  RowContext ctx_;
+  SampleSmem& sm_;
+
+  APD_DEVICE float temper_if(float x, bool t) const { return t ? temper(x, ctx_.tau) : x; }
+
+  // Calls f(v0, x) for each group of kVec entries [v0, v0 + kVec) of this
+  // thread, in increasing index order (x past V reads as -inf). The loads of
+  // kUnroll groups are issued before any is used: more bytes in flight.
+  template <class F>
+  APD_DEVICE void for_each_group(F&& f) const {
+    const int V = ctx_.V;
+    for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kUnroll) {
+      float x[kUnroll][kVec];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kTile < V) src_.load4(base + u * kTile, x[u]);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (base + u * kTile < V) f(base + u * kTile, x[u]);
+    }
+  }
+
+  // One pass over the row: NaN-propagating max of z (x / tau when kTemper) and,
+  // when kNoise, the argmax of score + g over the kept set; without kNoise the
+  // argmax is over z itself (plain argmax).
+  template <bool kTemper, bool kNoise>
+  APD_DEVICE MaxArg scan_row(const KeptSet kept) {
+    const int V = ctx_.V;
+    const bool all = kept.thr_dk == 0xffffffffu;
+    MaxArg acc{-INFINITY, -INFINITY, INT32_MAX};
+    for_each_group([&](int v0, const float (&x)[kVec]) {
+      bool need_noise = false;
+      float sb[kVec];  // score before noise, or -inf when not a candidate
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        const int v = v0 + j;
+        sb[j] = -INFINITY;
+        if (v >= V) continue;
+        const float z = temper_if(x[j], kTemper);
+        acc.zmax = nan_max(acc.zmax, z);
+        if (!all && !in_kept_set(desc_key(z), v, kept)) continue;
+        if (!kNoise) {
+          if (better(z, v, acc.score, acc.idx)) {
+            acc.score = z;
+            acc.idx = v;
+          }
+          continue;
+        }
+        sb[j] = ctx_.official ? official_score(x[j], ctx_.tau) : z;
+        // fl(sb + max g) <= best: cannot win (groups come in index order, and
+        // a later index loses ties).
+        if (sb[j] + kGumbelMax <= acc.score) sb[j] = -INFINITY;
+        else need_noise = true;
+      }
+      if (kNoise && need_noise) {
+        const Philox4 blk = noise_block(ctx_.seed, ctx_.step, ctx_.pos, v0);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (sb[j] == -INFINITY) continue;  // masked, skipped or a -inf logit
+          const float s = perturbed_score(sb[j], blk, v0 + j);
+          if (better(s, v0 + j, acc.score, acc.idx)) {
+            acc.score = s;
+            acc.idx = v0 + j;
+          }
+        }
+      }
+    });
+    const MaxArg r = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg).Reduce(acc, MaxArgOp());
+    if (threadIdx.x == 0) sm_.maxarg = r;
+    __syncthreads();
+    const MaxArg out = sm_.maxarg;
+    __syncthreads();  // sm_.maxarg / tmp may be reused right after
+    return out;
+  }
+
+  // Radix select of the threshold dk among the entries with dk < dk_end.
+  // by_mass: the first dk whose cumulative mass reaches `target` (or
+  // top_p * total when target < 0); otherwise the need-th entry by count.
+  // with_mass: accumulate masses (needed by every caller that uses top-p).
+  APD_DEVICE Selection select(float zmax, uint32_t dk_end, bool by_mass, bool with_mass,
+                              unsigned long long need_cnt, double target, float top_p) {
+    uint32_t prefix = 0, hi_mask = 0;
+    unsigned long long cnt_before = 0, mass_before = 0;
+    Selection res{};
+    for (int pass = 0; pass < kRadixPasses; ++pass) {
+      const int shift = radix_shift(pass);
+      const uint32_t digit_mask = (1u << radix_width(pass)) - 1u;
+      for (int b = threadIdx.x; b < kBins; b += kSampleThreads) {
+        sm_.hist_cnt[b] = 0;
+        sm_.hist_mass[b] = 0;
+      }
+      __syncthreads();
+      for_each_group([&](int v0, const float (&x)[kVec]) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          if (v0 + j >= ctx_.V) continue;
+          const float z = temper(x[j], ctx_.tau);
+          const uint32_t dk = desc_key(z);
+          if (dk >= dk_end || (dk & hi_mask) != prefix) continue;
+          const uint32_t digit = (dk >> shift) & digit_mask;
+          atomicAdd(&sm_.hist_cnt[digit], 1u);
+          if (with_mass) atomicAdd(&sm_.hist_mass[digit], fixed_mass(z, zmax));
+        }
+      });
+      __syncthreads();
+
+      // Inclusive prefix over bins in ascending digit (= sorted) order.
+      CountMass item[kBinsPerThread], incl[kBinsPerThread], total;
+      const int b0 = int(threadIdx.x) * kBinsPerThread;
+#pragma unroll
+      for (int k = 0; k < kBinsPerThread; ++k) item[k] = CountMass{sm_.hist_cnt[b0 + k], sm_.hist_mass[b0 + k]};
+      cub::BlockScan<CountMass, kSampleThreads>(sm_.tmp.scan_cm).InclusiveScan(item, incl, CountMassSum(), total);
+      __syncthreads();
+      if (by_mass && pass == 0 && target < 0.0) target = double(top_p) * double(total.mass);
+      // The chosen bin is the first non-empty one whose inclusive prefix reaches
+      // the need; if rounding leaves none, the last non-empty one. Encoded so
+      // that one min-reduction finds it: hits as b, misses as 2*kBins - b.
+      unsigned code = 0xffffffffu;
+#pragma unroll
+      for (int k = 0; k < kBinsPerThread; ++k) {
+        if (item[k].cnt == 0) continue;
+        const bool hit = by_mass ? double(mass_before + incl[k].mass) >= target
+                                 : cnt_before + incl[k].cnt >= need_cnt;
+        const unsigned b = unsigned(b0 + k);
+        code = min(code, hit ? b : unsigned(2 * kBins) - b);
+      }
+      code = cub::BlockReduce<unsigned, kSampleThreads>(sm_.tmp.min_u).Reduce(code, MinOp());
+      if (threadIdx.x == 0) sm_.code = code;
+      __syncthreads();
+      code = sm_.code;
+      const unsigned chosen = code < unsigned(kBins) ? code : unsigned(2 * kBins) - code;
+#pragma unroll
+      for (int k = 0; k < kBinsPerThread; ++k) {  // static indices: no local memory
+        if (unsigned(b0 + k) != chosen) continue;
+        Selection s;
+        s.cnt_before = cnt_before + incl[k].cnt - item[k].cnt;
+        s.mass_before = mass_before + incl[k].mass - item[k].mass;
+        s.cnt_eq = item[k].cnt;
+        s.mass_eq = item[k].mass;
+        s.dk = 0;
+        s.target = target;
+        sm_.sel = s;
+      }
+      __syncthreads();
+      res = sm_.sel;
+      __syncthreads();
+      prefix |= chosen << shift;
+      hi_mask |= digit_mask << shift;
+      cnt_before = res.cnt_before;
+      mass_before = res.mass_before;
+    }
+    res.dk = prefix;
+    return res;
+  }
+
+  APD_DEVICE static unsigned long long each_mass(const Selection& s) {
+    return s.cnt_eq == 0 ? 0ull : s.mass_eq / s.cnt_eq;  // ties share one value: exact
+  }
+
+  // Index of the c-th (1-based) lowest-index entry with dk == thr (index order scan).
+  APD_DEVICE int last_kept_tie(uint32_t thr, unsigned long long c) {
+    unsigned long long seen = 0;
+    if (threadIdx.x == 0) sm_.tie_last = INT32_MAX;
+    __syncthreads();
+    for (int base = 0; base < ctx_.V; base += kTile) {
+      const int v0 = base + int(threadIdx.x) * kVec;
+      bool tie[kVec] = {};
+      int mine = 0;
+      if (v0 < ctx_.V) {
+        float x[kVec];
+        src_.load4(v0, x);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          tie[j] = v0 + j < ctx_.V && desc_key(temper(x[j], ctx_.tau)) == thr;
+          mine += tie[j];
+        }
+      }
+      int before, tile_total;
+      cub::BlockScan<int, kSampleThreads>(sm_.tmp.scan_i).ExclusiveSum(mine, before, tile_total);
+      unsigned long long rank = seen + unsigned(before);  // ties ahead of this thread's first
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (!tie[j]) continue;
+        if (++rank == c) sm_.tie_last = v0 + j;
+      }
+      seen += unsigned(tile_total);
+      __syncthreads();  // tmp reuse; also publishes tie_last
+      if (seen >= c) break;  // uniform: tile_total is the same in every thread
+    }
+    const int r = sm_.tie_last;
+    __syncthreads();
+    return r;
+  }
+
+  // Kept set = prefix of `keep` entries ending inside the ties of s.dk.
+  APD_DEVICE KeptSet kept_from(const Selection& s, unsigned long long keep_ties) {
+    KeptSet k;
+    k.thr_dk = s.dk;
+    k.tie_last = keep_ties >= s.cnt_eq ? INT64_MAX : int64_t(last_kept_tie(s.dk, keep_ties));
+    return k;
+  }
+
+  // Default filter: top_k first, then top_p within those K (SEMANTICS.md).
+  APD_DEVICE KeptSet kept_default(const SamplerConfig& cfg, float zmax) {
+    const int V = ctx_.V;
+    const int64_t K = effective_top_k(cfg.top_k, V);
+    const bool topp = cfg.top_p < 1.0f;
+    if (K < V) {
+      const Selection sk = select(zmax, 0xffffffffu, false, topp, (unsigned long long)K, 0.0, 1.0f);
+      const unsigned long long ck = (unsigned long long)K - sk.cnt_before;  // in [1, cnt_eq]
+      if (!topp) return kept_from(sk, ck);
+      const unsigned long long each = each_mass(sk);
+      const double target = double(cfg.top_p) * (double(sk.mass_before) + double(ck) * double(each));
+      if (sk.cnt_before > 0 && double(sk.mass_before) >= target) {
+        // The top-p prefix ends strictly before the k-th value.
+        const Selection sp = select(zmax, sk.dk, true, true, 0, target, cfg.top_p);
+        const int64_t c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)),
+                                        int64_t(sp.cnt_eq), target);
+        return kept_from(sp, (unsigned long long)c);
+      }
+      const int64_t c = ties_to_reach(double(sk.mass_before), double(each), int64_t(ck), target);
+      return kept_from(sk, (unsigned long long)c);
+    }
+    const Selection sp = select(zmax, 0xffffffffu, true, true, 0, -1.0, cfg.top_p);
+    const int64_t c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq),
+                                    sp.target);
+    return kept_from(sp, (unsigned long long)c);
+  }
+
+  // compat="official": top_p over the whole row, then top_k on what is left.
+  APD_DEVICE KeptSet kept_official(const SamplerConfig& cfg, float zmax) {
+    const int V = ctx_.V;
+    const int64_t K = effective_top_k(cfg.top_k, V);
+    int64_t n_p = V;
+    KeptSet kept = keep_all();
+    if (cfg.top_p < 1.0f) {
+      const Selection sp = select(zmax, 0xffffffffu, true, true, 0, -1.0, cfg.top_p);
+      const int64_t c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq),
+                                      sp.target);
+      n_p = int64_t(sp.cnt_before) + c;
+      kept = kept_from(sp, (unsigned long long)c);
+    }
+    if (K < n_p) {
+      const Selection sk = select(zmax, 0xffffffffu, false, false, (unsigned long long)K, 0.0, 1.0f);
+      kept = kept_from(sk, (unsigned long long)K - sk.cnt_before);
+    }
+    return kept;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------
+
+// Grid: B * M CTAs, CTA (b, i) = blockIdx.x = b * M + i.
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const SampleDraftParams p) {
+  __shared__ SampleSmem sm;
+  const int64_t b = int64_t(blockIdx.x) / p.M;
+  const int64_t i = int64_t(blockIdx.x) % p.M;
+  int64_t* out = p.draft + b * p.M + i;
+  if (i >= p.valid_len[b]) {
+    if (threadIdx.x == 0) *out = -1;
+    return;
+  }
+  const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V)};
+  const RowContext ctx{int(p.V), p.cfg.temperature, p.cfg.official, uint64_t(p.seeds[b]),
+                       uint64_t(p.steps[b]), p.pos_start[b] + i};
+  RowSampler<DraftSource<T>> sampler(src, ctx, sm);
+  const int64_t id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
+  if (threadIdx.x == 0) *out = id;
+}
+
+// Log-sum-exp of the two rows in one pass (each over its own full length).
+template <typename T>
+APD_DEVICE void row_lse(const RowPtr<T>& d, const RowPtr<T>& a, SampleSmem& sm, float* lse_d, float* lse_a) {
+  Lse64 ad{-INFINITY, 0.0}, aa{-INFINITY, 0.0};
+  const int n = max(d.n, a.n);
+  for (int v0 = int(threadIdx.x) * kVec; v0 < n; v0 += kTile) {
+    float x[kVec];
+    if (v0 < d.n) {
+      d.load4(v0, x);  // entries past the end read as -inf: lse64_push ignores them
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) lse64_push(ad, x[j]);
+    }
+    if (v0 < a.n) {
+      a.load4(v0, x);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) lse64_push(aa, x[j]);
+    }
+  }
+  const Lse64 rd = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(ad, Lse64Op());
+  __syncthreads();
+  const Lse64 ra = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(aa, Lse64Op());
+  if (threadIdx.x == 0) {
+    sm.lse_d = lse64_value(rd);
+    sm.lse_a = lse64_value(ra);
+  }
+  __syncthreads();
+  *lse_d = sm.lse_d;
+  *lse_a = sm.lse_a;
+  __syncthreads();
+}
+
+// Target ids of mixture_accept; n_accept follows in accept_prefix_kernel.
+template <typename T>
+__global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const MixtureAcceptParams p) {
+  __shared__ SampleSmem sm;
+  const int64_t b = int64_t(blockIdx.x) / p.M;
+  const int64_t i = int64_t(blockIdx.x) % p.M;
+  int64_t* out = p.target + b * p.M + i;
+  if (i >= p.valid_len[b]) {
+    if (threadIdx.x == 0) *out = -1;
+    return;
+  }
+  const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D);
+  const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A);
+  const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), p.cfg.temperature, p.cfg.official,
+                       uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i};
+  const float one_minus_R = 1.0f - p.R;
+  int64_t id;
+  if (p.acceptance == Acceptance::kArgmax) {
+    const ArgmaxSource<T> src{d, a, p.R, one_minus_R};
+    id = RowSampler<ArgmaxSource<T>>(src, ctx, sm).argmax();
+  } else {
+    float lse_d = 0.0f, lse_a = 0.0f;  // unused by mixture_coupled when R is 0 or 1
+    if (p.R != 0.0f && p.R != 1.0f) row_lse(d, a, sm, &lse_d, &lse_a);
+    const CoupledSource<T> src{d, a, make_mixture_row(p.R, lse_d, lse_a)};
+    RowSampler<CoupledSource<T>> sampler(src, ctx, sm);
+    id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
+  }
+  if (threadIdx.x == 0) *out = id;
+}
+
+// n_accept[b] = accept_prefix_row(...), one thread per sequence. V bounds the
+// draft ids that can match (INT64_MAX for accept_prefix).
+__global__ void accept_prefix_kernel(const int64_t* __restrict__ draft,   // [B, M]
+                                     const int64_t* __restrict__ target,  // [B, M]
+                                     const int64_t* __restrict__ valid_len,  // [B]
+                                     const int64_t* __restrict__ eos_ids,    // [E]
+                                     int64_t num_eos, int64_t B, int64_t M, int64_t V,
+                                     int64_t* __restrict__ n_accept) {  // [B]
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  // valid_len is validated by the caller; the clamp only keeps a bad value in bounds.
+  const int64_t vl = valid_len[b] < 0 ? 0 : (valid_len[b] > M ? M : valid_len[b]);
+  n_accept[b] = accept_prefix_row(draft + b * M, target + b * M, vl, V, eos_ids, num_eos);
+}
+
+}  // namespace cuda
+}  // namespace apd
