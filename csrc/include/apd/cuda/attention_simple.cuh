@@ -40,7 +40,7 @@ struct SimpleCfg {
 };
 
 template <typename T, int NDC>
-__global__ void __launch_bounds__(256) window_attention_simple_kernel(const AttnArgs a) {
+__global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple_kernel(const AttnArgs a) {
   using Cfg = SimpleCfg<T, NDC>;
   constexpr int R = Cfg::kRows, BM = Cfg::kBlockM, BN = Cfg::kBlockN, DP = Cfg::kDP, KS = Cfg::kKS;
   constexpr int NT = Cfg::kWarps * 32;
