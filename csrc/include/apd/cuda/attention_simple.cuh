@@ -17,8 +17,9 @@
 //    key j is broadcast with a shuffle. Accumulators: 8 x NDC fp32 per lane.
 //  * Bytes moved per CTA: Q tile once, K and V of its key range once (shared
 //    by all G heads of the kv head), out or the fp32 partials once.
-// Loads are synchronous (no double buffering): several CTAs per SM hide the
-// latency. Every __syncthreads is reached by all threads: the loop bounds are
+// Loads are synchronous (no double buffering): other CTAs on the SM hide the
+// latency (launch bounds ask for 2 CTAs/SM at D <= 128, i.e. <= 128 registers;
+// ptxas spills a few bytes at D = 128). Every __syncthreads is reached by all threads: the loop bounds are
 // uniform over the CTA.
 #pragma once
 #include "apd/cuda/attention_common.cuh"
