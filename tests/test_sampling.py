@@ -12,8 +12,10 @@ import torch
 from apd_ext import ops, reference as ref
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# (temperature, top_k, top_p): argmax, plain Gumbel, top-k, top-p, both.
-SAMPLERS = ((0.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 5, 1.0), (0.5, 0, 0.9), (1.3, 40, 0.8))
+# (temperature, top_k, top_p): argmax, plain Gumbel, top-k, top-p, both, and a
+# small temperature with a large top_k (the kernel's top-k cut past its
+# candidate set, i.e. its whole-row path).
+SAMPLERS = ((0.0, 0, 1.0), (0.7, 0, 1.0), (0.7, 5, 1.0), (0.5, 0, 0.9), (1.3, 40, 0.8), (0.05, 300, 1.0))
 MAX_FRAGILE = 0.1
 
 
@@ -173,7 +175,7 @@ def test_mixture_accept_matches_reference(V_D, V_A, dtype):
     case = 0
     for B, M in ((1, 1), (3, 3), (3, 100)):
         for i, (R, acceptance, compat) in enumerate(MIXTURES):
-            for temperature, top_k, top_p in (SAMPLERS[i % 5], SAMPLERS[(i + B + M) % 5]):
+            for temperature, top_k, top_p in (SAMPLERS[i % 6], SAMPLERS[(i + B + M) % 6]):
                 case += 1
                 dl = _logits((B, M, V_D), dtype, gen, strided=case % 2 == 0)
                 # The AR model roughly agrees with the dLLM, so prefixes get long.

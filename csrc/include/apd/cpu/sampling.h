@@ -44,21 +44,31 @@ constexpr int64_t kSortDirect = 4096;             // sort the crossing bin direc
 struct Scratch {
   std::vector<float> z;         // [V] tempered values of the current row
   std::vector<uint32_t> keys;   // [V] descending keys of the crossing bin
+  std::vector<float> cand_z;    // [V] candidate values (mass above the floor), index order
+  std::vector<int32_t> cand_i;  // [V] their vocabulary indices
   std::vector<int64_t> cnt;     // [kL1Bins] histogram counts
+  std::vector<int32_t> cnt4;    // [4, kL1Bins] interleaved partial counts
   std::vector<double> mass;     // [kL1Bins] histogram softmax masses (unnormalised)
   void reserve(int64_t V) {
     z.resize(V);
     keys.resize(V);
+    cand_z.resize(V);
+    cand_i.resize(V);
     cnt.resize(kL1Bins);
+    cnt4.resize(4 * kL1Bins);
     mass.resize(kL1Bins);
   }
 };
 
-// exp(z - max) as the histogram sees it; exactly 0 below -104 (fp32 underflow),
-// skipped there for speed.
+// exp(z - max) as the histogram sees it. Entries with z - max <= -48 count as
+// mass 0: together they weigh < V e^-48 (< 4e-16 for V < 2^18) relative to the
+// max entry's mass 1, far below fp32 rounding of top_p itself (6e-8), so no
+// cut moves; skipping them avoids most exp calls at small temperatures and the
+// very slow subnormal results below -87.
+constexpr float kMassFloor = -48.0f;
 inline float mass_of(float z, float maxz) {
   const float t = z - maxz;
-  return t > -104.0f ? std::exp(t) : 0.0f;
+  return t > kMassFloor ? std::exp(t) : 0.0f;
 }
 
 // Position in sorted order where a cumulative target is crossed.
@@ -149,16 +159,22 @@ struct Cut {
 // SEMANTICS.md "Ties and order": default K-then-top-p, or compat="official"
 // top-p-then-K. z [V] finite-max row already in s.z; fills s.cnt / s.mass.
 inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig& cfg, Scratch& s) {
-  std::fill(s.cnt.begin(), s.cnt.end(), 0);
+  // Counts go to 4 interleaved copies: a row's values crowd into few bins, and
+  // back-to-back increments of one counter would serialise on store forwarding.
+  std::fill(s.cnt4.begin(), s.cnt4.end(), 0);
   std::fill(s.mass.begin(), s.mass.end(), 0.0);
-  double total = 0.0;
+  int32_t* c4 = s.cnt4.data();
   for (int64_t v = 0; v < V; ++v) {
     const int b = int(desc_key(z[v]) >> kL1Shift);
-    const float w = mass_of(z[v], maxz);
-    ++s.cnt[b];
-    s.mass[b] += w;
+    ++c4[(v & 3) * kL1Bins + b];
+    const float t = z[v] - maxz;
+    if (t > kMassFloor) s.mass[b] += std::exp(t);  // == mass_of(z[v], maxz)
   }
-  for (int b = 0; b < kL1Bins; ++b) total += s.mass[b];
+  double total = 0.0;
+  for (int b = 0; b < kL1Bins; ++b) {
+    s.cnt[b] = int64_t(c4[b]) + c4[kL1Bins + b] + c4[2 * kL1Bins + b] + c4[3 * kL1Bins + b];
+    total += s.mass[b];
+  }
 
   const int64_t K = effective_top_k(cfg.top_k, V);
   const bool use_p = cfg.top_p < 1.0f;
@@ -242,18 +258,48 @@ int64_t sample_row(ZFn zf, int64_t V, const SamplerConfig& cfg, uint64_t seed, u
   }
   float* z = s.z.data();
   float mx = -INFINITY;
-  for (int64_t v = 0; v < V; ++v) {
-    z[v] = zf(v);
-    mx = nan_max(mx, z[v]);
+  bool nan = false;
+  for (int64_t v = 0; v < V; ++v) {  // max + NaN flag instead of nan_max: vectorises
+    const float x = zf(v);
+    z[v] = x;
+    mx = x > mx ? x : mx;
+    nan |= x != x;
   }
-  if (row_is_bad(mx)) return -1;
-  const Cut cut = filter_cut(z, V, mx, cfg, s);
+  if (nan || row_is_bad(mx)) return -1;
+  // Candidates: the entries with mass above the floor. They are a prefix of the
+  // sorted order (everything above a value), hold all the mass the filter
+  // sees, and at small temperatures are a small part of the row. Every top-p
+  // cut lies inside them, and so does a top-k cut when K <= their number;
+  // only a pure top-k cut past them needs the whole row.
+  float* cz = s.cand_z.data();
+  int32_t* ci = s.cand_i.data();
+  int64_t n = 0;
+  for (int64_t v = 0; v < V; ++v) {  // branch-free compaction, order kept
+    cz[n] = z[v];
+    ci[n] = int32_t(v);
+    n += (z[v] - mx > kMassFloor) ? 1 : 0;
+  }
+  const int64_t K = effective_top_k(cfg.top_k, V);
+  if (!(cfg.top_p < 1.0f) && K > n) {  // top-k reaches past the candidates
+    const Cut cut = filter_cut(z, V, mx, cfg, s);
+    int64_t ties = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const uint32_t dk = desc_key(z[v]);
+      if (dk > cut.dk) continue;
+      if (dk == cut.dk && ties++ >= cut.ties) continue;
+      am.offer(cfg.official ? temper(z[v], tau) : z[v], v);
+    }
+    return am.idx;
+  }
+  // K >= n acts as "top-k off" inside the candidates: the first K entries hold
+  // all of their mass, and the top-p cut comes before K.
+  const Cut cut = filter_cut(cz, n, mx, cfg, s);
   int64_t ties = 0;
-  for (int64_t v = 0; v < V; ++v) {
-    const uint32_t dk = desc_key(z[v]);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t dk = desc_key(cz[i]);
     if (dk > cut.dk) continue;
     if (dk == cut.dk && ties++ >= cut.ties) continue;
-    am.offer(cfg.official ? temper(z[v], tau) : z[v], v);
+    am.offer(cfg.official ? temper(cz[i], tau) : cz[i], ci[i]);
   }
   return am.idx;
 }
