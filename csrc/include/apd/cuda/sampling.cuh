@@ -268,6 +268,16 @@ APD_DEVICE unsigned long long fixed_mass(float z, float zmax) {
   return __float2ull_rn(expf(z - zmax) * kMassScale);
 }
 
+// hist[digit] += 1 for every lane with `in`, one atomic per distinct digit and
+// warp: a row's entries crowd into a few first-level bins, and shared-memory
+// atomics on one address serialise. Called by all lanes that are active here.
+APD_DEVICE void hist_count(unsigned int* hist, uint32_t digit, bool in) {
+  const unsigned active = __activemask();
+  const unsigned peers = __match_any_sync(active, in ? digit : 0xffffffffu);  // digits are < 2^11
+  const unsigned lane = threadIdx.x & 31u;
+  if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], unsigned(__popc(peers)));
+}
+
 // ---------------------------------------------------------------------------
 // One row
 // ---------------------------------------------------------------------------
@@ -402,14 +412,17 @@ class RowSampler {
       __syncthreads();
       for_each_group([&](int v0, const float (&x)[kVec]) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          if (v0 + j >= ctx_.V) continue;
+        for (int j = 0; j < kVec; ++j) {  // no early exit: hist_count is warp-collective
           const float z = temper(x[j], ctx_.tau);
           const uint32_t dk = desc_key(z);
-          if (dk >= dk_end || (dk & hi_mask) != prefix) continue;
+          const unsigned long long m = with_mass ? fixed_mass(z, zmax) : 0ull;
+          // A mass select can skip zero-mass entries: the cumulative mass only
+          // grows at positive-mass entries, so the cut (target > 0) and every
+          // entry before it in sorted order (larger z) have positive mass.
+          const bool in = v0 + j < ctx_.V && dk < dk_end && (dk & hi_mask) == prefix && (!by_mass || m != 0);
           const uint32_t digit = (dk >> shift) & digit_mask;
-          atomicAdd(&sm_.hist_cnt[digit], 1u);
-          if (with_mass) atomicAdd(&sm_.hist_mass[digit], fixed_mass(z, zmax));
+          hist_count(sm_.hist_cnt, digit, in);
+          if (in && m != 0) atomicAdd(&sm_.hist_mass[digit], m);
         }
       });
       __syncthreads();
