@@ -8,9 +8,12 @@
 // pre-multiplied by scale * log2(e)) so the softmax needs only exp2.
 //
 // The fp32 inner kernels use GCC/Clang vector extensions (8 floats) and are
-// compiled twice on x86-64 (AVX2+FMA and baseline SSE2), picked at load time.
+// compiled twice on x86-64 (AVX2+FMA and baseline SSE2), picked at load time;
+// fp16 rows are decoded with F16C where the CPU has it.
 #pragma once
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -28,10 +31,14 @@
 #include "apd/attention_params.h"
 #include "apd/common.h"
 
+// Predefine APD_CPU_MULTIVERSION (empty) to build only the baseline variant
+// (tests/cpp/test_attention_cpu.cpp does, to cover it on an AVX2 machine).
+#if !defined(APD_CPU_MULTIVERSION)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define APD_CPU_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define APD_CPU_MULTIVERSION
+#endif
 #endif
 #define APD_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -240,7 +247,8 @@ inline void convert_row(const fp16_t* src, float* dst, int64_t n) {
 // Per-thread fp32 scratch of one task.
 struct Workspace {
   std::vector<float> q, kt, v, s, o, m, l, alpha, row;
-  std::vector<int> limit, n_vis;
+  std::vector<int64_t> limit;  // visible keys [0, limit) of each packed row
+  std::vector<int> n_vis;      // of those, how many fall in the current block
   Workspace(int64_t rows, int64_t dp)
       : q(rows * dp), kt(dp * kBlockN), v(kBlockN * dp), s(rows * kBlockN), o(rows * dp), m(rows), l(rows),
         alpha(rows), row(dp), limit(rows), n_vis(rows) {}
@@ -265,7 +273,7 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
     int64_t lim = 0;
     if (i < rows_here && j < q_len) lim = p.causal ? std::min(kv_len, q_start + j + 1) : kv_len;
     lim = std::max<int64_t>(lim, 0);
-    w.limit[r] = int(lim);
+    w.limit[r] = lim;
     kend = std::max(kend, lim);
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.0f;
@@ -282,7 +290,7 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
   for (int64_t k0 = 0; k0 < kend; k0 += kBlockN) {
     const int nb = int(std::min<int64_t>(kBlockN, kend - k0));
     // K block, transposed to [Dp, 64] so that a score tile is a row of FMAs;
-    // columns >= nb keep stale finite values and are masked by n_vis.
+    // columns >= nb keep stale values, which n_vis masks out of the softmax.
     for (int n = 0; n < nb; ++n) {
       const T* kr = kc + b * p.k_stride_b + (k0 + n) * p.k_stride_l + hkv * p.k_stride_h;
       const T* vr = vc + b * p.v_stride_b + (k0 + n) * p.v_stride_l + hkv * p.v_stride_h;
@@ -333,17 +341,25 @@ template <typename T>
 void window_attention(const WindowAttentionParams& p) {
   using namespace attn;
   if (p.B <= 0 || p.Lq <= 0 || p.Hq <= 0 || p.D <= 0) return;
+#if defined(_OPENMP)
   const int nthreads = omp_get_max_threads();
+#else
+  const int nthreads = 1;
+#endif
   const int64_t g = p.Hq / p.Hkv;
   const int64_t bm = choose_block_m(p, nthreads);
   const int64_t nqb = ceil_div<int64_t>(p.Lq, bm);
   const int64_t rows_padded = ceil_div<int64_t>(bm * g, kRowAlign) * kRowAlign;
   const int64_t dp = ceil_div<int64_t>(p.D, kDAlign) * kDAlign;
   const int64_t ntasks = p.B * p.Hkv * nqb;
+#if defined(_OPENMP)
 #pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, ntasks)))
+#endif
   {
     Workspace w(rows_padded, dp);  // zero-filled: the padding of Q, K and V stays 0
+#if defined(_OPENMP)
 #pragma omp for schedule(dynamic, 1)
+#endif
     for (int64_t t = 0; t < ntasks; ++t) {
       const int64_t qb = t % nqb, hkv = (t / nqb) % p.Hkv, b = t / (nqb * p.Hkv);
       run_task<T>(p, w, b, hkv, qb * bm, bm, rows_padded, dp);
