@@ -554,20 +554,19 @@ class RowSampler {
   APD_DEVICE KeptSet kept_official(const SamplerConfig& cfg, float zmax) {
     const int V = ctx_.V;
     const int64_t K = effective_top_k(cfg.top_k, V);
-    int64_t n_p = V;
-    KeptSet kept = keep_all();
-    if (cfg.top_p < 1.0f) {
-      const Selection sp = select(zmax, 0xffffffffu, true, true, 0, -1.0, cfg.top_p);
-      const int64_t c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq),
-                                      sp.target);
+    const bool topp = cfg.top_p < 1.0f;
+    Selection sp{};
+    int64_t c = 0, n_p = V;
+    if (topp) {
+      sp = select(zmax, 0xffffffffu, true, true, 0, -1.0, cfg.top_p);
+      c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq), sp.target);
       n_p = int64_t(sp.cnt_before) + c;
-      kept = kept_from(sp, (unsigned long long)c);
     }
     if (K < n_p) {
       const Selection sk = select(zmax, 0xffffffffu, false, false, (unsigned long long)K, 0.0, 1.0f);
-      kept = kept_from(sk, (unsigned long long)K - sk.cnt_before);
+      return kept_from(sk, (unsigned long long)K - sk.cnt_before);
     }
-    return kept;
+    return topp ? kept_from(sp, (unsigned long long)c) : keep_all();
   }
 };
 
