@@ -273,6 +273,7 @@ APD_DEVICE unsigned long long fixed_mass(float z, float zmax) {
 // atomics on one address serialise. Called by all lanes that are active here.
 APD_DEVICE void hist_count(unsigned int* hist, uint32_t digit, bool in) {
   const unsigned active = __activemask();
+  if (!__any_sync(active, in)) return;  // common in the refining passes; uniform over `active`
   const unsigned peers = __match_any_sync(active, in ? digit : 0xffffffffu);  // digits are < 2^11
   const unsigned lane = threadIdx.x & 31u;
   if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], unsigned(__popc(peers)));
