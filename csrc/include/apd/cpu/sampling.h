@@ -259,6 +259,7 @@ int64_t sample_row(ZFn zf, int64_t V, const SamplerConfig& cfg, uint64_t seed, u
   float* z = s.z.data();
   float mx = -INFINITY;
   bool nan = false;
+#pragma omp simd reduction(max : mx) reduction(|| : nan)
   for (int64_t v = 0; v < V; ++v) {  // max + NaN flag instead of nan_max: vectorises
     const float x = zf(v);
     z[v] = x;
@@ -304,15 +305,56 @@ int64_t sample_row(ZFn zf, int64_t V, const SamplerConfig& cfg, uint64_t seed, u
   return am.idx;
 }
 
-// log-sum-exp of one row in fp32 from an fp64 sum (non-finite for bad rows).
+// exp(x) for x <= 0, branch-free so that loops over a row vectorise (libm's
+// expf does not): Cody-Waite reduction by ln 2 and a degree-7 Taylor
+// polynomial, < 2 ulp. Returns 0 at or below kMassFloor (see mass_of): the
+// dropped terms weigh < V e^-48 relative to the max term 1.
+inline float exp_nonpos(float x) {
+  // Entries at or below the floor (and -inf) are computed as exp(0) and masked
+  // to 0 with bit operations: float selects do not if-convert under trapping math.
+  const uint32_t keep = 0u - uint32_t(x > kMassFloor);
+  const float t = bits_to_float(float_to_bits(x) & keep);  // in (-48, 0]
+  const float k = (t * 1.44269504f + 12582912.0f) - 12582912.0f;  // round(t / ln 2)
+  const float r = (t - k * 0.693145752f) - k * 1.42860677e-6f;   // |r| <= ln(2) / 2
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = bits_to_float(uint32_t(int32_t(k) + 127) << 23);  // 2^k, k in [-70, 0]
+  return bits_to_float(float_to_bits(p * scale) & keep);
+}
+
+// log-sum-exp of one row, fp32 result from an fp64 sum (non-finite for bad
+// rows): a vectorised max pass, a vectorised exp pass into tmp [n], then four
+// fp64 accumulators.
 template <typename T>
-float row_lse(const T* x, int64_t n) {
+float row_lse(const T* x, int64_t n, float* tmp) {
   float mx = -INFINITY;
-  for (int64_t v = 0; v < n; ++v) mx = nan_max(mx, to_float(x[v]));
-  if (!(std::fabs(mx) <= 3.4e38f)) return mx == -INFINITY ? -INFINITY : NAN;
-  double sum = 0.0;
-  for (int64_t v = 0; v < n; ++v) sum += double(std::exp(to_float(x[v]) - mx));
-  return float(double(mx) + std::log(sum));
+  bool nan = false;
+#pragma omp simd reduction(max : mx) reduction(|| : nan)
+  for (int64_t v = 0; v < n; ++v) {
+    const float f = to_float(x[v]);
+    mx = f > mx ? f : mx;
+    nan |= f != f;
+  }
+  if (nan || mx == INFINITY) return NAN;
+  if (mx == -INFINITY) return -INFINITY;
+#pragma omp simd
+  for (int64_t v = 0; v < n; ++v) tmp[v] = exp_nonpos(to_float(x[v]) - mx);
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+  int64_t v = 0;
+  for (; v + 4 <= n; v += 4) {
+    s0 += tmp[v];
+    s1 += tmp[v + 1];
+    s2 += tmp[v + 2];
+    s3 += tmp[v + 3];
+  }
+  for (; v < n; ++v) s0 += tmp[v];
+  return float(double(mx) + std::log((s0 + s1) + (s2 + s3)));
 }
 
 template <typename F>
@@ -354,7 +396,7 @@ void mixture_accept(const MixtureAcceptParams& p) {
   const int64_t V = std::min(p.V_D, p.V_A);
   const float tau = p.cfg.temperature;
   const float one_minus_R = 1.0f - p.R;
-  detail::parallel_rows(p.B * p.M, V, [&](int64_t r, detail::Scratch& s) {
+  detail::parallel_rows(p.B * p.M, std::max(p.V_D, p.V_A), [&](int64_t r, detail::Scratch& s) {
     const int64_t b = r / p.M, i = r % p.M;
     if (i >= p.valid_len[b]) {
       p.target[r] = -1;
@@ -371,8 +413,9 @@ void mixture_accept(const MixtureAcceptParams& p) {
     }
     // Coupled: lse of both full rows (skipped where the mixture ignores them).
     const bool shift = p.R != 1.0f && p.R != 0.0f;
-    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D) : 0.0f,
-                                           shift ? detail::row_lse(a, p.V_A) : 0.0f);
+    float* tmp = s.z.data();  // free until sample_row fills it
+    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D, tmp) : 0.0f,
+                                           shift ? detail::row_lse(a, p.V_A, tmp) : 0.0f);
     auto zf = [&](int64_t v) {
       const float m = mixture_coupled(to_float(d[v]), to_float(a[v]), mr);
       return tau > 0.0f ? temper(m, tau) : m;
