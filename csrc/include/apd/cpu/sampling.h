@@ -346,14 +346,14 @@ float row_lse(const T* x, int64_t n, float* tmp) {
 #pragma omp simd
   for (int64_t v = 0; v < n; ++v) tmp[v] = exp_nonpos(to_float(x[v]) - mx);
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t v = 0;
-  for (; v + 4 <= n; v += 4) {
+  const int64_t n4 = n - n % 4;
+  for (int64_t v = 0; v < n4; v += 4) {
     s0 += tmp[v];
     s1 += tmp[v + 1];
     s2 += tmp[v + 2];
     s3 += tmp[v + 3];
   }
-  for (; v < n; ++v) s0 += tmp[v];
+  for (int64_t v = n4; v < n; ++v) s0 += tmp[v];
   return float(double(mx) + std::log((s0 + s1) + (s2 + s3)));
 }
 
