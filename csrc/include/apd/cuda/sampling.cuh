@@ -599,17 +599,26 @@ template <typename T>
 APD_DEVICE void row_lse(const RowPtr<T>& d, const RowPtr<T>& a, SampleSmem& sm, float* lse_d, float* lse_a) {
   Lse64 ad{-INFINITY, 0.0}, aa{-INFINITY, 0.0};
   const int n = max(d.n, a.n);
-  for (int v0 = int(threadIdx.x) * kVec; v0 < n; v0 += kTile) {
-    float x[kVec];
-    if (v0 < d.n) {
-      d.load4(v0, x);  // entries past the end read as -inf: lse64_push ignores them
+  // This is the pass that reads the rows from HBM: kU groups of both rows are
+  // loaded before any is used (fewer for fp32, whose values would spill).
+  // Entries past a row's end read as -inf, which lse64_push ignores.
+  constexpr int kU = sizeof(T) == 4 ? kUnroll / 2 : kUnroll;
+  for (int base = int(threadIdx.x) * kVec; base < n; base += kTile * kU) {
+    float xd[kU][kVec], xa[kU][kVec];
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) lse64_push(ad, x[j]);
+    for (int u = 0; u < kU; ++u) {
+      const int v0 = base + u * kTile;
+      if (v0 < d.n) d.load4(v0, xd[u]);
+      if (v0 < a.n) a.load4(v0, xa[u]);
     }
-    if (v0 < a.n) {
-      a.load4(v0, x);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) lse64_push(aa, x[j]);
+    for (int u = 0; u < kU; ++u) {
+      const int v0 = base + u * kTile;
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        if (v0 < d.n) lse64_push(ad, xd[u][j]);
+        if (v0 < a.n) lse64_push(aa, xa[u][j]);
+      }
     }
   }
   const Lse64 rd = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(ad, Lse64Op());
