@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "apd/cpu/sampling.h"
@@ -39,7 +40,8 @@ at::Tensor batch_int64(const char* op, const char* name, const at::Tensor& t, in
 at::Tensor unit_stride_vocab(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
   TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D [B, M, V], got ", t.sizes());
-  TORCH_CHECK(t.size(2) >= 1, op, ": ", name, " needs a vocabulary of at least 1 entry, got ", t.sizes());
+  TORCH_CHECK(t.size(2) >= 1 && t.size(2) <= INT32_MAX, op, ": ", name,
+              " needs a vocabulary of 1 to 2^31 - 1 entries (int32 candidate indices), got ", t.sizes());
   return t.stride(2) == 1 ? t : t.contiguous();
 }
 
