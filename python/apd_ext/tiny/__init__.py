@@ -17,3 +17,15 @@ def paths() -> tuple[Path, Path]:
 def test_file() -> Path:
     """The 500 fixed test problems (JSONL: question, answer, final)."""
     return _DATA / "arith_test.jsonl"
+
+
+def tokenizer():
+    """The pair's tokenizer, loaded with AutoTokenizer from the dLLM folder.
+
+    Both folders ship the same tokenizer.json. Load it from the dLLM folder (as
+    `apd generate` does): transformers >= 5 maps every model_type "qwen2"
+    folder to Qwen2Tokenizer, whose hard-coded pre-tokenizer splits digits,
+    so AutoTokenizer on the AR folder would not reproduce these ids.
+    """
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(paths()[0]), local_files_only=True)

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     probs = arith.load_jsonl(args.tasks)[: args.limit]
-    tok = AutoTokenizer.from_pretrained(str(args.ar), local_files_only=True)
+    # the dLLM folder: transformers >= 5 forces Qwen2Tokenizer on a qwen2 folder (see apd_ext.tiny.tokenizer)
+    tok = AutoTokenizer.from_pretrained(str(args.dllm), local_files_only=True)
     for name, d, fn in (("AR greedy", args.ar, ar_greedy), ("dLLM left-to-right K=1", args.dllm, dllm_leftright)):
         t0 = time.time()
         kw = {} if fn is ar_greedy else {"mask_id": tok.mask_token_id}
