@@ -11,6 +11,12 @@ Stages (each resumes from the checkpoints it finds in --work):
 
 Every batch and every mask is a pure function of (seed, step), so a resumed
 run sees the same data as an uninterrupted one. CPU threads: --threads.
+
+The shipped pair: `--seed 0`, defaults otherwise, 1 thread on a shared 2-core
+CPU: AR 1500 steps in 1709 s (99% on 100 test problems), dLLM 1500 steps in
+about 1800 s (its first 500 steps ran under a 1800-step cosine schedule, then
+resumed with --dllm-steps 1500: the learning rate of those steps differs from
+a fresh run by under 10%).
 """
 
 from __future__ import annotations
@@ -307,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-train", type=int, default=100000)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--ar-steps", type=int, default=3000)
-    ap.add_argument("--dllm-steps", type=int, default=3000)
+    ap.add_argument("--ar-steps", type=int, default=1500)
+    ap.add_argument("--dllm-steps", type=int, default=1500)
     ap.add_argument("--ar-lr", type=float, default=2e-3)
     ap.add_argument("--dllm-lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
