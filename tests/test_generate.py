@@ -275,12 +275,9 @@ def test_prompt_longer_than_context(pair):
 
 
 def test_bad_prompts(pair):
-    with pytest.raises(ValueError, match="batching is not supported yet"):
-        generate(pair.dllm, pair.verifier, torch.tensor([PROMPT, PROMPT]))
-    with pytest.raises(ValueError, match="batching is not supported yet"):
-        generate(pair.dllm, pair.verifier, [PROMPT, PROMPT[:5]])
-    with pytest.raises(ValueError, match="batching is not supported yet"):
-        generate_leftright(pair.dllm, torch.tensor([PROMPT, PROMPT]))
+    # Batching is tested in tests/test_batch.py; the diffusion baseline stays B = 1.
+    with pytest.raises(ValueError, match="not batched"):
+        generate_diffusion(pair.dllm, [PROMPT, PROMPT[:5]], steps=2)
     with pytest.raises(ValueError, match="token ids in"):
         generate(pair.dllm, pair.verifier, [[3, 4, 9999]])
     with pytest.raises(ValueError, match="empty prompt"):

@@ -1,8 +1,9 @@
 """The APD decoding loop (DESIGN.md §6) and its left-to-right baseline, which
 shares the same window, cache and noise semantics.
 
-Per sequence the loop state is a [B] tensor (t, n_prev, finished, step); left
-and right are derived from it each step. Shapes of the forwards depend on t,
+Per live sequence the loop state is a host [n] tensor (t, n_prev, total);
+left and right are derived from it each step. Finished sequences leave the
+batch (compaction, see _run). Shapes of the forwards depend on t,
 so a host copy of the state drives them; the one host synchronisation per
 step is the read of n_accept (it brings the drafted ids along, for streaming
 and for the bad-row check, in the same copy).
@@ -28,6 +29,8 @@ from apd_ext.decoding.common import (
     sampling_args,
     seed_tensor,
     finish_output,
+    compact_cache,
+    stack_prompts,
 )
 
 
@@ -73,23 +76,25 @@ class _Window:
             for size in buckets:  # q_len = 0: capture only, nothing valid is written
                 self.graphed(torch.zeros(batch, size, dtype=torch.int64, device=zero.device), zero, zero, zero, 1)
 
-    def bounds(self, t: torch.Tensor, n_prev: torch.Tensor, first: bool):
-        """t, n_prev: host [B] int64 -> left, right: host [B] int64."""
+    def bounds(self, t: torch.Tensor, n_prev: torch.Tensor, total: torch.Tensor, first: bool):
+        """t, n_prev, total (each sequence's length): host [B] int64 -> left, right: host [B] int64."""
         if first or self.W is None:
             left = torch.zeros_like(t)
         else:
             left = (t - n_prev - self.W + 1).clamp_min(0)
-        right = torch.clamp(t + self.M, max=self.total_len)
+        right = torch.minimum(t + self.M, total)
         return left, right
 
-    def forward(self, tokens: torch.Tensor, left: int, right: int, rows: int, args: "_StepArgs"):
-        """tokens: [B, total_len] device buffer (committed ids, then mask ids).
-        Returns the dLLM logits [B, rows, V_D] for positions t .. t+rows-1."""
+    def forward(self, win: torch.Tensor, rows: int, args: "_StepArgs"):
+        """win: [B, Lw] ids of positions left_b .. left_b + Lw - 1 (rows past
+        right_b are padding). Returns the dLLM logits [B, rows, V_D] for
+        positions t_b .. t_b + rows - 1 (rows past each sequence's own count
+        are padding)."""
         self.cache.crop_(args.left)
         if self.graphed is not None:
-            return self.graphed(tokens[:, left:right], args.left, args.window, args.row_start, rows)
+            return self.graphed(win, args.left, args.window, args.row_start, rows)
         return self.dllm.forward(
-            tokens[:, left:right],  # [B, right - left]
+            win,  # [B, Lw]
             self.cache,
             args.left,
             args.window,
@@ -111,13 +116,15 @@ class _StepArgs:
         self.host = torch.zeros((len(self.FIELDS), batch), dtype=torch.int64,
                                 pin_memory=device.type == "cuda")  # [7, B]
 
-    def send(self, **values) -> None:
+    def send(self, n: int, **values) -> None:
+        """values: [n] host vectors (or scalars) for the n live sequences."""
+        host = self.host[:, :n]
         for i, name in enumerate(self.FIELDS):
-            self.host[i] = values[name]
+            host[i] = values[name]
         if self.device.type == "cuda":
-            dev = self.host.to(self.device, non_blocking=True)
+            dev = host.to(self.device, non_blocking=True)
         else:
-            dev = self.host.clone()
+            dev = host.clone()
         for i, name in enumerate(self.FIELDS):
             setattr(self, name, dev[i])  # [B] views
 
@@ -160,116 +167,163 @@ def _graphs_supported(device: torch.device) -> bool:
 
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
          callback: Optional[Callback], n_accept_override: Optional[int],
-         cuda_graphs: bool = False, stop_after_steps: Optional[int] = None) -> APDOutput:
+         cuda_graphs: bool = False, stop_after_steps: Optional[int] = None,
+         attention_mask=None, seeds=None) -> APDOutput:
     """One loop for APD (verifier given, K None) and leftright (verifier None,
     K tokens per step). Both draw the draft with the same (seed, step,
-    position) noise, so APD with M=1 equals leftright with K=1."""
+    position) noise, so APD with M=1 equals leftright with K=1.
+
+    Batching: the live sequences are rows 0 .. n-1 of every device buffer and
+    cache. Each step pads their windows [left_b, right_b) to one Lw and passes
+    ragged q_start / q_len / logit rows; padding rows only ever write the
+    caches' scratch slot. A sequence that finishes (EOS or length) leaves the
+    batch at once: its tokens go to the output and the caches, ids and seeds
+    are COMPACTED (one gather of the live rows), rather than masked. Masking
+    (q_len = 0) would keep its rows in every GEMM of both models until the last
+    sequence ends; compaction costs one cache gather per finishing event (at
+    most B per generation, none at all when the whole batch ends together)."""
     device = model_device(dllm)
-    prompts = normalize_prompts(input_ids)
+    prompts = normalize_prompts(input_ids, attention_mask)
     models = [dllm] if verifier is None else [dllm, verifier]
-    total_len = check_prompt(prompts, models, cfg.max_new_tokens)
+    totals = check_prompt(prompts, models, cfg.max_new_tokens)
     eos = resolve_eos(dllm, eos_token_ids)
     eos_dev = torch.tensor(eos, dtype=torch.int64, device=device) if eos else None
-    B, plen = prompts.shape
-    mask_id = int(dllm.config.mask_token_id)
-
-    tokens = torch.full((B, total_len), mask_id, dtype=torch.int64, device=device)  # [B, L]
-    tokens[:, :plen] = prompts.to(device)
-    seeds = seed_tensor(cfg.seed, B, device)  # [B]
+    B = len(prompts)
+    seeds_d = seed_tensor(cfg.seed, B, device, seeds)  # [B]
     if cuda_graphs and not _graphs_supported(device):
         raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
-    window = _Window(dllm, B, total_len, cfg.W, cfg.M, graphs=cuda_graphs)
+    if cuda_graphs and B > 1:
+        # Graphs bind one cache and one batch size; compaction changes both.
+        raise ValueError(f"cuda_graphs: supported for one prompt only (batch size 1), got {B} prompts; "
+                         "batched generation runs eagerly")
+    mask_id = int(dllm.config.mask_token_id)
+    L = max(totals)
+    plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)
+    # Width 2L: window gathers and commits index up to left + Lw <= 2L - 1 and
+    # t + rows <= L without clamping (no duplicate scatter targets).
+    tokens = stack_prompts(prompts, 2 * L, mask_id, device)  # [n, 2L] live rows
+    out_tokens = tokens.clone()  # [B, 2L] rows in batch order, filled as sequences finish
+    window = _Window(dllm, B, L, cfg.W, cfg.M, graphs=cuda_graphs)
     args = _StepArgs(B, device)
-    # Loop state, one entry per sequence (host tensors: they size the forwards).
-    # Lengths passed to the ops are valid by construction (1 <= rows <= M), so
-    # the ops' host-side length checks (a device sync on CUDA) are skipped.
-    t = torch.full((B,), plen, dtype=torch.int64)
-    n_prev = torch.zeros(B, dtype=torch.int64)
-    step = torch.zeros(B, dtype=torch.int64)
-    finished = torch.zeros(B, dtype=torch.bool)
+    # Loop state of the live sequences (host tensors: they size the forwards).
+    # Lengths passed to the ops are valid by construction (0 <= rows_b <= M),
+    # so the ops' host-side length checks (a device sync on CUDA) are skipped.
+    live = torch.arange(B)  # batch index of each live row
+    t = plens.clone()  # [n]
+    total = torch.tensor(totals, dtype=torch.int64)  # [n]
+    n_prev = torch.zeros(B, dtype=torch.int64)  # [n]
+    generated = [0] * B
 
     stats = GenerationStats()
     timer = PhaseTimer(device)
     accepted = [[] for _ in range(B)]
     ver = None
     if verifier is not None:
-        ver = _Verifier(verifier, B, total_len, min(cfg.M, total_len - plen), cuda_graphs)
+        ver = _Verifier(verifier, B, L, min(cfg.M, int((total - plens).max())), cuda_graphs)
     timer.start()
-    if ver is not None:
-        if plen > 1:  # the verifier's cache holds [0, t-1) before each step
-            with timer("verifier"):
-                verifier.forward(
-                    tokens[:, : plen - 1], ver.cache,
-                    torch.zeros(B, dtype=torch.int64, device=device),
-                    torch.full((B,), plen - 1, dtype=torch.int64, device=device),
-                    logit_rows=(torch.full((B,), plen - 2, dtype=torch.int64, device=device), 1),
-                )
-            stats.verifier_forwards += 1
+    pmax = int(plens.max())
+    if ver is not None and pmax > 1:  # the verifier's cache holds [0, t-1) before each step
+        with timer("verifier"):
+            verifier.forward(
+                tokens[:, : pmax - 1], ver.cache,
+                torch.zeros(B, dtype=torch.int64, device=device),
+                (plens - 1).to(device),  # q_len 0 for one-token prompts
+                logit_rows=(torch.zeros(B, dtype=torch.int64, device=device), 1),
+            )
+        stats.verifier_forwards += 1
 
-    while not bool(finished.all()):
-        left_t, right_t = window.bounds(t, n_prev, first=bool(step[0] == 0))
-        ti, left, right = int(t[0]), int(left_t[0]), int(right_t[0])
-        m = right - ti  # drafted rows this step, >= 1
-        rows = m if K is None else min(K, m)
-        args.send(left=left_t, window=right_t - left_t, row_start=t - 1 - left_t, pos=t, rows=rows,
+    step = 0
+    while live.numel():
+        n = live.numel()
+        left_t, right_t = window.bounds(t, n_prev, total, first=step == 0)
+        m_t = right_t - t  # drafted rows per sequence, >= 1
+        rows_t = m_t if K is None else m_t.clamp(max=K)
+        rows = int(rows_t.max())
+        row_start = t - 1 - left_t
+        Lw = int(torch.maximum(right_t - left_t, row_start + rows).max())
+        args.send(n, left=left_t, window=right_t - left_t, row_start=row_start, pos=t, rows=rows_t,
                   step=step, ver_start=t - 1)
-        pos_d, step_d, rows_d = args.pos, args.step, args.rows  # [B] each, on the device
+        pos_d, step_d, rows_d = args.pos, args.step, args.rows  # [n] each, on the device
+        ar = torch.arange(max(Lw, rows), device=device)
 
+        win = tokens.gather(1, args.left[:, None] + ar[:Lw])  # [n, Lw]
         with timer("dllm"):
-            d_logits = window.forward(tokens, left, right, rows, args)  # [B, rows, V_D]
+            d_logits = window.forward(win, rows, args)  # [n, rows, V_D]
         stats.dllm_forwards += 1
         with timer("sampling"):
             draft = ops.sample_draft(
-                d_logits, pos_d, rows_d, seeds, step_d, temperature=cfg.temperature,
+                d_logits, pos_d, rows_d, seeds_d, step_d, temperature=cfg.temperature,
                 top_k=cfg.top_k, top_p=cfg.top_p, compat=cfg.compat,
-                check_lengths=False)  # [B, rows]
+                check_lengths=False)  # [n, rows], -1 past rows_b
 
         if ver is not None:
             # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
             # Ids the verifier cannot embed are clamped into [0, V_A): a bad row's
-            # -1 (the step raises once n_accept is read) and dLLM ids >= V_A (its
-            # padding rows: such a draft never matches, DESIGN §4, but the first
-            # token of a step is accepted anyway and then feeds the next step).
-            v_in = torch.cat([tokens[:, ti - 1 : ti], draft[:, : rows - 1]], dim=1)  # [B, rows]
+            # -1 (the step raises once n_accept is read), padding rows' -1, and
+            # dLLM ids >= V_A (its padding rows: such a draft never matches,
+            # DESIGN §4, but the first token of a step is accepted anyway and
+            # then feeds the next step).
+            v_in = torch.cat([tokens.gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)  # [n, rows]
             v_in.clamp_(0, ver.vocab - 1)
             with timer("verifier"):
-                a_logits = ver.forward(v_in, args.ver_start, rows_d, rows)  # [B, rows, V_A]
+                a_logits = ver.forward(v_in, args.ver_start, rows_d, rows)  # [n, rows, V_A]
             stats.verifier_forwards += 1
             with timer("sampling"):
                 _, n_acc = ops.mixture_accept(
-                    d_logits, a_logits, draft, pos_d, rows_d, seeds, step_d, R=cfg.R,
+                    d_logits, a_logits, draft, pos_d, rows_d, seeds_d, step_d, R=cfg.R,
                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                     eos_ids=eos_dev, acceptance=cfg.sampling_acceptance, compat=cfg.compat,
-                    check_lengths=False)  # [B]
+                    check_lengths=False)  # [n]
         else:
             with timer("sampling"):
-                n_acc = ops.accept_prefix(draft, draft, rows_d, eos_ids=eos_dev, check_lengths=False)  # [B]
+                n_acc = ops.accept_prefix(draft, draft, rows_d, eos_ids=eos_dev, check_lengths=False)  # [n]
 
         if n_accept_override is not None:  # benchmarking only: a fixed acceptance schedule
-            n_acc = torch.clamp(torch.full_like(n_acc, n_accept_override), max=rows)
+            n_acc = torch.minimum(torch.full_like(n_acc, n_accept_override), rows_d)
+        # Commit on the device (no host round trip): tokens[b, t_b + j] = draft[b, j] for j < n_acc[b].
+        idx = pos_d[:, None] + ar[:rows]  # [n, rows], < L by construction
+        keep = ar[:rows] < n_acc[:, None]
+        tokens.scatter_(1, idx, torch.where(keep, draft, tokens.gather(1, idx)))
         # The one host synchronisation of the step: n_accept, with the draft alongside.
         host = torch.cat([n_acc, draft.reshape(-1)]).cpu()
-        n = int(host[0])
-        d_host = host[1 : 1 + rows]
-        _bad_row(int(step[0]), ti, d_host, rows)
-
-        tokens[:, ti : ti + n] = draft[:, :n]
-        new = d_host[:n].tolist()
-        accepted[0].append(n)
+        n_h = host[:n]
+        d_host = host[n:].view(n, rows)
+        per_step = [[] for _ in range(B)] if callback is not None else None
+        done = torch.zeros(n, dtype=torch.bool)
+        for i in range(n):
+            b, r = int(live[i]), int(rows_t[i])
+            _bad_row(step, int(t[i]), d_host[i], r)
+            k = int(n_h[i])
+            new = d_host[i, :k].tolist()
+            accepted[b].append(k)
+            if per_step is not None:
+                per_step[b] = new
+            if any(v in eos for v in new) or int(t[i]) + k >= int(total[i]):
+                done[i] = True
         stats.steps += 1
-        t += n
-        n_prev.fill_(n)
         step += 1
-        if any(v in eos for v in new) or int(t[0]) >= total_len:
-            finished[0] = True
+        t += n_h
+        n_prev = n_h.clone()
         if stop_after_steps is not None and stats.steps >= stop_after_steps:  # benchmarking only
-            finished[0] = True
+            done[:] = True
         if callback is not None:
-            callback(int(step[0]), [new])
+            callback(step, per_step)
+
+        if bool(done.any()):
+            fin, stay = done.nonzero().flatten(), (~done).nonzero().flatten()
+            for i in fin.tolist():
+                generated[int(live[i])] = int(t[i] - plens[i])
+            out_tokens[live[fin].to(device)] = tokens[fin.to(device)]
+            live, t, total, n_prev, plens = live[stay], t[stay], total[stay], n_prev[stay], plens[stay]
+            if live.numel():
+                stay_d = stay.to(device)
+                tokens, seeds_d = tokens[stay_d], seeds_d[stay_d]
+                window.cache = compact_cache(window.cache, stay_d)
+                if ver is not None:
+                    ver.cache = compact_cache(ver.cache, stay_d)
 
     seconds = timer.stop()
-    generated = int(t[0]) - plen
-    out = finish_output(prompts, tokens, generated, total_len, cfg.max_new_tokens,
+    out = finish_output(prompts, out_tokens, generated, cfg.max_new_tokens,
                         getattr(dllm.config, "pad_token_id", None), accepted, stats)
     timer.fill(out.stats, seconds)
     return out
@@ -277,18 +331,24 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
 
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
+             attention_mask=None, seeds=None,
              _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
              **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
     dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
     both from apd_ext.load_model, same tokenizer, same device.
-    input_ids: LongTensor [B, P] or a list of 1-D prompts (B = 1 until batching).
+    input_ids: a list of B 1-D prompts (ragged), a LongTensor [B, L] of B
+    full prompts, or [B, L] with attention_mask [B, L] (0/1, left or right
+    padding: each row one run of ones touching an end).
+    seeds: None (every sequence uses config.seed) or B uint64 seeds. Each
+    sequence's tokens are those it gets alone with its seed (batch invariance).
     config: APDConfig (default APDConfig()); keyword overrides replace fields.
-    eos_token_ids: default the dLLM checkpoint's. callback(step, tokens_accepted).
+    eos_token_ids: default the dLLM checkpoint's. callback(step, tokens_accepted):
+    tokens_accepted[b] is [] for sequences already finished.
     cuda_graphs: replay the verifier's M-row forward and the dLLM's windows
     (power-of-two buckets) as CUDA graphs, captured before the timed loop.
-    Same tokens as eager; CUDA only; off by default.
+    Same tokens as eager; CUDA only, ONE prompt only (B = 1); off by default.
     _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
     acceptance schedule; stop after that many steps), not part of the API.
     """
@@ -300,18 +360,21 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     _check_pair(dllm, verifier)
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
                 callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
-                stop_after_steps=_stop_after_steps)
+                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
                        temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
                        max_new_tokens: int = 256, eos_token_ids=None,
                        callback: Optional[Callback] = None, compat: Optional[str] = None,
-                       cuda_graphs: bool = False, _stop_after_steps: Optional[int] = None) -> APDOutput:
+                       cuda_graphs: bool = False, attention_mask=None, seeds=None,
+                       _n_accept_override: Optional[int] = None,
+                       _stop_after_steps: Optional[int] = None) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
     window). The first EOS ends the sequence. Sampling defaults are
-    APDConfig's (temperature 0.2, top_p 0.95); cuda_graphs as in generate."""
+    APDConfig's (temperature 0.2, top_p 0.95); batching (input_ids,
+    attention_mask, seeds) and cuda_graphs as in generate."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K: expected an int >= 1, got {K!r}")
     check_kind("dllm", dllm, "dllm")
@@ -319,4 +382,5 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
     cfg = APDConfig(R=1.0, W=W, M=M if M is not None else max_new_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, compat=compat, max_new_tokens=max_new_tokens, seed=seed)
     return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
-                n_accept_override=None, cuda_graphs=cuda_graphs, stop_after_steps=_stop_after_steps)
+                n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
+                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds)

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from apd_ext import ops
-from apd_ext._validate import check_choice
+from apd_ext._validate import check_choice, fail
 from apd_ext.decoding.common import (
     APDOutput,
     Callback,
@@ -15,6 +15,7 @@ from apd_ext.decoding.common import (
     PhaseTimer,
     check_kind,
     check_prompt,
+    compact_cache,
     finish_output,
     first_eos_count,
     model_device,
@@ -22,6 +23,7 @@ from apd_ext.decoding.common import (
     resolve_eos,
     sampling_args,
     seed_tensor,
+    stack_prompts,
 )
 
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
@@ -70,8 +72,12 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     sampling_args(temperature, top_p, top_k)
     device = model_device(dllm)
-    prompts = normalize_prompts(input_ids)
-    total_len = check_prompt(prompts, [dllm], max_new_tokens)
+    plist = normalize_prompts(input_ids)
+    if len(plist) != 1:
+        # The diffusion baseline decodes one prompt at a time (batching is APD's, leftright's and AR's).
+        fail("input_ids", "one prompt (generate_diffusion is not batched)", f"{len(plist)} prompts")
+    total_len = check_prompt(plist, [dllm], max_new_tokens)[0]
+    prompts = plist[0][None]  # [1, P]
     eos = resolve_eos(dllm, eos_token_ids)
     B, plen = prompts.shape
     gen_len = total_len - plen
@@ -135,7 +141,7 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
     if mask_id in tail:
         tail = tail[: tail.index(mask_id)]
     generated = first_eos_count(tail, eos)
-    out = finish_output(prompts, tokens, generated, total_len, max_new_tokens,
+    out = finish_output(plist, tokens, [generated], max_new_tokens,
                         getattr(dllm.config, "pad_token_id", None), accepted, stats)
     timer.fill(out.stats, seconds)
     return out
@@ -143,53 +149,79 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
 
 def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0,
                 seed: int = 0, max_new_tokens: int = 256, eos_token_ids=None,
-                callback: Optional[Callback] = None) -> APDOutput:
+                callback: Optional[Callback] = None, attention_mask=None, seeds=None) -> APDOutput:
     """Plain autoregressive decoding with a Qwen2 model (kind 'ar'): greedy at
     temperature 0, otherwise Gumbel-max sampling with the shared noise
     (seed, step, position); defaults are APDConfig's (0.2, top_p 0.95). Stops
-    after the first EOS or at the budget."""
+    after the first EOS or at the budget. Batched as generate (ragged prompts,
+    attention_mask, per-sequence seeds); finished sequences leave the batch."""
     check_kind("model", model, "ar")
     sampling_args(temperature, top_p, top_k)
     device = model_device(model)
-    prompts = normalize_prompts(input_ids)
-    total_len = check_prompt(prompts, [model], max_new_tokens)
+    prompts = normalize_prompts(input_ids, attention_mask)
+    totals = check_prompt(prompts, [model], max_new_tokens)
     eos = resolve_eos(model, eos_token_ids)
-    B, plen = prompts.shape
-    tokens = torch.zeros((B, total_len), dtype=torch.int64, device=device)  # [B, L]
-    tokens[:, :plen] = prompts.to(device)
-    seeds = seed_tensor(seed, B, device)
-    cache = model.new_cache(B, total_len)
-    one = torch.ones(B, dtype=torch.int64, device=device)
+    B = len(prompts)
+    seeds_d = seed_tensor(seed, B, device, seeds)  # [B]
+    L = max(totals)
+    plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)
+    tokens = stack_prompts(prompts, L, 0, device)  # [n, L] live rows
+    out_tokens = tokens.clone()  # [B, L] in batch order
+    cache = model.new_cache(B, L)
+    live = torch.arange(B)
+    t = plens.clone()  # [n] next position to sample
+    total = torch.tensor(totals, dtype=torch.int64)
+    generated = [0] * B
     stats = GenerationStats()
     timer = PhaseTimer(device)
-    accepted = [[]]
+    accepted = [[] for _ in range(B)]
     timer.start()
-    t = plen
+    t_d = t.to(device)
+    ones = torch.ones(B, dtype=torch.int64, device=device)
     with timer("verifier"):
-        logits = model.forward(tokens[:, :plen], cache, torch.zeros_like(one), one * plen,
-                               logit_rows=(one * (plen - 1), 1))  # [B, 1, V]
+        logits = model.forward(tokens[:, : int(plens.max())], cache, torch.zeros_like(ones), t_d,
+                               logit_rows=(t_d - 1, 1))  # [B, 1, V]
     stats.verifier_forwards += 1
     while True:
+        n = live.numel()
         with timer("sampling"):
-            tok = ops.sample_draft(logits, one * t, one, seeds, one * stats.steps,
-                                   temperature=temperature, top_k=top_k, top_p=top_p)  # [B, 1]
-        tokens[:, t : t + 1] = tok
-        v = int(tok[0, 0])  # the one host synchronisation per token
-        if v < 0:
-            raise RuntimeError(f"step {stats.steps}: the model's logits row for position {t} is not finite "
-                               "(sampled id -1)")
-        t += 1
+            tok = ops.sample_draft(logits, t_d, ones[:n], seeds_d, torch.full_like(t_d, stats.steps),
+                                   temperature=temperature, top_k=top_k, top_p=top_p,
+                                   check_lengths=False)  # [n, 1]
+        tokens.scatter_(1, t_d[:, None], tok)
+        toks = tok[:, 0].tolist()  # the one host synchronisation per step
         stats.steps += 1
-        accepted[0].append(1)
+        per_step = [[] for _ in range(B)]
+        done = torch.zeros(n, dtype=torch.bool)
+        for i, v in enumerate(toks):
+            b = int(live[i])
+            if v < 0:
+                raise RuntimeError(f"step {stats.steps - 1}: the model's logits row for position {int(t[i])} "
+                                   "is not finite (sampled id -1)")
+            accepted[b].append(1)
+            per_step[b] = [v]
+            done[i] = v in eos or int(t[i]) + 1 >= int(total[i])
+        t += 1
         if callback is not None:
-            callback(stats.steps, [[v]])
-        if v in eos or t >= total_len:
-            break
+            callback(stats.steps, per_step)
+        if bool(done.any()):
+            # Compaction, as in the APD loop: finished rows leave every buffer.
+            fin, stay = done.nonzero().flatten(), (~done).nonzero().flatten()
+            for i in fin.tolist():
+                generated[int(live[i])] = int(t[i] - plens[i])
+            out_tokens[live[fin].to(device)] = tokens[fin.to(device)]
+            live, t, total, plens = live[stay], t[stay], total[stay], plens[stay]
+            if not live.numel():
+                break
+            stay_d = stay.to(device)
+            tokens, seeds_d, tok = tokens[stay_d], seeds_d[stay_d], tok[stay_d]
+            cache = compact_cache(cache, stay_d)
+        t_d = t.to(device)
         with timer("verifier"):
-            logits = model.forward(tokens[:, t - 1 : t], cache, one * (t - 1), one, logit_rows=None)  # [B, 1, V]
+            logits = model.forward(tok, cache, t_d - 1, ones[: live.numel()], logit_rows=None)  # [n, 1, V]
         stats.verifier_forwards += 1
     seconds = timer.stop()
-    out = finish_output(prompts, tokens, t - plen, total_len, max_new_tokens,
+    out = finish_output(prompts, out_tokens, generated, max_new_tokens,
                         getattr(model.config, "pad_token_id", None), accepted, stats)
     timer.fill(out.stats, seconds)
     return out

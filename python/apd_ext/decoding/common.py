@@ -32,6 +32,8 @@ class GenerationStats:
     dllm_seconds: float = 0.0
     verifier_seconds: float = 0.0
     sampling_seconds: float = 0.0
+    batch_size: int = 1
+    sequence_steps: int = 0  # steps summed over the sequences (a batch step counts each live one)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,8 +41,8 @@ class GenerationStats:
 
 @dataclass
 class APDOutput:
-    """sequences: [B, P + max_new] int64, prompt + generation, padded with the
-    pad id after each sequence's end; num_generated: [B] int64 (the first EOS
+    """sequences: [B, max_b P_b + max_new] int64, row b = prompt b (from column
+    0) + its generation, padded with the pad id after the sequence's end; num_generated: [B] int64 (the first EOS
     included); accepted_per_step[b]: tokens committed at each step."""
 
     sequences: torch.Tensor  # [B, P + max_new_tokens] int64
@@ -53,6 +55,12 @@ class APDOutput:
         """The generated ids of sequence b (1-D, EOS included)."""
         start = self.prompt_lengths[b]
         return self.sequences[b, start : start + int(self.num_generated[b])]
+
+    def sequence_stats(self, b: int) -> dict:
+        """Per-sequence counters: steps it was live, tokens generated, tokens per step."""
+        steps = len(self.accepted_per_step[b])
+        gen = int(self.num_generated[b])
+        return dict(steps=steps, generated_tokens=gen, tokens_per_step=gen / steps if steps else 0.0)
 
 
 class PhaseTimer:
@@ -124,26 +132,82 @@ def check_kind(argname: str, model, kind: str) -> None:
              "in the checkpoint's config.json)")
 
 
-def seed_tensor(seed: int, batch: int, device: torch.device) -> torch.Tensor:
-    """[B] int64 holding the uint64 seed's bit pattern (DESIGN §3)."""
-    s = int(seed)
-    if s >= 2**63:
-        s -= 2**64
-    return torch.full((batch,), s, dtype=torch.int64, device=device)
+def seed_tensor(seed: int, batch: int, device: torch.device, seeds=None) -> torch.Tensor:
+    """[B] int64 holding the uint64 seeds' bit patterns (DESIGN §3). seeds: None
+    (every sequence gets `seed`: a sequence's tokens never depend on its batch
+    index) or one int in [0, 2^64) per sequence (a list or a 1-D tensor)."""
+    if seeds is None:
+        vals = [int(seed)] * batch
+    else:
+        if isinstance(seeds, torch.Tensor):
+            if seeds.dim() != 1 or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
+                fail("seeds", f"a 1-D integer tensor of {batch} seeds", f"shape {list(seeds.shape)} dtype {seeds.dtype}")
+            seeds = seeds.tolist()
+        try:
+            vals = list(seeds)
+        except TypeError:
+            raise TypeError(f"seeds: expected None or a list of {batch} ints, got {type(seeds).__name__}") from None
+        if len(vals) != batch:
+            fail("seeds", f"{batch} seeds (one per prompt)", f"{len(vals)}")
+        for i, v in enumerate(vals):
+            if isinstance(v, bool) or not isinstance(v, int) or not (0 <= v < 2**64):
+                fail(f"seeds[{i}]", "an int in [0, 2^64)", v)
+    vals = [v - 2**64 if v >= 2**63 else v for v in vals]
+    return torch.tensor(vals, dtype=torch.int64).to(device)
 
 
-def normalize_prompts(input_ids) -> torch.Tensor:
-    """LongTensor [B, P], a 1-D LongTensor, or a list of 1-D prompts (tensors or
-    lists of ints) -> CPU int64 [B, P]. Ragged lists are refused until batching."""
+def _mask_rows(input_ids: torch.Tensor, attention_mask) -> List[torch.Tensor]:
+    """[B, L] ids + [B, L] 0/1 mask -> the B prompts. Each mask row must be one
+    contiguous run of ones touching either end (left or right padding)."""
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected None or a [B, L] tensor, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        fail("attention_mask", f"shape {list(input_ids.shape)} (input_ids' shape)", f"shape {list(attention_mask.shape)}")
+    m = attention_mask.detach().to("cpu")
+    if m.dtype.is_floating_point or m.dtype.is_complex:
+        fail("attention_mask", "an integer or bool tensor of 0/1", f"dtype {m.dtype}")
+    m = m.to(torch.int64)
+    if bool(((m != 0) & (m != 1)).any()):
+        fail("attention_mask", "values 0 or 1", f"values in [{int(m.min())}, {int(m.max())}]")
+    rows = []
+    L = m.shape[1]
+    for b in range(m.shape[0]):
+        n = int(m[b].sum())
+        if n == 0:
+            fail(f"attention_mask[{b}]", "at least one 1 (a non-empty prompt)", "all zeros")
+        ones = torch.ones(n, dtype=torch.int64)
+        if torch.equal(m[b, :n], ones):  # right padding
+            rows.append(input_ids[b, :n])
+        elif torch.equal(m[b, L - n :], ones):  # left padding
+            rows.append(input_ids[b, L - n :])
+        else:
+            fail(f"attention_mask[{b}]", "one run of ones at the start (right padding) or at the end "
+                 "(left padding)", m[b].tolist())
+    return rows
+
+
+def normalize_prompts(input_ids, attention_mask=None) -> List[torch.Tensor]:
+    """The B prompts as CPU int64 1-D tensors of >= 1 token each. input_ids: a
+    LongTensor [B, L] (with an optional [B, L] attention_mask, left or right
+    padded), a 1-D LongTensor (one prompt), or a list of 1-D prompts (tensors
+    or lists of ints; ragged)."""
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dtype not in (torch.int64, torch.int32):
             fail("input_ids", "an int64 tensor of token ids", f"dtype {input_ids.dtype}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
-        if input_ids.dim() != 2:
-            fail("input_ids", "a [B, L] tensor or a list of 1-D prompts", f"shape {list(input_ids.shape)}")
-        prompts = input_ids.detach().to("cpu", torch.int64)
+            if attention_mask is not None and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+                attention_mask = attention_mask[None]
+        if input_ids.dim() != 2 or input_ids.shape[0] < 1:
+            fail("input_ids", "a [B, L] tensor (B >= 1) or a list of 1-D prompts", f"shape {list(input_ids.shape)}")
+        ids = input_ids.detach().to("cpu", torch.int64)
+        if ids.shape[1] < 1:
+            fail("input_ids", "a prompt of at least one token", "an empty prompt")
+        rows = list(ids) if attention_mask is None else _mask_rows(ids, attention_mask)
     elif isinstance(input_ids, (list, tuple)):
+        if attention_mask is not None:
+            fail("attention_mask", "None when input_ids is a list of prompts (their lengths say it)",
+                 type(attention_mask).__name__)
         if len(input_ids) == 0:
             fail("input_ids", "at least one prompt", "an empty list")
         if all(isinstance(v, int) for v in input_ids):
@@ -153,39 +217,57 @@ def normalize_prompts(input_ids) -> torch.Tensor:
             p = torch.as_tensor(p)
             if p.dim() != 1 or (p.numel() and p.dtype not in (torch.int64, torch.int32)):
                 fail(f"input_ids[{i}]", "a 1-D sequence of int token ids", f"shape {list(p.shape)} dtype {p.dtype}")
+            if p.numel() == 0:
+                fail(f"input_ids[{i}]", "a prompt of at least one token", "an empty prompt")
             rows.append(p.to(torch.int64))
-        if len(rows) > 1:
-            raise ValueError(
-                f"input_ids: batching is not supported yet: got {len(rows)} prompts, expected 1 "
-                "(generate one prompt at a time until batched decoding lands)")
-        prompts = rows[0][None]
     else:
         raise TypeError(f"input_ids: expected a LongTensor [B, L] or a list of 1-D prompts, "
                         f"got {type(input_ids).__name__}")
-    if prompts.shape[0] != 1:
-        raise ValueError(
-            f"input_ids: batching is not supported yet: got B={prompts.shape[0]}, expected B=1 "
-            "(generate one prompt at a time until batched decoding lands)")
-    if prompts.shape[1] < 1:
-        fail("input_ids", "a prompt of at least one token", "an empty prompt")
-    return prompts
+    return [r.contiguous() for r in rows]
 
 
-def check_prompt(prompts: torch.Tensor, models: Sequence, max_new_tokens: int) -> int:
-    """Token ids in range, prompt shorter than every model's context. Returns L,
-    the total length (prompt + budget), capped at the smallest context."""
+def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: int) -> List[int]:
+    """Token ids in range, prompts shorter than every model's context. Returns,
+    per prompt, its total length (prompt + budget) capped at the smallest context."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         fail("max_new_tokens", "an int >= 1", max_new_tokens)
-    plen = prompts.shape[1]
     ctx = min(int(m.config.max_position_embeddings) for m in models)
-    if plen >= ctx:
-        fail("input_ids", f"a prompt shorter than the context ({ctx} positions, one left to generate)",
-             f"{plen} tokens")
     vocab = min(int(m.config.vocab_size) for m in models)
-    lo, hi = int(prompts.min()), int(prompts.max())
-    if lo < 0 or hi >= vocab:
-        fail("input_ids", f"token ids in [0, {vocab})", f"ids in [{lo}, {hi}]")
-    return min(plen + max_new_tokens, ctx)
+    name = "input_ids" if len(prompts) == 1 else "input_ids[{}]"
+    totals = []
+    for b, p in enumerate(prompts):
+        plen = p.numel()
+        if plen >= ctx:
+            fail(name.format(b), f"a prompt shorter than the context ({ctx} positions, one left to generate)",
+                 f"{plen} tokens")
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= vocab:
+            fail(name.format(b), f"token ids in [0, {vocab})", f"ids in [{lo}, {hi}]")
+        totals.append(min(plen + max_new_tokens, ctx))
+    return totals
+
+
+def stack_prompts(prompts: List[torch.Tensor], width: int, fill: int, device) -> torch.Tensor:
+    """[B, width] int64 on the device: prompt b in row b from column 0, then `fill`."""
+    out = torch.full((len(prompts), width), fill, dtype=torch.int64)
+    for b, p in enumerate(prompts):
+        out[b, : p.numel()] = p
+    return out.to(device)
+
+
+def compact_cache(cache, keep: torch.Tensor):
+    """A KVCache holding only the sequences `keep` ([n] int64 on the cache's
+    device), in that order: one gather of K and V (batch compaction)."""
+    from apd_ext.models.cache import KVCache
+
+    new = KVCache.__new__(KVCache)
+    new._k = cache._k.index_select(1, keep)
+    new._v = cache._v.index_select(1, keep)
+    new.lengths = cache.lengths.index_select(0, keep)
+    new.batch_size = int(keep.numel())
+    new.max_len = cache.max_len
+    new.num_layers = cache.num_layers
+    return new
 
 
 def resolve_eos(model, eos_token_ids) -> List[int]:
@@ -219,19 +301,25 @@ def first_eos_count(ids: Iterable[int], eos: Sequence[int]) -> int:
     return len(ids)
 
 
-def finish_output(prompts: torch.Tensor, tokens: torch.Tensor, generated: int, total_len: int,
+def finish_output(prompts: List[torch.Tensor], tokens: torch.Tensor, generated: Sequence[int],
                   max_new_tokens: int, pad_id: Optional[int], accepted: List[List[int]],
                   stats: GenerationStats) -> APDOutput:
-    """tokens: [B, total_len] device buffer; keeps prompt + generated, pads the rest."""
-    plen = prompts.shape[1]
+    """tokens: [B, >= P_b + generated_b] rows in batch order (prompt b from
+    column 0); keeps prompt + generated of each row, pads the rest."""
+    B = len(prompts)
+    plens = [p.numel() for p in prompts]
     pad = pad_id if pad_id is not None else 0
-    seq = torch.full((1, plen + max_new_tokens), pad, dtype=torch.int64, device=tokens.device)
-    seq[:, : plen + generated] = tokens[:, : plen + generated]
-    stats.generated_tokens = generated
+    seq = torch.full((B, max(plens) + max_new_tokens), pad, dtype=torch.int64, device=tokens.device)
+    for b in range(B):
+        n = plens[b] + int(generated[b])
+        seq[b, :n] = tokens[b, :n]
+    stats.generated_tokens = int(sum(generated))
+    stats.batch_size = B
+    stats.sequence_steps = sum(len(a) for a in accepted)
     return APDOutput(
         sequences=seq,
-        num_generated=torch.tensor([generated], dtype=torch.int64),
+        num_generated=torch.tensor([int(g) for g in generated], dtype=torch.int64),
         accepted_per_step=accepted,
         stats=stats,
-        prompt_lengths=[plen],
+        prompt_lengths=plens,
     )
