@@ -39,7 +39,7 @@ python3 -m pytest -q -rfE -m cuda tests/test_attention_cuda.py -k mma 2>&1 | tai
 
 stage "benchmarks"
 : > "$OUT/table.md"
-for b in bench/bench_sampling.py bench/bench_attention.py bench/bench_models.py bench/bench_e2e.py; do
+for b in bench/bench_sampling.py bench/bench_attention.py bench/bench_models.py bench/bench_e2e.py bench/bench_batch.py; do
   [ -f "$b" ] || continue
   timeout 120 python3 "$b" --device cuda --markdown "$OUT/table.md" 2>&1 | tail -30
 done
