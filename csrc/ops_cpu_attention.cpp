@@ -9,19 +9,9 @@
 
 #include "apd/attention_params.h"
 #include "apd/cpu/attention.h"
+#include "ops_attention_common.h"
 
 namespace {
-
-apd::DType to_apd_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return apd::DType::kFloat32;
-    case at::kBFloat16: return apd::DType::kBFloat16;
-    case at::kHalf: return apd::DType::kFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, "window_attention: q must be float32, bfloat16 or float16, got ", t);
-  return apd::DType::kFloat32;
-}
 
 // A [B] int32/int64 length vector as contiguous int64.
 at::Tensor lengths_int64(const at::Tensor& t, const char* name, int64_t batch) {
@@ -48,15 +38,14 @@ at::Tensor window_attention_cpu(const at::Tensor& q_in,        // [B, Lq, Hq, D]
               ", ", v_in.sizes());
   TORCH_CHECK(q_in.device().is_cpu() && k_in.device().is_cpu() && v_in.device().is_cpu(),
               "window_attention: q, k_cache and v_cache must all be on the CPU");
-  const apd::DType dtype = to_apd_dtype(q_in.scalar_type());
+  const apd::DType dtype = apd::ops::attention_dtype(q_in.scalar_type());
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
               "window_attention: k_cache and v_cache must have q's dtype ", q_in.scalar_type());
   const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   const int64_t Lmax = k_in.size(1), Hkv = k_in.size(2);
   TORCH_CHECK(k_in.sizes() == v_in.sizes(), "window_attention: k_cache ", k_in.sizes(), " and v_cache ",
               v_in.sizes(), " must have the same shape");
-  TORCH_CHECK(k_in.size(0) == B, "window_attention: k_cache batch ", k_in.size(0), " != q batch ", B);
-  TORCH_CHECK(k_in.size(3) == D, "window_attention: k_cache head dim ", k_in.size(3), " != q head dim ", D);
+  apd::ops::check_k_like_q(q_in, k_in);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "window_attention: q heads ", Hq, " must be a multiple of kv heads ",
               Hkv);
   TORCH_CHECK(std::isfinite(float(scale)) && float(scale) > 0, "window_attention: scale must be finite and > 0, got ", scale);
@@ -78,19 +67,8 @@ at::Tensor window_attention_cpu(const at::Tensor& q_in,        // [B, Lq, Hq, D]
   at::Tensor out = at::empty({B, Lq, Hq, D}, q.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
 
-  apd::WindowAttentionParams p{};
-  p.q = q.data_ptr();
-  p.k_cache = k.data_ptr();
-  p.v_cache = v.data_ptr();
-  p.out = out.data_ptr();
-  p.dtype = dtype;
-  p.B = B, p.Lq = Lq, p.Hq = Hq, p.Hkv = Hkv, p.D = D, p.Lmax = Lmax;
-  p.q_stride_b = q.stride(0), p.q_stride_l = q.stride(1), p.q_stride_h = q.stride(2);
-  p.k_stride_b = k.stride(0), p.k_stride_l = k.stride(1), p.k_stride_h = k.stride(2);
-  p.v_stride_b = v.stride(0), p.v_stride_l = v.stride(1), p.v_stride_h = v.stride(2);
-  p.q_start = qs, p.q_len = ql, p.kv_len = kl;
-  p.causal = causal;
-  p.scale = float(scale);
+  const apd::WindowAttentionParams p =
+      apd::ops::window_attention_params(q, k, v, out, dtype, q_start, q_len, kv_len, causal, scale);
   apd::cpu::window_attention(p);
   return out;
 }

@@ -18,18 +18,9 @@
 #include <string>
 
 #include "apd/attention_launch.h"
+#include "ops_attention_common.h"
 
 namespace {
-
-apd::DType to_apd_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return apd::DType::kFloat32;
-    case at::kBFloat16: return apd::DType::kBFloat16;
-    case at::kHalf: return apd::DType::kFloat16;
-    default: TORCH_CHECK(false, "window_attention: q must be float32, bfloat16 or float16, got ", t);
-  }
-  return apd::DType::kFloat32;
-}
 
 apd::WindowAttentionOptions options_from_env() {
   apd::WindowAttentionOptions opt;
@@ -82,13 +73,12 @@ at::Tensor window_attention_cuda(const at::Tensor& q_in,        // [B, Lq, Hq, D
               k_in.scalar_type(), ", ", v_in.scalar_type());
   const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   const int64_t Lmax = k_in.size(1), Hkv = k_in.size(2);
-  TORCH_CHECK(k_in.size(0) == B, "window_attention: k_cache batch ", k_in.size(0), " != q batch ", B);
-  TORCH_CHECK(k_in.size(3) == D, "window_attention: k_cache head dim ", k_in.size(3), " != q head dim ", D);
+  apd::ops::check_k_like_q(q_in, k_in);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "window_attention: Hq (", Hq, ") must be a multiple of Hkv (", Hkv, ")");
   check_seq_vector("q_start", q_start_in, B, dev);
   check_seq_vector("q_len", q_len_in, B, dev);
   check_seq_vector("kv_len", kv_len_in, B, dev);
-  const apd::DType dtype = to_apd_dtype(q_in.scalar_type());
+  const apd::DType dtype = apd::ops::attention_dtype(q_in.scalar_type());
 
   at::Tensor out = at::empty({B, Lq, Hq, D}, q_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
@@ -103,21 +93,8 @@ at::Tensor window_attention_cuda(const at::Tensor& q_in,        // [B, Lq, Hq, D
   const at::Tensor q_len = q_len_in.to(at::kLong).contiguous();
   const at::Tensor kv_len = kv_len_in.to(at::kLong).contiguous();
 
-  apd::WindowAttentionParams p{};
-  p.q = q.data_ptr();
-  p.k_cache = k.data_ptr();
-  p.v_cache = v.data_ptr();
-  p.out = out.data_ptr();
-  p.dtype = dtype;
-  p.B = B; p.Lq = Lq; p.Hq = Hq; p.Hkv = Hkv; p.D = D; p.Lmax = Lmax;
-  p.q_stride_b = q.stride(0); p.q_stride_l = q.stride(1); p.q_stride_h = q.stride(2);
-  p.k_stride_b = k.stride(0); p.k_stride_l = k.stride(1); p.k_stride_h = k.stride(2);
-  p.v_stride_b = v.stride(0); p.v_stride_l = v.stride(1); p.v_stride_h = v.stride(2);
-  p.q_start = q_start.data_ptr<int64_t>();
-  p.q_len = q_len.data_ptr<int64_t>();
-  p.kv_len = kv_len.data_ptr<int64_t>();
-  p.causal = causal;
-  p.scale = static_cast<float>(scale);
+  const apd::WindowAttentionParams p =
+      apd::ops::window_attention_params(q, k, v, out, dtype, q_start, q_len, kv_len, causal, scale);
   if (const char* why = apd::window_attention_unsupported(p)) {
     TORCH_CHECK(false, "window_attention: ", why, " (got B=", B, ", Lq=", Lq, ", Hq=", Hq, ", Hkv=", Hkv,
                 ", D=", D, ", Lmax=", Lmax, ")");

@@ -13,42 +13,25 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <string>
+#include <cstdint>
 
 #include "apd/sampling_launch.h"
 #include "apd/sampling_params.h"
+#include "ops_sampling_common.h"
 
 namespace {
 
-apd::DType logits_dtype(const char* op, const char* name, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return apd::DType::kFloat32;
-    case at::kBFloat16: return apd::DType::kBFloat16;
-    case at::kHalf: return apd::DType::kFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  return apd::DType::kFloat32;
-}
+using apd::ops::batch_int64;
+using apd::ops::eos_int64;
+using apd::ops::logits_dtype;
+using apd::ops::sampler_config;
 
-// [B, M, V] logits on `dev` with stride 1 along V (copy only when it is not).
+// [B, M, V] logits on a CUDA device with stride 1 along V (copy only when it is not).
 at::Tensor unit_stride_vocab(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D [B, M, V], got ", t.sizes());
-  TORCH_CHECK(t.size(2) >= 1 && t.size(2) <= apd::kMaxSampleVocab, op, ": ", name,
-              " needs a vocabulary of 1 to 2^23 entries on CUDA, got ", t.sizes());
+  apd::ops::check_logits_shape(op, name, t, apd::kMaxSampleVocab,
+                               " needs a vocabulary of 1 to 2^23 entries on CUDA, got ");
   return t.stride(2) == 1 ? t : t.contiguous();
-}
-
-// A [B] int32/int64 per-sequence vector as contiguous int64 on `dev`.
-at::Tensor batch_int64(const char* op, const char* name, const at::Tensor& t, int64_t B, const at::Device& dev,
-                       bool int64_only = false) {
-  TORCH_CHECK(t.device() == dev, op, ": ", name, " must be on ", dev, ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong || (!int64_only && t.scalar_type() == at::kInt), op, ": ", name,
-              " must be ", int64_only ? "int64" : "int32 or int64", ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape [", B, "], got ", t.sizes());
-  return t.to(at::kLong).contiguous();
 }
 
 // [B, M] int64 ids on `dev`, contiguous.
@@ -59,23 +42,6 @@ at::Tensor ids_int64(const char* op, const char* name, const at::Tensor& t, int6
   TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == M, op, ": ", name, " must have shape [", B, ", ", M,
               "], got ", t.sizes());
   return t.contiguous();
-}
-
-at::Tensor eos_int64(const char* op, const at::Tensor& eos, const at::Device& dev) {
-  TORCH_CHECK(eos.device() == dev, op, ": eos_ids must be on ", dev, ", got ", eos.device());
-  TORCH_CHECK(eos.scalar_type() == at::kLong, op, ": eos_ids must be int64, got ", eos.scalar_type());
-  TORCH_CHECK(eos.dim() == 1, op, ": eos_ids must be 1-D [E], got ", eos.sizes());
-  return eos.contiguous();
-}
-
-apd::SamplerConfig sampler_config(const char* op, double temperature, int64_t top_k, double top_p,
-                                  c10::string_view compat) {
-  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, op, ": temperature must be finite and >= 0, got ",
-              temperature);
-  TORCH_CHECK(top_p > 0.0, op, ": top_p must be > 0, got ", top_p);
-  TORCH_CHECK(compat.empty() || compat == "official", op, ": compat must be \"\" or \"official\", got \"",
-              std::string(compat), "\"");
-  return apd::SamplerConfig{float(temperature), top_k, float(top_p), compat == "official"};
 }
 
 void check_launch(const char* op, cudaError_t err) {
@@ -93,7 +59,7 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Device dev = logits.device();
   const apd::DType dtype = logits_dtype(op, "logits", logits);
-  const int64_t B = logits.size(0), M = logits.size(1), V = logits.size(2);
+  const int64_t B = logits.size(0), M = logits.size(1);
   const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, dev);
   const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
   const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, dev, /*int64_only=*/true);
@@ -103,17 +69,8 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  apd::SampleDraftParams p{};
-  p.logits = logits.data_ptr();
-  p.dtype = dtype;
-  p.B = B, p.M = M, p.V = V;
-  p.stride_b = logits.stride(0), p.stride_m = logits.stride(1);
-  p.pos_start = pos_start.data_ptr<int64_t>();
-  p.valid_len = valid_len.data_ptr<int64_t>();
-  p.seeds = seeds.data_ptr<int64_t>();
-  p.steps = steps.data_ptr<int64_t>();
-  p.cfg = cfg;
-  p.draft = draft.data_ptr<int64_t>();
+  const apd::SampleDraftParams p =
+      apd::ops::sample_draft_params(logits, dtype, pos_start, valid_len, seeds, steps, cfg, draft);
   check_launch(op, apd::launch_sample_draft(p, c10::cuda::getCurrentCUDAStream()));
   return draft;
 }
@@ -136,47 +93,23 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
   TORCH_CHECK(ar_in.device() == dev, op, ": ar_logits must be on ", dev, ", got ", ar_in.device());
   const at::Tensor a = unit_stride_vocab(op, "ar_logits", ar_in);
   const apd::DType dtype = logits_dtype(op, "dllm_logits", d);
-  TORCH_CHECK(a.scalar_type() == d.scalar_type(), op, ": ar_logits must have dllm_logits' dtype ",
-              d.scalar_type(), ", got ", a.scalar_type());
+  apd::ops::check_ar_like_dllm(op, d, a);
   const int64_t B = d.size(0), M = d.size(1);
-  TORCH_CHECK(a.size(0) == B && a.size(1) == M, op, ": ar_logits must have shape [", B, ", ", M,
-              ", V_A], got ", a.sizes());
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M, dev);
   const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, dev);
   const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
   const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, dev, /*int64_only=*/true);
   const at::Tensor steps = batch_int64(op, "steps", steps_in, B, dev);
   const at::Tensor eos = eos_int64(op, eos_in, dev);
-  TORCH_CHECK(R >= 0.0 && R <= 1.0, op, ": R must be in [0, 1], got ", R);
-  TORCH_CHECK(acceptance == "coupled" || acceptance == "argmax", op,
-              ": acceptance must be \"coupled\" or \"argmax\", got \"", std::string(acceptance), "\"");
-  const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
-  TORCH_CHECK(!(cfg.official && acceptance == "coupled"), op,
-              ": compat=\"official\" uses acceptance=\"argmax\", got \"coupled\"");
+  const apd::ops::MixtureConfig mc =
+      apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
-  apd::MixtureAcceptParams p{};
-  p.dllm_logits = d.data_ptr();
-  p.ar_logits = a.data_ptr();
-  p.dtype = dtype;
-  p.B = B, p.M = M, p.V_D = d.size(2), p.V_A = a.size(2);
-  p.d_stride_b = d.stride(0), p.d_stride_m = d.stride(1);
-  p.a_stride_b = a.stride(0), p.a_stride_m = a.stride(1);
-  p.draft = draft.data_ptr<int64_t>();
-  p.pos_start = pos_start.data_ptr<int64_t>();
-  p.valid_len = valid_len.data_ptr<int64_t>();
-  p.seeds = seeds.data_ptr<int64_t>();
-  p.steps = steps.data_ptr<int64_t>();
-  p.R = float(R);
-  p.cfg = cfg;
-  p.acceptance = acceptance == "argmax" ? apd::Acceptance::kArgmax : apd::Acceptance::kCoupled;
-  p.eos_ids = eos.data_ptr<int64_t>();
-  p.num_eos = eos.numel();
-  p.target = target.data_ptr<int64_t>();
-  p.n_accept = n_accept.data_ptr<int64_t>();
+  const apd::MixtureAcceptParams p = apd::ops::mixture_accept_params(
+      d, a, dtype, draft, pos_start, valid_len, seeds, steps, R, mc, eos, target, n_accept);
   check_launch(op, apd::launch_mixture_accept(p, c10::cuda::getCurrentCUDAStream()));
   return {target, n_accept};
 }
@@ -196,14 +129,7 @@ at::Tensor accept_prefix_cuda(const at::Tensor& draft_in,      // [B, M] int64
   const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
   const at::Tensor eos = eos_int64(op, eos_in, dev);
   at::Tensor n_accept = at::empty({B}, draft.options());
-  apd::AcceptPrefixParams p{};
-  p.draft = draft.data_ptr<int64_t>();
-  p.target = target.data_ptr<int64_t>();
-  p.valid_len = valid_len.data_ptr<int64_t>();
-  p.eos_ids = eos.data_ptr<int64_t>();
-  p.num_eos = eos.numel();
-  p.B = B, p.M = M;
-  p.n_accept = n_accept.data_ptr<int64_t>();
+  const apd::AcceptPrefixParams p = apd::ops::accept_prefix_params(draft, target, valid_len, eos, n_accept);
   check_launch(op, apd::launch_accept_prefix(p, c10::cuda::getCurrentCUDAStream()));
   return n_accept;
 }

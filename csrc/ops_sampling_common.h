@@ -1,0 +1,172 @@
+// Torch-side pieces shared by the CPU and CUDA registrations of the sampling
+// core (csrc/ops_cpu_sampling.cpp, csrc/ops_cuda_sampling.cpp): argument checks
+// whose messages are the same on both devices, and the filling of the
+// torch-free parameter blocks of apd/sampling_params.h. Included only by those
+// two .cpp files (never by a .cu: it pulls in ATen). Device placement checks
+// take the device the op runs on; on the CPU they say "on the CPU".
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "apd/sampling_params.h"
+
+namespace apd::ops {
+
+inline apd::DType logits_dtype(const char* op, const char* name, const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return apd::DType::kFloat32;
+    case at::kBFloat16: return apd::DType::kBFloat16;
+    case at::kHalf: return apd::DType::kFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  return apd::DType::kFloat32;
+}
+
+inline void check_on(const char* op, const char* name, const at::Tensor& t, const at::Device& dev) {
+  if (dev.is_cpu()) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  } else {
+    TORCH_CHECK(t.device() == dev, op, ": ", name, " must be on ", dev, ", got ", t.device());
+  }
+}
+
+// [B, M, V] logits, 1 <= V <= max_vocab (`vocab_rule` says why, in the
+// message); the caller has checked the device.
+inline void check_logits_shape(const char* op, const char* name, const at::Tensor& t, int64_t max_vocab,
+                               const char* vocab_rule) {
+  TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D [B, M, V], got ", t.sizes());
+  TORCH_CHECK(t.size(2) >= 1 && t.size(2) <= max_vocab, op, ": ", name, vocab_rule, t.sizes());
+}
+
+// A [B] int32/int64 per-sequence vector as contiguous int64 on `dev`.
+inline at::Tensor batch_int64(const char* op, const char* name, const at::Tensor& t, int64_t B,
+                              const at::Device& dev, bool int64_only = false) {
+  check_on(op, name, t, dev);
+  TORCH_CHECK(t.scalar_type() == at::kLong || (!int64_only && t.scalar_type() == at::kInt), op, ": ", name,
+              " must be ", int64_only ? "int64" : "int32 or int64", ", got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape [", B, "], got ", t.sizes());
+  return t.to(at::kLong).contiguous();
+}
+
+// [E] int64 end-of-sequence ids on `dev`, contiguous.
+inline at::Tensor eos_int64(const char* op, const at::Tensor& eos, const at::Device& dev) {
+  check_on(op, "eos_ids", eos, dev);
+  TORCH_CHECK(eos.scalar_type() == at::kLong, op, ": eos_ids must be int64, got ", eos.scalar_type());
+  TORCH_CHECK(eos.dim() == 1, op, ": eos_ids must be 1-D [E], got ", eos.sizes());
+  return eos.contiguous();
+}
+
+inline apd::SamplerConfig sampler_config(const char* op, double temperature, int64_t top_k, double top_p,
+                                         c10::string_view compat) {
+  TORCH_CHECK(std::isfinite(temperature) && temperature >= 0.0, op, ": temperature must be finite and >= 0, got ",
+              temperature);
+  TORCH_CHECK(top_p > 0.0, op, ": top_p must be > 0, got ", top_p);
+  TORCH_CHECK(compat.empty() || compat == "official", op, ": compat must be \"\" or \"official\", got \"",
+              std::string(compat), "\"");
+  return apd::SamplerConfig{float(temperature), top_k, float(top_p), compat == "official"};
+}
+
+// ar_logits [B, M, V_A] against dllm_logits [B, M, V_D]: same dtype, same B and M.
+inline void check_ar_like_dllm(const char* op, const at::Tensor& d, const at::Tensor& a) {
+  TORCH_CHECK(a.scalar_type() == d.scalar_type(), op, ": ar_logits must have dllm_logits' dtype ",
+              d.scalar_type(), ", got ", a.scalar_type());
+  TORCH_CHECK(a.size(0) == d.size(0) && a.size(1) == d.size(1), op, ": ar_logits must have shape [", d.size(0),
+              ", ", d.size(1), ", V_A], got ", a.sizes());
+}
+
+// The scalar arguments of mixture_accept, checked in this order.
+struct MixtureConfig {
+  apd::SamplerConfig cfg;
+  apd::Acceptance acceptance;
+};
+
+inline MixtureConfig mixture_config(const char* op, double R, double temperature, int64_t top_k, double top_p,
+                                    c10::string_view acceptance, c10::string_view compat) {
+  TORCH_CHECK(R >= 0.0 && R <= 1.0, op, ": R must be in [0, 1], got ", R);
+  TORCH_CHECK(acceptance == "coupled" || acceptance == "argmax", op,
+              ": acceptance must be \"coupled\" or \"argmax\", got \"", std::string(acceptance), "\"");
+  const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
+  TORCH_CHECK(!(cfg.official && acceptance == "coupled"), op,
+              ": compat=\"official\" uses acceptance=\"argmax\", got \"coupled\"");
+  return {cfg, acceptance == "argmax" ? apd::Acceptance::kArgmax : apd::Acceptance::kCoupled};
+}
+
+// Parameter blocks from checked tensors: logits unit-stride along V, all int
+// tensors contiguous int64, outputs freshly allocated.
+inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     // [B, M, V]
+                                                  apd::DType dtype,
+                                                  const at::Tensor& pos_start,  // [B]
+                                                  const at::Tensor& valid_len,  // [B]
+                                                  const at::Tensor& seeds,      // [B]
+                                                  const at::Tensor& steps,      // [B]
+                                                  const apd::SamplerConfig& cfg,
+                                                  at::Tensor& draft) {          // [B, M] out
+  apd::SampleDraftParams p{};
+  p.logits = logits.data_ptr();
+  p.dtype = dtype;
+  p.B = logits.size(0), p.M = logits.size(1), p.V = logits.size(2);
+  p.stride_b = logits.stride(0), p.stride_m = logits.stride(1);
+  p.pos_start = pos_start.data_ptr<int64_t>();
+  p.valid_len = valid_len.data_ptr<int64_t>();
+  p.seeds = seeds.data_ptr<int64_t>();
+  p.steps = steps.data_ptr<int64_t>();
+  p.cfg = cfg;
+  p.draft = draft.data_ptr<int64_t>();
+  return p;
+}
+
+inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,          // [B, M, V_D]
+                                                      const at::Tensor& a,          // [B, M, V_A]
+                                                      apd::DType dtype,
+                                                      const at::Tensor& draft,      // [B, M]
+                                                      const at::Tensor& pos_start,  // [B]
+                                                      const at::Tensor& valid_len,  // [B]
+                                                      const at::Tensor& seeds,      // [B]
+                                                      const at::Tensor& steps,      // [B]
+                                                      double R, const MixtureConfig& mc,
+                                                      const at::Tensor& eos,        // [E]
+                                                      at::Tensor& target,           // [B, M] out
+                                                      at::Tensor& n_accept) {       // [B] out
+  apd::MixtureAcceptParams p{};
+  p.dllm_logits = d.data_ptr();
+  p.ar_logits = a.data_ptr();
+  p.dtype = dtype;
+  p.B = d.size(0), p.M = d.size(1), p.V_D = d.size(2), p.V_A = a.size(2);
+  p.d_stride_b = d.stride(0), p.d_stride_m = d.stride(1);
+  p.a_stride_b = a.stride(0), p.a_stride_m = a.stride(1);
+  p.draft = draft.data_ptr<int64_t>();
+  p.pos_start = pos_start.data_ptr<int64_t>();
+  p.valid_len = valid_len.data_ptr<int64_t>();
+  p.seeds = seeds.data_ptr<int64_t>();
+  p.steps = steps.data_ptr<int64_t>();
+  p.R = float(R);
+  p.cfg = mc.cfg;
+  p.acceptance = mc.acceptance;
+  p.eos_ids = eos.data_ptr<int64_t>();
+  p.num_eos = eos.numel();
+  p.target = target.data_ptr<int64_t>();
+  p.n_accept = n_accept.data_ptr<int64_t>();
+  return p;
+}
+
+inline apd::AcceptPrefixParams accept_prefix_params(const at::Tensor& draft,      // [B, M]
+                                                    const at::Tensor& target,     // [B, M]
+                                                    const at::Tensor& valid_len,  // [B]
+                                                    const at::Tensor& eos,        // [E]
+                                                    at::Tensor& n_accept) {       // [B] out
+  apd::AcceptPrefixParams p{};
+  p.draft = draft.data_ptr<int64_t>();
+  p.target = target.data_ptr<int64_t>();
+  p.valid_len = valid_len.data_ptr<int64_t>();
+  p.eos_ids = eos.data_ptr<int64_t>();
+  p.num_eos = eos.numel();
+  p.B = draft.size(0), p.M = draft.size(1);
+  p.n_accept = n_accept.data_ptr<int64_t>();
+  return p;
+}
+
+}  // namespace apd::ops
