@@ -29,7 +29,9 @@ from apd_ext.decoding.common import (
     sampling_args,
     seed_tensor,
     finish_output,
-    compact_cache,
+    batch_buckets,
+    cache_prefix,
+    compact_cache_,
     stack_prompts,
 )
 
@@ -56,7 +58,8 @@ class _Window:
         self.W = W
         self.M = M if M is not None else total_len
         self.total_len = total_len
-        self.cache = dllm.new_cache(batch, total_len)
+        self.base = dllm.new_cache(batch, total_len)  # capacity B; live rows first
+        self.cache = self.base  # view of the live rows
         self.graphed = None
         if graphs and W is not None:
             # After the first step the window is n_prev + W - 1 + M rows at most
@@ -141,24 +144,39 @@ def _bad_row(step: int, t: int, draft_host: torch.Tensor, rows: int, who: str = 
 class _Verifier:
     """The verifier half of a step: one causal forward over m <= M rows
     starting at position t-1, on a cache holding [0, t-1). With graphs, one CUDA
-    graph of exactly M rows replays every step (shorter windows near the end
-    are padded; their logits rows are sliced off)."""
+    graph of exactly M rows per batch bucket (powers of two up to B, on prefix
+    views of one capacity-B cache) replays every step: shorter windows are
+    padded with rows, smaller live batches with sequences of q_len 0 (they
+    only write the scratch slot of dead rows); their logits are sliced off."""
 
     def __init__(self, verifier, batch: int, total_len: int, max_rows: int, graphs: bool):
         self.model = verifier
-        self.cache = verifier.new_cache(batch, total_len)
+        self.base = verifier.new_cache(batch, total_len)  # capacity B; live rows first
+        self.cache = self.base  # view of the live rows
         self.vocab = int(verifier.config.vocab_size)
         self.max_rows = max_rows
-        self.graph = verifier.graphed(self.cache, max_rows) if graphs else None
+        self.graphs = {}
+        if graphs:
+            for nb in batch_buckets(batch):
+                self.graphs[nb] = verifier.graphed(cache_prefix(self.base, nb), max_rows)
+
+    def keep(self, keep_d: torch.Tensor) -> None:
+        """Compaction: only sequences keep_d ([n] ascending) stay, as rows 0 .. n-1."""
+        compact_cache_(self.base, keep_d)
+        self.cache = cache_prefix(self.base, keep_d.numel())
 
     def forward(self, v_in: torch.Tensor, start: torch.Tensor, rows_d: torch.Tensor, rows: int):
-        """v_in: [B, rows] ids, start / rows_d: [B] -> logits [B, rows, V_A]."""
+        """v_in: [n, rows] ids, start / rows_d: [n] -> logits [n, rows, V_A]."""
         self.cache.crop_(start)
-        if self.graph is None:
+        if not self.graphs:
             return self.model.forward(v_in, self.cache, start, rows_d, logit_rows=None)
-        if rows < self.max_rows:
-            v_in = torch.nn.functional.pad(v_in, (0, self.max_rows - rows))
-        return self.graph(v_in, start, rows_d)[:, :rows]  # a view of the graph's output
+        n = v_in.shape[0]
+        nb = next(b for b in sorted(self.graphs) if b >= n)
+        v_in = torch.nn.functional.pad(v_in, (0, self.max_rows - rows, 0, nb - n))  # [nb, M]
+        if nb > n:
+            start = torch.nn.functional.pad(start, (0, nb - n))
+            rows_d = torch.nn.functional.pad(rows_d, (0, nb - n))  # q_len 0: padding sequences
+        return self.graphs[nb](v_in, start, rows_d)[:n, :rows]  # a view of the graph's output
 
 
 def _graphs_supported(device: torch.device) -> bool:
@@ -178,7 +196,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     ragged q_start / q_len / logit rows; padding rows only ever write the
     caches' scratch slot. A sequence that finishes (EOS or length) leaves the
     batch at once: its tokens go to the output and the caches, ids and seeds
-    are COMPACTED (one gather of the live rows), rather than masked. Masking
+    are COMPACTED in place (one gather of the live rows to the front of the
+    capacity-B caches, which keeps the verifier's graphs valid), rather than masked. Masking
     (q_len = 0) would keep its rows in every GEMM of both models until the last
     sequence ends; compaction costs one cache gather per finishing event (at
     most B per generation, none at all when the whole batch ends together)."""
@@ -192,10 +211,6 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     seeds_d = seed_tensor(cfg.seed, B, device, seeds)  # [B]
     if cuda_graphs and not _graphs_supported(device):
         raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
-    if cuda_graphs and B > 1:
-        # Graphs bind one cache and one batch size; compaction changes both.
-        raise ValueError(f"cuda_graphs: supported for one prompt only (batch size 1), got {B} prompts; "
-                         "batched generation runs eagerly")
     mask_id = int(dllm.config.mask_token_id)
     L = max(totals)
     plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)
@@ -203,7 +218,10 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     # t + rows <= L without clamping (no duplicate scatter targets).
     tokens = stack_prompts(prompts, 2 * L, mask_id, device)  # [n, 2L] live rows
     out_tokens = tokens.clone()  # [B, 2L] rows in batch order, filled as sequences finish
-    window = _Window(dllm, B, L, cfg.W, cfg.M, graphs=cuda_graphs)
+    # The dLLM's graphs are bucketed by window length for B = 1 only (window x
+    # batch buckets would multiply the captures); the verifier's graphs cover
+    # every batch size (see _Verifier).
+    window = _Window(dllm, B, L, cfg.W, cfg.M, graphs=cuda_graphs and B == 1)
     args = _StepArgs(B, device)
     # Loop state of the live sequences (host tensors: they size the forwards).
     # Lengths passed to the ops are valid by construction (0 <= rows_b <= M),
@@ -318,9 +336,10 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
             if live.numel():
                 stay_d = stay.to(device)
                 tokens, seeds_d = tokens[stay_d], seeds_d[stay_d]
-                window.cache = compact_cache(window.cache, stay_d)
+                compact_cache_(window.base, stay_d)
+                window.cache = cache_prefix(window.base, live.numel())
                 if ver is not None:
-                    ver.cache = compact_cache(ver.cache, stay_d)
+                    ver.keep(stay_d)
 
     seconds = timer.stop()
     out = finish_output(prompts, out_tokens, generated, cfg.max_new_tokens,
@@ -348,7 +367,8 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     tokens_accepted[b] is [] for sequences already finished.
     cuda_graphs: replay the verifier's M-row forward and the dLLM's windows
     (power-of-two buckets) as CUDA graphs, captured before the timed loop.
-    Same tokens as eager; CUDA only, ONE prompt only (B = 1); off by default.
+    Same tokens as eager; CUDA only; off by default. Batched (B > 1): the
+    verifier's graphs cover every batch size (buckets), the dLLM runs eagerly.
     _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
     acceptance schedule; stop after that many steps), not part of the API.
     """

@@ -15,7 +15,8 @@ from apd_ext.decoding.common import (
     PhaseTimer,
     check_kind,
     check_prompt,
-    compact_cache,
+    cache_prefix,
+    compact_cache_,
     finish_output,
     first_eos_count,
     model_device,
@@ -167,7 +168,8 @@ def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.
     plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)
     tokens = stack_prompts(prompts, L, 0, device)  # [n, L] live rows
     out_tokens = tokens.clone()  # [B, L] in batch order
-    cache = model.new_cache(B, L)
+    base = model.new_cache(B, L)  # capacity B; the live rows first
+    cache = base
     live = torch.arange(B)
     t = plens.clone()  # [n] next position to sample
     total = torch.tensor(totals, dtype=torch.int64)
@@ -215,7 +217,8 @@ def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.
                 break
             stay_d = stay.to(device)
             tokens, seeds_d, tok = tokens[stay_d], seeds_d[stay_d], tok[stay_d]
-            cache = compact_cache(cache, stay_d)
+            compact_cache_(base, stay_d)
+            cache = cache_prefix(base, live.numel())
         t_d = t.to(device)
         with timer("verifier"):
             logits = model.forward(tok, cache, t_d - 1, ones[: live.numel()], logit_rows=None)  # [n, 1, V]

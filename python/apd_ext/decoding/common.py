@@ -255,19 +255,34 @@ def stack_prompts(prompts: List[torch.Tensor], width: int, fill: int, device) ->
     return out.to(device)
 
 
-def compact_cache(cache, keep: torch.Tensor):
-    """A KVCache holding only the sequences `keep` ([n] int64 on the cache's
-    device), in that order: one gather of K and V (batch compaction)."""
+def cache_prefix(cache, n: int):
+    """A KVCache VIEW of sequences 0 .. n-1 of `cache` (same storage, lengths a
+    view too): the live rows of a compacted batch. CUDA graphs captured on a
+    view stay valid, since compaction moves data but never reallocates."""
     from apd_ext.models.cache import KVCache
 
-    new = KVCache.__new__(KVCache)
-    new._k = cache._k.index_select(1, keep)
-    new._v = cache._v.index_select(1, keep)
-    new.lengths = cache.lengths.index_select(0, keep)
-    new.batch_size = int(keep.numel())
-    new.max_len = cache.max_len
-    new.num_layers = cache.num_layers
-    return new
+    view = KVCache.__new__(KVCache)
+    view._k, view._v = cache._k[:, :n], cache._v[:, :n]  # [layers, n, max_len + 1, Hkv, D]
+    view.lengths = cache.lengths[:n]  # [n]
+    view.batch_size, view.max_len, view.num_layers = n, cache.max_len, cache.num_layers
+    return view
+
+
+def compact_cache_(cache, keep: torch.Tensor) -> None:
+    """Batch compaction in place: sequences `keep` ([n] int64, ascending, on
+    the cache's device) move to rows 0 .. n-1 (one gather of K and V)."""
+    n = keep.numel()
+    cache._k[:, :n] = cache._k.index_select(1, keep)
+    cache._v[:, :n] = cache._v.index_select(1, keep)
+    cache.lengths[:n] = cache.lengths.index_select(0, keep)
+
+
+def batch_buckets(batch: int) -> List[int]:
+    """Batch sizes with a captured graph: powers of two below `batch`, and `batch`."""
+    out = [1]
+    while out[-1] * 2 < batch:
+        out.append(out[-1] * 2)
+    return sorted(set(out + [batch]))
 
 
 def resolve_eos(model, eos_token_ids) -> List[int]:
