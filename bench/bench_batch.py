@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=None, help="median prompt length (default 64 CPU, 256 CUDA)")
     ap.add_argument("--repeats", type=int, default=None, help="timed generations per row (median; default 3)")
-    ap.add_argument("--cuda-graphs", action="store_true", help="also a B = 1 row with cuda_graphs=True (CUDA)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also a cuda_graphs=True row per B (CUDA; verifier graphs by batch bucket, dLLM's at B=1)")
     ap.add_argument("--markdown", default=None, help="append the table as markdown to this file")
     args = ap.parse_args(argv)
     args.whole = False
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
                   _n_accept_override=args.accept, _stop_after_steps=steps)
 
     rows = []
-    runs = [(b, False) for b in sizes] + ([(1, True)] if cuda and args.cuda_graphs else [])
+    runs = [(b, g) for b in sizes for g in ((False, True) if cuda and args.cuda_graphs else (False,))]
     for B, graphs in runs:
         lens = [max(1, plen - B // 2 + i) for i in range(B)]
         prompts = [torch.randint(3, vmax, (n,), generator=g) for n in lens]

@@ -221,3 +221,18 @@ def test_batched_graph_path_matches_eager_on_cpu(pair, monkeypatch):
     assert sorted(_EagerGraph.captured) == [("ar", b, 8) for b in (1, 2, 4, 5)]
     n = graphed.num_generated.tolist()
     assert min(n) < NEW and max(n) == NEW  # the batch shrank on the way
+
+
+@pytest.mark.cuda
+def test_cuda_batched_graphs_match_eager(pair, tmp_path):
+    make_tiny_dream(tmp_path / "dream", seed=0, mask_token_id=MASK)
+    make_tiny_qwen2(tmp_path / "qwen", seed=1)
+    dllm = apd_ext.load_model(tmp_path / "dream", device="cuda")
+    ver = apd_ext.load_model(tmp_path / "qwen", device="cuda")
+    kw = dict(R=0.7, W=4, M=8, temperature=0.7, max_new_tokens=NEW, seeds=SEEDS)
+    free = [generate(dllm, ver, [p], **dict(kw, seeds=[s]), eos_token_ids=[]) for p, s in zip(PROMPTS, SEEDS)]
+    eos = _mixed_eos(free)
+    eager = generate(dllm, ver, PROMPTS, eos_token_ids=eos, **kw)
+    graphed = generate(dllm, ver, PROMPTS, eos_token_ids=eos, cuda_graphs=True, **kw)
+    assert graphed.accepted_per_step == eager.accepted_per_step
+    assert torch.equal(graphed.sequences, eager.sequences)
