@@ -80,7 +80,10 @@ def test_one_finishes_at_step_one_another_runs_to_the_budget(pair, monkeypatch):
         pytest.fail(f"every free run contains id {eos}")
     sizes = []
     forward = pair.dllm.forward
-    monkeypatch.setattr(pair.dllm, "forward", lambda ids, *a, **k: (sizes.append(ids.shape[0]), forward(ids, *a, **k))[1])
+    def counting(ids, *a, **k):
+        sizes.append(ids.shape[0])
+        return forward(ids, *a, **k)
+    monkeypatch.setattr(pair.dllm, "forward", counting)
     seen = []
     out = _apd(pair, PROMPTS, SEEDS, eos_token_ids=[eos], callback=lambda step, toks: seen.append(toks), **kw)
     monkeypatch.undo()

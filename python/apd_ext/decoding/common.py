@@ -141,7 +141,8 @@ def seed_tensor(seed: int, batch: int, device: torch.device, seeds=None) -> torc
     else:
         if isinstance(seeds, torch.Tensor):
             if seeds.dim() != 1 or seeds.dtype.is_floating_point or seeds.dtype == torch.bool:
-                fail("seeds", f"a 1-D integer tensor of {batch} seeds", f"shape {list(seeds.shape)} dtype {seeds.dtype}")
+                fail("seeds", f"a 1-D integer tensor of {batch} seeds",
+                     f"shape {list(seeds.shape)} dtype {seeds.dtype}")
             seeds = seeds.tolist()
         try:
             vals = list(seeds)
@@ -162,7 +163,8 @@ def _mask_rows(input_ids: torch.Tensor, attention_mask) -> List[torch.Tensor]:
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask: expected None or a [B, L] tensor, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        fail("attention_mask", f"shape {list(input_ids.shape)} (input_ids' shape)", f"shape {list(attention_mask.shape)}")
+        fail("attention_mask", f"shape {list(input_ids.shape)} (input_ids' shape)",
+             f"shape {list(attention_mask.shape)}")
     m = attention_mask.detach().to("cpu")
     if m.dtype.is_floating_point or m.dtype.is_complex:
         fail("attention_mask", "an integer or bool tensor of 0/1", f"dtype {m.dtype}")
