@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import warnings
 
 import torch
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from apd_ext import ops  # noqa: E402
+from bench_common import copy_bandwidth, emit_table, fmt, timer  # noqa: E402
 
 DREAM = dict(model="Dream-7B", Hq=28, Hkv=4, D=128, causal=False)
 QWEN = dict(model="Qwen2.5-0.5B", Hq=14, Hkv=2, D=64, causal=True)
@@ -53,42 +52,6 @@ def small_shapes():
         dict(QWEN, B=1, Lq=16, kv=1024),
         dict(QWEN, B=1, Lq=100, kv=4096),
     ]
-
-
-def timer(device, warmup, iters, budget_s):
-    """Median wall time in microseconds of fn(), CUDA events on the GPU."""
-
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        start_all = time.perf_counter()
-        for _ in range(iters):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-            if len(times) >= 3 and time.perf_counter() - start_all > budget_s:
-                break
-        return statistics.median(times)
-
-    return run
-
-
-def copy_bandwidth(device, time_fn) -> float:
-    """Achievable read+write bandwidth (GB/s) of a large device copy."""
-    n = (1 << 28 if device.type == "cuda" else 1 << 25) // 4  # 256 MiB on CUDA, 32 MiB on CPU
-    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    us = time_fn(lambda: dst.copy_(src))
-    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
 def sdpa_candidates(device, q, k, v, mask_bool, causal):
@@ -158,10 +121,6 @@ def bench_shape(s, device, dtype, time_fn, bw_gbs):
     return row
 
 
-def fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
 def table(rows, device, dtype, bw_gbs):
     head = ["model", "B", "Lq", "kv_len", "causal", "apd us", "SDPA us", "SDPA backend", "SDPA/apd",
             "K/V GB/s", "floor us", "apd/floor"]
@@ -194,8 +153,10 @@ def main():
     dtype = getattr(torch, args.dtype)
     shapes = {"small": small_shapes, "all": all_shapes}[args.shapes or ("all" if device.type == "cuda" else "small")]()
     cuda = device.type == "cuda"
-    time_fn = timer(device, warmup=5 if cuda else 1, iters=args.iters or (30 if cuda else 10), budget_s=2.0)
-    bw = copy_bandwidth(device, time_fn)
+    time_fn = timer(device, warmup=5 if cuda else 1, iters=args.iters or (30 if cuda else 10), budget_s=2.0,
+                    unit="us")
+    # 256 MiB on CUDA, 32 MiB on CPU
+    bw = copy_bandwidth(device, time_fn, 1 << 28 if cuda else 1 << 25, unit_s=1e-6)
 
     rows = []
     for s in shapes:
@@ -208,16 +169,7 @@ def main():
             torch.cuda.empty_cache()
 
     title, head, body = table(rows, device, dtype, bw)
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    print("\n" + title)
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    for b in body:
-        print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(f"\n**{title}**\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-            for b in body:
-                f.write("| " + " | ".join(b) + " |\n")
+    emit_table(title, head, body, args.markdown)
 
 
 if __name__ == "__main__":

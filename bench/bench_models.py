@@ -22,56 +22,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import apd_ext  # noqa: E402
 from apd_ext.models import Qwen2Runtime  # noqa: E402
+from bench_common import copy_bandwidth, emit_table, fmt, timer  # noqa: E402
 
 DREAM_7B = dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False)
 QWEN_05B = dict(vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, inter=4864, tie=True)
 TINY_DLLM = dict(vocab=4096, hidden=256, layers=4, heads=8, kv_heads=2, inter=768, tie=False)
 TINY_AR = dict(vocab=4096, hidden=128, layers=4, heads=4, kv_heads=2, inter=384, tie=True)
-
-
-def timer(device, warmup, iters, budget_s):
-    """Median wall time in ms of fn(), CUDA events on the GPU."""
-
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times, t_all = [], time.perf_counter()
-        for _ in range(iters):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            if len(times) >= 3 and time.perf_counter() - t_all > budget_s:
-                break
-        return statistics.median(times)
-
-    return run
-
-
-def copy_bandwidth(device, time_fn) -> float:
-    """Achievable read+write bandwidth (GB/s) of a large device copy."""
-    n = (1 << 30 if device.type == "cuda" else 1 << 26) // 4
-    src = torch.ones(n, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    ms = time_fn(lambda: dst.copy_(src))
-    del src, dst
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
 def have_transformers() -> bool:
@@ -174,8 +137,6 @@ def bench_case(name, shape, *, kind, ctx, window, row_start, n_rows, dtype, devi
     return out
 
 
-def fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
 
 
 def main():
@@ -195,7 +156,7 @@ def main():
     if not cuda:
         torch.set_num_threads(args.threads)
     time_fn = timer(device, warmup=5 if cuda else 2, iters=args.iters or (30 if cuda else 10), budget_s=3.0)
-    bw = copy_bandwidth(device, time_fn)
+    bw = copy_bandwidth(device, time_fn, 1 << 30 if cuda else 1 << 26, unit_s=1e-3)
 
     if cuda:
         cases = [
@@ -231,16 +192,7 @@ def main():
     where = torch.cuda.get_device_name(device) if cuda else f"{torch.get_num_threads()} threads"
     title = (f"model forwards on {device} ({where}), {str(dtype).replace('torch.', '')}, B=1, random weights; "
              f"copy bandwidth {bw:.0f} GB/s (floor = weight bytes / that); hf/apd > 1 means apd is faster")
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    print("\n" + title)
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    for b in body:
-        print("  ".join(c.rjust(w) for c, w in zip(b, widths)))
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(f"\n**{title}**\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-            for b in body:
-                f.write("| " + " | ".join(b) + " |\n")
+    emit_table(title, head, body, args.markdown)
 
 
 if __name__ == "__main__":

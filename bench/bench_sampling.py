@@ -19,41 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from apd_ext import ops  # noqa: E402
+from bench_common import emit_table, fmt, timer  # noqa: E402
 
 V_D, V_A = 152064, 151936
 TAU, TOP_P, R = 0.2, 0.95, 0.7
-
-
-def timer(device, warmup: int, iters: int):
-    """Median wall time in ms of fn() over `iters` runs after `warmup` (CUDA events on the GPU)."""
-
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-    return run
 
 
 # ---------------------------------------------------------------------------
@@ -126,10 +101,6 @@ def bench_shape(B, M, device, dtype, time_fn):
     return rows
 
 
-def fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -155,17 +126,7 @@ def main():
     head = ["op", "B", "M", "apd ms", "baseline ms", "speedup", "apd GB/s"]
     lines = [[r["op"], str(r["B"]), str(r["M"]), fmt(r["fused"], ".2f"), fmt(r["base"], ".2f"),
               fmt(r["base"] / r["fused"] if r["fused"] else None, ".1f") + "x", fmt(r["gbs"], ".1f")] for r in rows]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
-    print()
-    print(title)
-    print("  ".join(h.rjust(w) for h, w in zip(head, widths)))
-    for l in lines:
-        print("  ".join(c.rjust(w) for c, w in zip(l, widths)))
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(f"\n**{title}**\n\n| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n")
-            for l in lines:
-                f.write("| " + " | ".join(l) + " |\n")
+    emit_table(title, head, lines, args.markdown)
 
 
 if __name__ == "__main__":
