@@ -18,6 +18,34 @@ import torch.nn.functional as F
 from apd_ext import reference
 
 
+# name -> make_case kwargs shared by the CPU and CUDA tests. Lq, Lmax, Hq, Hkv,
+# D and the per-sequence (q_start, q_len, kv_len) exercise one or more edge
+# cases each. Order matters: the tests seed each case by its index.
+COMMON_CASES = {
+    # odd lengths, kv_len == q_start + q_len, GQA 2, D 64
+    "odd_tight_gqa2": dict(Lq=37, Lmax=101, Hq=4, Hkv=2, D=64, q_start=[50], q_len=[37], kv_len=[87]),
+    # window at position 0 (kv_len larger), padding rows (q_len < Lq, one q_len 0), ragged, GQA 7, D 128
+    "pos0_pad_gqa7": dict(
+        Lq=40, Lmax=200, Hq=7, Hkv=1, D=128, q_start=[0, 130, 3], q_len=[33, 17, 0], kv_len=[70, 147, 3]
+    ),
+    # GQA 1, odd head dim 40, ragged with a single-row window, key-block edges (64, 65, 128, 261)
+    "gqa1_d40_edges": dict(
+        Lq=19, Lmax=261, Hq=3, Hkv=3, D=40, q_start=[0, 5, 109, 45], q_len=[19, 1, 19, 19], kv_len=[64, 65, 128, 261]
+    ),
+    # non-contiguous, misaligned q (strided slice; mma falls back to simple) and k/v views of one
+    # packed buffer, Dream-like heads
+    "strided_dream": dict(
+        Lq=23, Lmax=150, Hq=28, Hkv=4, D=128, q_start=[100, 7], q_len=[23, 11], kv_len=[150, 18],
+        noncontig_q=True, packed_kv=True,
+    ),
+    # sharp softmax (large scores) over several key blocks, int32 lengths, odd D
+    "sharp_int32_d72": dict(
+        Lq=9, Lmax=300, Hq=6, Hkv=2, D=72, q_start=[250, 0], q_len=[9, 9], kv_len=[300, 200],
+        q_gain=6.0, len_dtype=torch.int32,
+    ),
+}
+
+
 @dataclass
 class WindowCase:
     """Inputs of one window_attention call."""

@@ -5,7 +5,7 @@ with the split-KV path forced off, forced on and left to the heuristic
 capture/replay, bad inputs. Every test needs a GPU and skips without one."""
 import pytest
 import torch
-from attention_utils import assert_attention_close, attention_errors, make_case
+from attention_utils import COMMON_CASES, assert_attention_close, attention_errors, make_case
 
 from apd_ext import ops
 
@@ -14,28 +14,9 @@ pytestmark = pytest.mark.cuda
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["simple", "mma"]
 
-# name -> make_case kwargs (see tests/test_attention.py for the CPU twins).
+# name -> make_case kwargs: the cases the CPU tests use too, then CUDA-only ones.
 CASES = {
-    # odd lengths, kv_len == q_start + q_len, GQA 2, D 64
-    "odd_tight_gqa2": dict(Lq=37, Lmax=101, Hq=4, Hkv=2, D=64, q_start=[50], q_len=[37], kv_len=[87]),
-    # window at 0, padding rows (q_len < Lq, one q_len 0), ragged, GQA 7, D 128
-    "pos0_pad_gqa7": dict(
-        Lq=40, Lmax=200, Hq=7, Hkv=1, D=128, q_start=[0, 130, 3], q_len=[33, 17, 0], kv_len=[70, 147, 3]
-    ),
-    # GQA 1, D 40, key-tile edges (32, 64, 65, 128, 261)
-    "gqa1_d40_edges": dict(
-        Lq=19, Lmax=261, Hq=3, Hkv=3, D=40, q_start=[0, 5, 109, 45], q_len=[19, 1, 19, 19], kv_len=[64, 65, 128, 261]
-    ),
-    # non-contiguous, misaligned q (mma falls back to simple) and k/v views of one buffer, Dream heads
-    "strided_dream": dict(
-        Lq=23, Lmax=150, Hq=28, Hkv=4, D=128, q_start=[100, 7], q_len=[23, 11], kv_len=[150, 18],
-        noncontig_q=True, packed_kv=True,
-    ),
-    # sharp softmax, int32 lengths, D 72
-    "sharp_int32_d72": dict(
-        Lq=9, Lmax=300, Hq=6, Hkv=2, D=72, q_start=[250, 0], q_len=[9, 9], kv_len=[300, 200],
-        q_gain=6.0, len_dtype=torch.int32,
-    ),
+    **COMMON_CASES,
     # dLLM decode step at B=1 (Dream-7B heads): the heuristic splits
     "dream_b1": dict(Lq=16, Lmax=1000, Hq=28, Hkv=4, D=128, q_start=[984], q_len=[16], kv_len=[1000]),
     # verifier (Qwen2.5-0.5B heads), ragged, packed k/v, sharp
