@@ -54,17 +54,14 @@ at::Tensor sample_draft_cpu(const at::Tensor& logits_in,     // [B, M, V]
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const apd::DType dtype = logits_dtype(op, "logits", logits);
   const int64_t B = logits.size(0), M = logits.size(1);
-  const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, kCpu);
-  const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, kCpu);
-  const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, kCpu, /*int64_only=*/true);
-  const at::Tensor steps = batch_int64(op, "steps", steps_in, B, kCpu);
-  check_valid_len(op, valid_len, M);
+  const apd::ops::RowVectors rows =
+      apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, kCpu);
+  check_valid_len(op, rows.valid_len, M);
   const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  const apd::SampleDraftParams p =
-      apd::ops::sample_draft_params(logits, dtype, pos_start, valid_len, seeds, steps, cfg, draft);
+  const apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
   dispatch_dtype(dtype, [&](auto tag) { apd::cpu::sample_draft<decltype(tag)>(p); });
   return draft;
 }
@@ -91,20 +88,18 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cpu(
               op, ": draft must be an int64 CPU tensor of shape [", B, ", ", M, "], got ", draft_in.scalar_type(),
               " ", draft_in.sizes(), " on ", draft_in.device());
   const at::Tensor draft = draft_in.contiguous();
-  const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, kCpu);
-  const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, kCpu);
-  const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, kCpu, /*int64_only=*/true);
-  const at::Tensor steps = batch_int64(op, "steps", steps_in, B, kCpu);
+  const apd::ops::RowVectors rows =
+      apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, kCpu);
   const at::Tensor eos = eos_int64(op, eos_in, kCpu);
-  check_valid_len(op, valid_len, M);
+  check_valid_len(op, rows.valid_len, M);
   const apd::ops::MixtureConfig mc =
       apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
 
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
-  const apd::MixtureAcceptParams p = apd::ops::mixture_accept_params(
-      d, a, dtype, draft, pos_start, valid_len, seeds, steps, R, mc, eos, target, n_accept);
+  const apd::MixtureAcceptParams p =
+      apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, target, n_accept);
   dispatch_dtype(dtype, [&](auto tag) { apd::cpu::mixture_accept<decltype(tag)>(p); });
   return {target, n_accept};
 }

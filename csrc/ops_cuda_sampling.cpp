@@ -60,17 +60,14 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
   const at::Device dev = logits.device();
   const apd::DType dtype = logits_dtype(op, "logits", logits);
   const int64_t B = logits.size(0), M = logits.size(1);
-  const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, dev);
-  const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
-  const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, dev, /*int64_only=*/true);
-  const at::Tensor steps = batch_int64(op, "steps", steps_in, B, dev);
+  const apd::ops::RowVectors rows =
+      apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, dev);
   const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  const apd::SampleDraftParams p =
-      apd::ops::sample_draft_params(logits, dtype, pos_start, valid_len, seeds, steps, cfg, draft);
+  const apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
   check_launch(op, apd::launch_sample_draft(p, c10::cuda::getCurrentCUDAStream()));
   return draft;
 }
@@ -96,10 +93,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
   apd::ops::check_ar_like_dllm(op, d, a);
   const int64_t B = d.size(0), M = d.size(1);
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M, dev);
-  const at::Tensor pos_start = batch_int64(op, "pos_start", pos_start_in, B, dev);
-  const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
-  const at::Tensor seeds = batch_int64(op, "seeds", seeds_in, B, dev, /*int64_only=*/true);
-  const at::Tensor steps = batch_int64(op, "steps", steps_in, B, dev);
+  const apd::ops::RowVectors rows =
+      apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, dev);
   const at::Tensor eos = eos_int64(op, eos_in, dev);
   const apd::ops::MixtureConfig mc =
       apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
@@ -108,8 +103,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
-  const apd::MixtureAcceptParams p = apd::ops::mixture_accept_params(
-      d, a, dtype, draft, pos_start, valid_len, seeds, steps, R, mc, eos, target, n_accept);
+  const apd::MixtureAcceptParams p =
+      apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, target, n_accept);
   check_launch(op, apd::launch_mixture_accept(p, c10::cuda::getCurrentCUDAStream()));
   return {target, n_accept};
 }

@@ -52,6 +52,25 @@ inline at::Tensor batch_int64(const char* op, const char* name, const at::Tensor
   return t.to(at::kLong).contiguous();
 }
 
+// The per-sequence vectors of sample_draft and mixture_accept, checked in this
+// order and converted by batch_int64.
+struct RowVectors {
+  at::Tensor pos_start;  // [B] int64
+  at::Tensor valid_len;  // [B] int64
+  at::Tensor seeds;      // [B] int64
+  at::Tensor steps;      // [B] int64
+};
+
+inline RowVectors row_vectors(const char* op, const at::Tensor& pos_start, const at::Tensor& valid_len,
+                              const at::Tensor& seeds, const at::Tensor& steps, int64_t B, const at::Device& dev) {
+  RowVectors r;
+  r.pos_start = batch_int64(op, "pos_start", pos_start, B, dev);
+  r.valid_len = batch_int64(op, "valid_len", valid_len, B, dev);
+  r.seeds = batch_int64(op, "seeds", seeds, B, dev, /*int64_only=*/true);
+  r.steps = batch_int64(op, "steps", steps, B, dev);
+  return r;
+}
+
 // [E] int64 end-of-sequence ids on `dev`, contiguous.
 inline at::Tensor eos_int64(const char* op, const at::Tensor& eos, const at::Device& dev) {
   check_on(op, "eos_ids", eos, dev);
@@ -99,10 +118,7 @@ inline MixtureConfig mixture_config(const char* op, double R, double temperature
 // tensors contiguous int64, outputs freshly allocated.
 inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     // [B, M, V]
                                                   apd::DType dtype,
-                                                  const at::Tensor& pos_start,  // [B]
-                                                  const at::Tensor& valid_len,  // [B]
-                                                  const at::Tensor& seeds,      // [B]
-                                                  const at::Tensor& steps,      // [B]
+                                                  const RowVectors& rows,
                                                   const apd::SamplerConfig& cfg,
                                                   at::Tensor& draft) {          // [B, M] out
   apd::SampleDraftParams p{};
@@ -110,10 +126,10 @@ inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     
   p.dtype = dtype;
   p.B = logits.size(0), p.M = logits.size(1), p.V = logits.size(2);
   p.stride_b = logits.stride(0), p.stride_m = logits.stride(1);
-  p.pos_start = pos_start.data_ptr<int64_t>();
-  p.valid_len = valid_len.data_ptr<int64_t>();
-  p.seeds = seeds.data_ptr<int64_t>();
-  p.steps = steps.data_ptr<int64_t>();
+  p.pos_start = rows.pos_start.data_ptr<int64_t>();
+  p.valid_len = rows.valid_len.data_ptr<int64_t>();
+  p.seeds = rows.seeds.data_ptr<int64_t>();
+  p.steps = rows.steps.data_ptr<int64_t>();
   p.cfg = cfg;
   p.draft = draft.data_ptr<int64_t>();
   return p;
@@ -123,10 +139,7 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
                                                       const at::Tensor& a,          // [B, M, V_A]
                                                       apd::DType dtype,
                                                       const at::Tensor& draft,      // [B, M]
-                                                      const at::Tensor& pos_start,  // [B]
-                                                      const at::Tensor& valid_len,  // [B]
-                                                      const at::Tensor& seeds,      // [B]
-                                                      const at::Tensor& steps,      // [B]
+                                                      const RowVectors& rows,
                                                       double R, const MixtureConfig& mc,
                                                       const at::Tensor& eos,        // [E]
                                                       at::Tensor& target,           // [B, M] out
@@ -139,10 +152,10 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
   p.d_stride_b = d.stride(0), p.d_stride_m = d.stride(1);
   p.a_stride_b = a.stride(0), p.a_stride_m = a.stride(1);
   p.draft = draft.data_ptr<int64_t>();
-  p.pos_start = pos_start.data_ptr<int64_t>();
-  p.valid_len = valid_len.data_ptr<int64_t>();
-  p.seeds = seeds.data_ptr<int64_t>();
-  p.steps = steps.data_ptr<int64_t>();
+  p.pos_start = rows.pos_start.data_ptr<int64_t>();
+  p.valid_len = rows.valid_len.data_ptr<int64_t>();
+  p.seeds = rows.seeds.data_ptr<int64_t>();
+  p.steps = rows.steps.data_ptr<int64_t>();
   p.R = float(R);
   p.cfg = mc.cfg;
   p.acceptance = mc.acceptance;
