@@ -26,6 +26,7 @@ setup: $(VENV)/.deps-stamp
 # Full build + editable install of the package (console script `apd` included).
 build: setup
 	$(PIP) install -q --no-build-isolation --no-deps -e .
+	$(PY) -c "import apd_ext; print('apd_ext build:', apd_ext.build_info())"
 
 # Incremental in-place rebuild for development (ninja; serialised with flock so
 # that concurrent builds in one tree do not race).

@@ -162,3 +162,15 @@ def test_bench_writes_csv_and_plot(tmp_path, capsys):
         assert png.stat().st_size > 0
     except ImportError:
         assert "matplotlib is not installed" in out
+
+
+def test_embedded_pair_wraps_a_bare_question(capsys):
+    d_def, _ = cli._embedded_defaults()
+    if d_def is None:
+        pytest.skip("the embedded tiny pair is not installed")
+    question = "Rosa has 12 apples. Zoe gives her 9 apples. She sells 5 apples. How many apples does Rosa have now?"
+    rc = cli.main(["generate", "--prompt", question, "--max-new-tokens", "48", "--json"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    # Without the `Question: ...\nAnswer:\n` wrapper the tiny pair answers garbage.
+    assert "#### 16" in result["text"]

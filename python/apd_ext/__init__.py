@@ -16,3 +16,15 @@ from apd_ext.generate import (  # noqa: F401,E402  (APD loop and baselines)
     generate_diffusion,
     generate_leftright,
 )
+
+
+def build_info() -> dict:
+    """Which dispatch keys each apd op has kernels for in this build."""
+    import torch
+
+    names = ("sample_draft", "mixture_accept", "accept_prefix", "window_attention")
+    return {
+        "version": __version__,
+        "cpu": all(torch._C._dispatch_has_kernel_for_dispatch_key(f"apd::{n}", "CPU") for n in names),
+        "cuda": all(torch._C._dispatch_has_kernel_for_dispatch_key(f"apd::{n}", "CUDA") for n in names),
+    }

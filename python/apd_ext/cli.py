@@ -166,7 +166,17 @@ def cmd_generate(args) -> int:
         if folder is not None and not os.path.isdir(folder):
             raise UsageError(f"{flag}: expected a checkpoint folder, got {folder!r} (not a directory)")
     tok = _load_tokenizer(args.dllm)
-    ids = _encode(tok, args.prompt, args.chat)
+    prompt_text = args.prompt
+    d_def, _ = _embedded_defaults()
+    if d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def) and "Answer:" not in prompt_text:
+        # The embedded pair is trained on `Question: ...\nAnswer:\n` only; a bare
+        # question (or one whose trailing newline a shell `$(...)` ate) is wrapped.
+        from apd_ext.tasks.arith import prompt_of
+
+        prompt_text = prompt_of(prompt_text.strip())
+    elif d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def):
+        prompt_text = prompt_text.rstrip("\n") + "\n"
+    ids = _encode(tok, prompt_text, args.chat)
     if not ids:
         raise UsageError("--prompt: the prompt encodes to no tokens")
 
