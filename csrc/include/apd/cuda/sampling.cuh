@@ -350,8 +350,8 @@ class RowSampler {
     const bool all = kept.thr_dk == 0xffffffffu;
     MaxArg acc{-INFINITY, -INFINITY, INT32_MAX};
     for_each_group([&](int v0, const float (&x)[kVec]) {
-      bool need_noise = false;
-      float sb[kVec];  // score before noise, or -inf when not a candidate
+      unsigned cand = 0;  // bit j: entry v0 + j needs its noise
+      float sb[kVec];     // score before noise
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const int v = v0 + j;
@@ -369,15 +369,17 @@ class RowSampler {
         }
         sb[j] = ctx_.official ? official_score(x[j], ctx_.tau) : z;
         // fl(sb + max g) <= best: cannot win (groups come in index order, and
-        // a later index loses ties).
-        if (sb[j] + kGumbelMax <= acc.score) sb[j] = -INFINITY;
-        else need_noise = true;
+        // a later index loses ties). As in the CPU's NoisyArgmax, only once
+        // the thread holds an entry: a kept entry whose score is -inf (official
+        // l / tau / tau underflow) must still be taken when nothing better is.
+        if (acc.idx != INT32_MAX && !(sb[j] + kGumbelMax > acc.score)) continue;
+        cand |= 1u << j;
       }
-      if (kNoise && need_noise) {
+      if (kNoise && cand != 0) {
         const Philox4 blk = noise_block(ctx_.seed, ctx_.step, ctx_.pos, v0);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          if (sb[j] == -INFINITY) continue;  // masked, skipped or a -inf logit
+          if (!((cand >> j) & 1u)) continue;  // masked or skipped
           const float s = perturbed_score(sb[j], blk, v0 + j);
           if (better(s, v0 + j, acc.score, acc.idx)) {
             acc.score = s;
