@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -71,6 +72,7 @@ at::Tensor window_attention_cuda(const at::Tensor& q_in,        // [B, Lq, Hq, D
   TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
               "window_attention: q, k_cache and v_cache must share a dtype, got ", q_in.scalar_type(), ", ",
               k_in.scalar_type(), ", ", v_in.scalar_type());
+  TORCH_CHECK(std::isfinite(float(scale)) && float(scale) > 0, "window_attention: scale must be finite and > 0, got ", scale);
   const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
   const int64_t Lmax = k_in.size(1), Hkv = k_in.size(2);
   apd::ops::check_k_like_q(q_in, k_in);
