@@ -16,7 +16,7 @@ import sys
 if not os.environ.get("CUDA_HOME") and os.path.isfile("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from setuptools import find_packages, setup  # noqa: E402
+from setuptools import find_namespace_packages, setup  # noqa: E402
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import (  # noqa: E402
@@ -101,7 +101,7 @@ else:
     )
 
 setup(
-    packages=find_packages("python"),
+    packages=find_namespace_packages("python", include=["apd_ext", "apd_ext.*"]),
     package_dir={"": "python"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
