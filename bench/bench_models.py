@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import apd_ext  # noqa: E402
 from apd_ext.models import Qwen2Runtime  # noqa: E402
+from apd_ext.decoding.bench import build_hf  # noqa: E402  (random Qwen2 of a given shape)
 from bench_common import copy_bandwidth, emit_table, fmt, timer  # noqa: E402
 
 DREAM_7B = dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, inter=18944, tie=False)
@@ -45,25 +46,6 @@ def have_transformers() -> bool:
     return True
 
 
-def build_hf(shape, dtype, device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(
-        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["inter"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], tie_word_embeddings=shape["tie"], rope_theta=1e6,
-        max_position_embeddings=4096, attn_implementation="sdpa",
-    )
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg).eval()
-    finally:
-        torch.set_default_dtype(old)
-    return model
-
-
 def weight_bytes(model) -> int:
     """Bytes of every weight a forward reads (the embedding is only gathered)."""
     tensors = [t for L in model.layers for t in vars(L).values() if t is not None] + [model.norm, model.lm_head]
@@ -74,7 +56,7 @@ def weight_bytes(model) -> int:
 def bench_case(name, shape, *, kind, ctx, window, row_start, n_rows, dtype, device, time_fn, bw, graphs):
     mask_id = shape["vocab"] - 1 if kind == "dllm" else None
     if have_transformers():
-        hf = build_hf(shape, dtype, device)
+        hf = build_hf(shape, dtype, device, seed=0)
         live = apd_ext.load_model(hf, kind=kind, mask_token_id=mask_id)
         # The runtime as a folder load builds it (gate/up fused), over the same weights.
         model = Qwen2Runtime(live.kind, live.config, hf.state_dict(), fuse_mlp=True)

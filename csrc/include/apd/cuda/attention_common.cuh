@@ -194,6 +194,20 @@ __global__ void __launch_bounds__(256) window_attention_combine_kernel(const Att
   }
 }
 
+// Launch one attention kernel over the (query tile, b * kv head, split) grid,
+// raising its dynamic shared-memory limit first when it needs more than 48 KB.
+template <typename Kernel>
+cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t q_tiles, int threads, size_t smem,
+                         cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (e != cudaSuccess) return e;
+  }
+  const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
+  kernel<<<grid, threads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
 // Host-side launch entry points, explicitly instantiated in csrc/cuda/attention_*.cu.
 template <typename T, int NDC>
 cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);

@@ -305,15 +305,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
 template <typename T, int D>
 cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
   using Cfg = MmaCfg<D>;
-  auto kernel = window_attention_mma_kernel<T, D>;
-  const size_t smem = Cfg::kSmemBytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
-  kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_tiled(window_attention_mma_kernel<T, D>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 }  // namespace attn

@@ -207,15 +207,7 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
 template <typename T, int NDC>
 cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
   using Cfg = SimpleCfg<T, NDC>;
-  auto kernel = window_attention_simple_kernel<T, NDC>;
-  const size_t smem = Cfg::kSmemBytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
-  kernel<<<grid, Cfg::kWarps * 32, smem, stream>>>(a);
-  return cudaGetLastError();
+  return launch_tiled(window_attention_simple_kernel<T, NDC>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 template <typename T>
