@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from apd_ext.tasks import arith
-from apd_ext.tiny import paths, test_file
+# Imported under another name: a module-level `test_file` would be collected as a test.
+from apd_ext.tiny import paths, test_file as arith_test_file
 
 DLLM_DIR, AR_DIR = paths()
 _STEP = re.compile(r"^(\w+)(?: in)?(?: (\d+))?: (\d+) ([-+*/]) (\d+) = (\d+)\.$")
@@ -35,7 +36,7 @@ def test_splits_disjoint_by_construction():
 
 
 def test_answers_are_correct_step_by_step():
-    for p in arith.make_split("train", 300, seed=1) + arith.load_jsonl(test_file()):
+    for p in arith.make_split("train", 300, seed=1) + arith.load_jsonl(arith_test_file()):
         lines = p.answer.split("\n")
         assert lines[-1] == f"#### {p.final}"
         cur = int(re.fullmatch(r"Starts with (\d+)\.", lines[0]).group(1))
@@ -63,7 +64,7 @@ def test_scorer_hand_written():
 
 
 def test_shipped_test_file():
-    probs = arith.load_jsonl(test_file())
+    probs = arith.load_jsonl(arith_test_file())
     assert len(probs) == 500 and len({p.question for p in probs}) == 500
     assert probs == arith.make_split("test", 500, seed=0)  # regenerable from the seed
     assert all(arith.score(p.answer, p.final) for p in probs)
@@ -103,7 +104,7 @@ def test_tokenizer_round_trip():
     assert tok.eos_token_id == dc["eos_token_id"] and tok.pad_token_id == dc["pad_token_id"]
     assert tok.mask_token_id == dc["mask_token_id"]
     assert len({tok.eos_token_id, tok.pad_token_id, tok.mask_token_id}) == 3
-    texts = [arith.prompt_of(p.question) + p.answer for p in arith.load_jsonl(test_file())[:50]]
+    texts = [arith.prompt_of(p.question) + p.answer for p in arith.load_jsonl(arith_test_file())[:50]]
     texts.append("Zed  has\t7 yaks! \u00c4\u00d6 12.5 #### 3")
     for text in texts:
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -114,17 +115,43 @@ def test_tokenizer_round_trip():
 
 
 def test_ar_folder_autotokenizer_same_ids():
+    """The verifier's folder and the pair's tokenizer agree on what the models see.
+
+    transformers < 5: AutoTokenizer on either folder gives the same ids.
+    transformers >= 5 maps every model_type "qwen2" folder to Qwen2Tokenizer
+    (a hard-coded pre-tokenizer that splits digits), so the pair's tokenizer is
+    loaded from the dLLM folder (apd_ext.tiny.tokenizer(), demo.load_pair and
+    `apd generate` all do): that path must give the verifier's tokenizer.json
+    ids, and the AR folder's AutoTokenizer must still pass check_compatible
+    (same vocabulary and special ids, what `apd generate` checks) and agree on
+    digit-free text."""
     import transformers
+    from tokenizers import Tokenizer
     from transformers import AutoTokenizer
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        pytest.skip("transformers >= 5 forces Qwen2Tokenizer (hard-coded digit-splitting pre-tokenizer) "
-                    "on any model_type 'qwen2' folder: load the pair's tokenizer from the dLLM folder "
-                    "(apd_ext.tiny.tokenizer(), as `apd generate` does)")
     a = AutoTokenizer.from_pretrained(str(AR_DIR), local_files_only=True)
     d = AutoTokenizer.from_pretrained(str(DLLM_DIR), local_files_only=True)
-    for p in arith.load_jsonl(test_file())[:50]:
-        text = arith.prompt_of(p.question) + p.answer
-        assert a(text, add_special_tokens=False)["input_ids"] == d(text, add_special_tokens=False)["input_ids"]
+    texts = [arith.prompt_of(p.question) + p.answer for p in arith.load_jsonl(arith_test_file())[:50]]
+    if int(transformers.__version__.split(".")[0]) < 5:
+        for text in texts:
+            assert a(text, add_special_tokens=False)["input_ids"] == d(text, add_special_tokens=False)["input_ids"]
+        return
+    import apd_ext
+    from apd_ext import cli
+    from apd_ext.tiny import tokenizer
+    from apd_ext.tiny.demo import load_pair
+    raw = Tokenizer.from_file(str(AR_DIR / "tokenizer.json"))  # the verifier's ids, read verbatim
+    pair_toks = {"tiny.tokenizer": tokenizer(), "demo.load_pair": load_pair()[2],
+                 "cli._load_tokenizer": cli._load_tokenizer(str(DLLM_DIR))}
+    for name, tok in pair_toks.items():
+        for text in texts:
+            assert tok(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids, (name, text)
+    assert a.get_vocab() == d.get_vocab()
+    assert (a.eos_token_id, a.pad_token_id) == (d.eos_token_id, d.pad_token_id)
+    dllm = apd_ext.load_model(str(DLLM_DIR), dtype=torch.float32, device="cpu")
+    ar = apd_ext.load_model(str(AR_DIR), dtype=torch.float32, device="cpu")
+    apd_ext.check_compatible(dllm, ar, d, a)
+    for text in ("Question: Tom has some apples.\nAnswer:\n", "Zed  has\tyaks! \u00c4\u00d6 ####"):
+        assert a(text, add_special_tokens=False)["input_ids"] == raw.encode(text).ids
 
 
 def _transformers_model(d):
@@ -190,7 +217,7 @@ def test_accuracy_bars_on_fixed_slice(pair):
     import apd_ext
     from apd_ext.tiny.demo import DEFAULT_M, DEFAULT_R, DEFAULT_W, MAX_NEW
     dllm, ar, tok = pair
-    probs = arith.load_jsonl(test_file())[SLICE]
+    probs = arith.load_jsonl(arith_test_file())[SLICE]
     kw = dict(temperature=0.0, seed=0, max_new_tokens=MAX_NEW)
     ar_acc, _ = _accuracy(lambda x: apd_ext.generate_ar(ar, x, **kw), tok, probs)
     k1_acc, k1_tpf = _accuracy(lambda x: apd_ext.generate_leftright(dllm, x, K=1, **kw), tok, probs)

@@ -61,10 +61,11 @@ def reference_generate(dllm: Qwen2ForCausalLM, verifier: Qwen2ForCausalLM, promp
                        top_p: float = 0.95, top_k: int = 0, acceptance: Optional[str] = "coupled",
                        compat: Optional[str] = None, max_new_tokens: int = 256, seed: int = 0,
                        n_accept_override: Optional[int] = None,
-                       max_steps: Optional[int] = None) -> ReferenceResult:
+                       max_steps: Optional[int] = None, trace: Optional[list] = None) -> ReferenceResult:
     """APD for one prompt (a list of ids). Same arguments as APDConfig;
     n_accept_override fixes the accepted count per step and max_steps stops
-    after that many steps (both for benchmarking only)."""
+    after that many steps (both for benchmarking only). trace (tests): a list
+    that gets (left, right, n_accept) per step."""
     if compat == "official":
         acceptance = None  # the released code's argmax acceptance
     device = dllm.device
@@ -125,6 +126,11 @@ def reference_generate(dllm: Qwen2ForCausalLM, verifier: Qwen2ForCausalLM, promp
         n = int(n[0])
         if n_accept_override is not None:
             n = min(n_accept_override, m)
+        if n < 1:  # a_0 = 1: a step that accepts nothing would repeat forever
+            raise RuntimeError(f"step {step}: accepted {n} tokens at position {t}; the first drafted "
+                               "token is always accepted, so the loop must advance every step")
+        if trace is not None:
+            trace.append((left, right, n))
 
         # 5. Commit, advance, stop at EOS or at the budget.
         x[0, t : t + n] = draft[0, :n]

@@ -22,6 +22,7 @@ from apd_ext.decoding.common import (
     GenerationStats,
     PhaseTimer,
     check_kind,
+    check_progress,
     check_prompt,
     model_device,
     normalize_prompts,
@@ -186,7 +187,7 @@ def _graphs_supported(device: torch.device) -> bool:
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
          callback: Optional[Callback], n_accept_override: Optional[int],
          cuda_graphs: bool = False, stop_after_steps: Optional[int] = None,
-         attention_mask=None, seeds=None) -> APDOutput:
+         attention_mask=None, seeds=None, trace: Optional[list] = None) -> APDOutput:
     """One loop for APD (verifier given, K None) and leftright (verifier None,
     K tokens per step). Both draw the draft with the same (seed, step,
     position) noise, so APD with M=1 equals leftright with K=1.
@@ -200,7 +201,10 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     capacity-B caches, which keeps the verifier's graphs valid), rather than masked. Masking
     (q_len = 0) would keep its rows in every GEMM of both models until the last
     sequence ends; compaction costs one cache gather per finishing event (at
-    most B per generation, none at all when the whole batch ends together)."""
+    most B per generation, none at all when the whole batch ends together).
+
+    trace (tests only): a list that gets, per step, one tuple (batch index,
+    left, right, n_accept) per live sequence."""
     device = model_device(dllm)
     prompts = normalize_prompts(input_ids, attention_mask)
     models = [dllm] if verifier is None else [dllm, verifier]
@@ -306,6 +310,9 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
         host = torch.cat([n_acc, draft.reshape(-1)]).cpu()
         n_h = host[:n]
         d_host = host[n:].view(n, rows)
+        check_progress(step, t, n_h, live)
+        if trace is not None:  # tests only: per-step window bounds and acceptance
+            trace.append([(int(b), int(l), int(r), int(k)) for b, l, r, k in zip(live, left_t, right_t, n_h)])
         per_step = [[] for _ in range(B)] if callback is not None else None
         done = torch.zeros(n, dtype=torch.bool)
         for i in range(n):
@@ -352,7 +359,7 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
              attention_mask=None, seeds=None,
              _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
-             **overrides) -> APDOutput:
+             _trace: Optional[list] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
     dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
@@ -371,6 +378,8 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     verifier's graphs cover every batch size (buckets), the dLLM runs eagerly.
     _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
     acceptance schedule; stop after that many steps), not part of the API.
+    _trace: tests only, a list that gets per step [(b, left, right, n_accept)]
+    for the live sequences.
     """
     cfg = config if config is not None else APDConfig()
     if not isinstance(cfg, APDConfig):
@@ -380,7 +389,8 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     _check_pair(dllm, verifier)
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
                 callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
-                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds)
+                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
+                trace=_trace)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,

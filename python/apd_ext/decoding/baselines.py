@@ -58,7 +58,7 @@ def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p:
 def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, temperature: float = 0.2,
                        top_p: float = 0.95, top_k: int = 0, seed: int = 0, max_new_tokens: int = 256,
                        eos_token_ids=None, callback: Optional[Callback] = None,
-                       eps: float = 1e-3) -> APDOutput:
+                       eps: float = 1e-3, _trace: Optional[list] = None) -> APDOutput:
     """Dream-style masked diffusion over the whole tail [P, P + max_new_tokens):
     `steps` full forwards; each unmasks a share of the remaining masks
     (timesteps 1 -> eps, linear), chosen at random ('origin') or by confidence:
@@ -66,7 +66,8 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
     probability ('topk_margin') or negative entropy ('entropy'). Tokens are
     drawn with the shared Gumbel noise (seed, step, position). The output
     keeps tokens up to and including the first EOS. Sampling defaults are
-    APDConfig's (temperature 0.2, top_p 0.95)."""
+    APDConfig's (temperature 0.2, top_p 0.95). _trace (tests only): a list
+    that gets, per step, the sorted absolute positions unmasked in it."""
     check_kind("dllm", dllm, "dllm")
     check_choice("alg", alg, DIFFUSION_ALGS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -132,6 +133,13 @@ def generate_diffusion(dllm, input_ids, steps: int, alg: str = "entropy", *, tem
                 k = nm if last else int(nm * (1.0 - s_ratio))
                 chosen = masked[torch.topk(conf, k).indices] if k > 0 else masked[:0]
             tokens[0, plen + chosen] = draft[chosen]
+            if last and chosen.numel() != nm:
+                # The loop invariant: the last step unmasks every position still
+                # masked, so the output holds no [MASK] the caller did not ask for.
+                raise RuntimeError(f"step {i}: the last diffusion step unmasked {chosen.numel()} of the "
+                                   f"{nm} masked positions (from position {plen + int(masked[0])})")
+        if _trace is not None:
+            _trace.append(sorted((plen + chosen).tolist()))
         stats.steps += 1
         accepted[0].append(int(chosen.numel()))
         if callback is not None:
