@@ -18,7 +18,7 @@ $(VENV)/.deps-stamp: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q numpy safetensors "transformers>=4.45" tokenizers pytest pybind11 ninja cmake matplotlib "nvidia-cutlass==4.2.0.0"
+	$(PIP) install -q numpy safetensors "transformers>=4.45" tokenizers pytest pytest-timeout pybind11 ninja cmake matplotlib "nvidia-cutlass==4.2.0.0"
 	touch $@
 
 setup: $(VENV)/.deps-stamp
