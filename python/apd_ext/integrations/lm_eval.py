@@ -67,7 +67,7 @@ class APDLM(LM):
 
     dllm / verifier: checkpoint folders (verifier needed for method apd and ar;
     ar decodes with the verifier alone). tokenizer: folder of the tokenizer
-    (default: the dLLM's). R, W (None: no dLLM KV cache), M, acceptance,
+    (default: the dLLM's folder, also for method ar). R, W (None: no dLLM KV cache), M, acceptance,
     compat: APDConfig fields; K: tokens per step of leftright; steps, alg: the
     diffusion sampler. temperature / top_p / top_k: when given they override the
     task's gen_kwargs; otherwise do_sample=False means greedy and do_sample=True
@@ -124,7 +124,9 @@ class APDLM(LM):
         self.dllm = apd_ext.load_model(dllm, dtype=dt, device=device) if "dllm" in need[method] else None
         self.verifier = apd_ext.load_model(verifier, dtype=dt, device=device) if "verifier" in need[method] else None
         self._device = torch.device(device)
-        tok_dir = tokenizer or (dllm if self.dllm is not None else verifier)
+        # The dLLM's folder first, even for method ar: transformers >= 5 forces its
+        # digit-splitting Qwen2Tokenizer on any model_type "qwen2" folder (see apd_ext.tiny).
+        tok_dir = tokenizer or dllm or verifier
         if not isinstance(tok_dir, str) or not os.path.isdir(tok_dir):
             raise ValueError(f"model_args tokenizer: expected a local tokenizer folder, got {tok_dir!r}")
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
