@@ -83,20 +83,17 @@ def test_python_api_equals_sweep_and_generate(pair, probs, sweep_row, tmp_path):
     res = simple_evaluate(model=lm, tasks=["apd_arith"], task_manager=_task_manager(), limit=N, log_samples=True)
     assert _acc(res) == sweep_row["accuracy"]
     assert 0.0 < sweep_row["accuracy"]  # the pair solves some: a broken pipeline scoring 0 would not pass
-    # Token for token: every request's ids == apd_ext.generate alone on that problem.
+    # Token for token: every request's ids == apd_ext.generate alone on that problem
+    # (request i, in doc order, uses seed i); its recorded text == the text `apd sweep` scores.
     assert len(lm.seen) == N
-    by_prompt = {tuple(encode_prompt(tok, p.question)[0].tolist()): p for p in probs}
+    doc_of = {tuple(encode_prompt(tok, p.question)[0].tolist()): i for i, p in enumerate(probs)}
+    texts = {s["doc_id"]: s["resps"][0][0] for s in res["samples"]["apd_arith"]}
     for prompt, seed, gen in lm.seen:
-        p = by_prompt[tuple(prompt)]
+        i = doc_of[tuple(prompt)]
         out = apd_ext.generate(dllm, ar, torch.tensor([prompt]), R=R, W=W, M=M, temperature=0.0,
-                               seed=seed, max_new_tokens=MAX_NEW)
-        assert gen == out.generated(0).tolist()
-    # lm-eval's recorded responses are the texts `apd sweep` scores
-    for s in res["samples"]["apd_arith"]:
-        p = probs[s["doc_id"]]
-        out = apd_ext.generate(dllm, ar, encode_prompt(tok, p.question), R=R, W=W, M=M, temperature=0.0,
-                               seed=s["doc_id"], max_new_tokens=MAX_NEW)
-        assert s["resps"][0][0] == generated_text(tok, out)
+                               seed=i, max_new_tokens=MAX_NEW)
+        assert seed == i and gen == out.generated(0).tolist()
+        assert texts[i] == generated_text(tok, out)
     stats = [json.loads(line) for line in open(tmp_path / "stats.jsonl")]
     assert sorted(s["request"] for s in stats) == list(range(N))
     assert all(s["generated_tokens"] >= 1 and s["steps"] >= 1 for s in stats)
