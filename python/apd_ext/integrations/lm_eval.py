@@ -61,7 +61,6 @@ def _arg(name: str, value, kind, lo=None, allow_none: bool = False):
     return value
 
 
-@register_model("apd")
 class APDLM(LM):
     """lm-eval LM over a dLLM (and, for method apd, its AR verifier) loaded with apd_ext.load_model.
 
@@ -280,6 +279,12 @@ class APDLM(LM):
         return path
 
 
+if __name__ != "__main__":
+    # Run as `python -m`, this file is __main__ and main() below imports it again under
+    # its own name; registering both classes would be a duplicate "apd".
+    register_model("apd")(APDLM)
+
+
 def _results_file(output_path: str, since: float) -> Optional[Path]:
     """The results_*.json lm-eval wrote under output_path after `since`, newest first."""
     root = Path(output_path)
@@ -316,4 +321,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from apd_ext.integrations import lm_eval as _registered  # the module-level class, registered
+
+    raise SystemExit(_registered.main())
