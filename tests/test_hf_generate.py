@@ -1,0 +1,125 @@
+"""transformers generate(custom_generate=...) on the embedded tiny pair: the callable
+and the local-folder form give apd_ext.generate's tokens; generation_config,
+stopping_criteria, attention_mask, batching, return_dict_in_generate; no weight
+copies; unsupported options refused by name."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+import apd_ext
+from apd_ext import tiny
+from apd_ext.integrations.hf import apd_generate, custom_generate_dir
+from apd_ext.tasks import arith
+
+R, W, M, MAX_NEW = 0.7, 16, 56, 40
+PAD = 1  # the tiny tokenizer's <|pad|>
+
+
+def _hf(folder):
+    """A shipped tiny checkpoint as a live transformers Qwen2ForCausalLM (fp32)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    c = Qwen2Config(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
+                    intermediate_size=cfg["intermediate_size"], num_hidden_layers=cfg["num_hidden_layers"],
+                    num_attention_heads=cfg["num_attention_heads"], num_key_value_heads=cfg["num_key_value_heads"],
+                    rms_norm_eps=cfg["rms_norm_eps"], max_position_embeddings=cfg["max_position_embeddings"],
+                    tie_word_embeddings=cfg["tie_word_embeddings"], rope_theta=cfg["rope_theta"],
+                    bos_token_id=0, eos_token_id=0, pad_token_id=PAD)
+    model = Qwen2ForCausalLM(c)
+    missing = model.load_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()},
+                                    strict=False).missing_keys
+    assert missing in ([], ["lm_head.weight"]) and (not missing or c.tie_word_embeddings)
+    if "mask_token_id" in cfg:
+        model.config.mask_token_id = cfg["mask_token_id"]
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = 0
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    dllm_dir, ar_dir = tiny.paths()
+    tok = tiny.tokenizer()
+    probs = arith.load_jsonl(tiny.test_file())[:3]
+    prompts = [tok(arith.prompt_of(p.question), add_special_tokens=False)["input_ids"] for p in probs]
+    P = max(map(len, prompts))
+    ids = torch.full((3, P), PAD, dtype=torch.long)  # [3, P] left padded, as transformers wants
+    mask = torch.zeros((3, P), dtype=torch.long)
+    for b, p in enumerate(prompts):
+        ids[b, P - len(p):] = torch.tensor(p)
+        mask[b, P - len(p):] = 1
+    assert len(set(map(len, prompts))) > 1  # really ragged
+    return dict(dllm=_hf(dllm_dir), ar=_hf(ar_dir), dllm_rt=apd_ext.load_model(str(dllm_dir)),
+                ar_rt=apd_ext.load_model(str(ar_dir)), prompts=prompts, ids=ids, mask=mask, tok=tok)
+
+
+def _expected(s, max_new=MAX_NEW, cut=None, **sampling):
+    """transformers' layout of apd_ext.generate's tokens: padded prompts, then each generation, pad after its end."""
+    out = apd_ext.generate(s["dllm_rt"], s["ar_rt"], [torch.tensor(p) for p in s["prompts"]],
+                           R=R, W=W, M=M, max_new_tokens=max_new, **sampling)
+    gens = [out.generated(b).tolist() for b in range(3)]
+    if cut is not None:
+        gens = [cut(g) for g in gens]
+    width = max(map(len, gens))
+    new = torch.tensor([g + [PAD] * (width - len(g)) for g in gens])
+    return torch.cat([s["ids"], new], 1)
+
+
+def test_callable_batched_greedy(setup):
+    s = setup
+    got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
+                           R=R, W=W, M=M, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(got, _expected(s, temperature=0.0))
+
+
+def test_folder_form_sampling_return_dict(setup):
+    s = setup
+    got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=custom_generate_dir(),
+                           trust_remote_code=True, dllm=s["dllm"], R=R, W=W, M=M, max_new_tokens=MAX_NEW,
+                           do_sample=True, temperature=0.5, top_p=0.9, top_k=7, seed=3,
+                           return_dict_in_generate=True)
+    assert isinstance(got, GenerateDecoderOnlyOutput)
+    assert torch.equal(got.sequences, _expected(s, temperature=0.5, top_p=0.9, top_k=7, seed=3))
+
+
+def test_stopping_criteria_and_max_new_tokens(setup):
+    s = setup
+    (stop_id,) = s["tok"](" =", add_special_tokens=False)["input_ids"]  # every answer has one ("13 + 7 = 20")
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return input_ids[:, -1] == stop_id
+
+    got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
+                           R=R, W=W, M=M, max_new_tokens=30, do_sample=False,
+                           stopping_criteria=StoppingCriteriaList([StopAt()]))
+    exp = _expected(s, max_new=30, cut=lambda g: g[: g.index(stop_id) + 1], temperature=0.0)
+    assert (exp[:, s["ids"].shape[1]:] == stop_id).any(1).all()  # every row was cut
+    assert torch.equal(got, exp)
+
+
+def test_wraps_without_copies(setup):
+    from apd_ext.integrations.hf import _runtime
+    s = setup
+    rt = _runtime(s["dllm"], "dllm")
+    assert rt is _runtime(s["dllm"], "dllm")  # wrapped once
+    assert rt.embed.data_ptr() == s["dllm"].model.embed_tokens.weight.data_ptr()
+    assert rt.lm_head.data_ptr() == s["dllm"].lm_head.weight.data_ptr()
+    assert rt.layers[0].w_o.data_ptr() == s["dllm"].model.layers[0].self_attn.o_proj.weight.data_ptr()
+
+
+@pytest.mark.parametrize("opt, value", [("num_beams", 2), ("repetition_penalty", 1.2),
+                                         ("num_return_sequences", 2), ("output_scores", True)])
+def test_unsupported_options_named(setup, opt, value):
+    s = setup
+    with pytest.raises(ValueError, match=opt):
+        s["ar"].generate(s["ids"][:1], custom_generate=apd_generate, dllm=s["dllm"], max_new_tokens=4,
+                         do_sample=False, **{opt: value})
+
+
+def test_missing_dllm(setup):
+    with pytest.raises(ValueError, match="dllm"):
+        setup["ar"].generate(setup["ids"][:1], custom_generate=apd_generate, max_new_tokens=4)
