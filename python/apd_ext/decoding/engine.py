@@ -156,13 +156,22 @@ class Engine:
         APDConfig fields (R, W, M, temperature, top_p, top_k, acceptance, compat,
         seed, max_new_tokens) and stop_token_ids (default: the checkpoint's
         EOS), applied over the engine's config. Raises ValueError/TypeError
-        naming the field for anything invalid or that can never fit."""
-        prompt = self._check_prompt(prompt_ids)
-        cfg, stop = self._params(params)
+        naming the field for anything invalid or that can never fit; a request
+        that passes is never refused later."""
+        req = self.check_request(prompt_ids, params)
         if request_id is None:
             request_id = f"req-{next(self._ids)}"
         if any(r.request_id == request_id for r in itertools.chain(self.live, self.queue)):
             fail("request_id", "an id not already queued or running", repr(request_id))
+        req.request_id = request_id
+        self.queue.append(req)
+        return request_id
+
+    def check_request(self, prompt_ids, params=None) -> "_Request":
+        """add_request's checks without queueing anything (a server validates
+        with it before handing the request to its step loop)."""
+        prompt = self._check_prompt(prompt_ids)
+        cfg, stop = self._params(params)
         P = prompt.numel()
         total = min(P + cfg.max_new_tokens, self.context)
         if P >= self.max_len:
@@ -175,8 +184,7 @@ class Engine:
             fail("max_new_tokens", f"prompt + max_new_tokens within the KV budget ({self.kv_budget} tokens)",
                  cfg.max_new_tokens)
         sig = (cfg.R, cfg.temperature, cfg.top_p, cfg.top_k, cfg.compat, cfg.sampling_acceptance, stop)
-        self.queue.append(_Request(request_id, prompt, cfg, stop, total, sig))
-        return request_id
+        return _Request(None, prompt, cfg, stop, total, sig)
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a queued or running request (its slot and KV reservation are
