@@ -6,7 +6,8 @@
    request's solo output (lost = no answer, wrong = different text).
 2. In process, the same closed loop on the Engine (continuous batching) and on
    a static-batch baseline (one batched `generate` per group of waiting
-   requests: a request that arrives mid-batch waits for the whole batch).
+   requests: a request that arrives mid-batch waits for the whole batch);
+   then open-loop Poisson arrivals (--rate) on both, batch up to 16.
    Same knobs for all requests here (the baseline takes one config per call);
    seeds differ, lengths differ through EOS.
 
@@ -139,12 +140,91 @@ def static_level(solo, bodies, want, c):
     return row("static batch", c, done, wall, tokens, lat, ttfb, len(bodies) - done, wrong)
 
 
+def arrivals(n, rate, seed=5):
+    """Open loop: n arrival times (seconds from the start), Poisson at `rate` req/s."""
+    import random
+
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def engine_open(solo, bodies, want, c, times):
+    """Requests join the Engine's live batch at the first step boundary after they arrive."""
+    from apd_ext.config import APDConfig
+    from apd_ext.engine import Engine
+
+    engine = Engine(solo.dllm, solo.ver, APDConfig(M=32), max_batch=c, max_len=256)
+    nxt, toks, first, lat, ttfb = 0, {}, {}, [], []
+    t0 = time.perf_counter()
+    while nxt < len(bodies) or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while nxt < len(bodies) and times[nxt] <= now:
+            engine.add_request(solo.ids(bodies[nxt]), solo.config(bodies[nxt]), nxt)
+            toks[nxt] = []
+            nxt += 1
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, times[nxt] - now))
+            continue
+        outs = engine.step()
+        now = time.perf_counter() - t0
+        for o in outs:
+            first.setdefault(o.request_id, now - times[o.request_id])
+            toks[o.request_id] += o.new_tokens
+            if o.finished:
+                lat.append(now - times[o.request_id])
+                ttfb.append(first[o.request_id])
+    wall = time.perf_counter() - t0
+    wrong = sum(solo.text(toks[i]) != want[i][0] for i in toks)
+    return row("engine open-loop", c, len(toks), wall, sum(map(len, toks.values())), lat, ttfb,
+               len(bodies) - len(toks), wrong)
+
+
+def static_open(solo, bodies, want, c, times):
+    """When idle, one batched generate over every arrived request (up to c); later arrivals wait for it."""
+    import apd_ext
+
+    nxt, lat, ttfb, tokens, wrong, done = 0, [], [], 0, 0, 0
+    t0 = time.perf_counter()
+    while nxt < len(bodies):
+        now = time.perf_counter() - t0
+        if times[nxt] > now:
+            time.sleep(times[nxt] - now)
+            now = time.perf_counter() - t0
+        group = []
+        while nxt < len(bodies) and times[nxt] <= now and len(group) < c:
+            group.append(nxt)
+            nxt += 1
+        firsts = {}
+
+        def cb(step, blocks):
+            t = time.perf_counter() - t0
+            for b, blk in enumerate(blocks):
+                if blk:
+                    firsts.setdefault(b, t)
+
+        out = apd_ext.generate(solo.dllm, solo.ver, [solo.ids(bodies[i]) for i in group], solo.config(bodies[group[0]]),
+                               seeds=[bodies[i]["seed"] for i in group], callback=cb)
+        end = time.perf_counter() - t0
+        for b, i in enumerate(group):
+            lat.append(end - times[i])
+            ttfb.append(firsts.get(b, end) - times[i])
+            tokens += int(out.num_generated[b])
+            wrong += solo.text(out.generated(b).tolist()) != want[i][0]
+            done += 1
+    wall = time.perf_counter() - t0
+    return row("static open-loop", c, done, wall, tokens, lat, ttfb, len(bodies) - done, wrong)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--levels", default="1,4,16")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the HTTP part (all levels)")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--rate", type=float, default=8.0, help="open-loop arrivals per second (in process)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
@@ -157,6 +237,11 @@ def main(argv=None):
     for c in levels:
         rows.append(engine_level(solo, uni, want_uni, c))
         rows.append(static_level(solo, uni, want_uni, c))
+        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    times = arrivals(len(uni), args.rate)
+    for c in (max(levels),):
+        rows.append(engine_open(solo, uni, want_uni, c, times))
+        rows.append(static_open(solo, uni, want_uni, c, times))
         print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
 
     if not args.skip_http:

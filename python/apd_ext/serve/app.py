@@ -6,6 +6,7 @@ POST /v1/completions, POST /v1/chat/completions (OpenAI schema + R, W, M,
 method, top_k, acceptance; SSE when stream is true), GET /v1/models, GET /health.
 """
 import asyncio
+import os
 import time
 import uuid
 from typing import List
@@ -44,7 +45,8 @@ class APDServer:
     # ------------------------------------------------------------- routes
     async def health(self):
         e = self.engine
-        return {"status": "ok", "live": e.num_live, "queued": e.num_queued, "steps": self.loop.steps}
+        return {"status": "ok", "live": e.num_live, "queued": e.num_queued, "steps": self.loop.steps,
+                "replica_pid": os.getpid(), "rss_mb": _rss_mb()}
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
@@ -76,7 +78,7 @@ class APDServer:
             return JSONResponse(e.body(), status_code=400)
         stop_set = self.eos | set(params.get("stop_token_ids", ()))
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
-                    model=self.model_name, chat=chat, prompt_tokens=len(ids), stop=stop_set)
+                    model=self.model_name, chat=chat, fingerprint=f"apd-replica-{os.getpid()}", prompt_tokens=len(ids), stop=stop_set)
         if body.get("stream", False):
             return StreamingResponse(self._stream(rid, queue, meta), media_type="text/event-stream")
         return await self._collect(rid, queue, meta)
@@ -128,6 +130,7 @@ class APDServer:
             choice["text"] = text
         return {"id": meta["id"], "object": "chat.completion" if meta["chat"] else "text_completion",
                 "created": meta["created"], "model": meta["model"], "choices": [choice],
+                "system_fingerprint": meta["fingerprint"],
                 "usage": P.usage(meta["prompt_tokens"], accepted)}
 
     async def _stream(self, rid, queue, meta):
@@ -142,7 +145,7 @@ class APDServer:
             else:
                 c["text"] = delta
             out = {"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
-                   "choices": [c]}
+                   "system_fingerprint": meta["fingerprint"], "choices": [c]}
             if usage is not None:
                 out["usage"] = usage
             return P.sse(out)
@@ -150,7 +153,7 @@ class APDServer:
         try:
             if meta["chat"]:
                 yield P.sse({"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
-                             "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "system_fingerprint": meta["fingerprint"], "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None, "logprobs": None}]})
             while not done:
                 try:
@@ -175,6 +178,18 @@ class APDServer:
         finally:
             if not done:
                 self.loop.cancel(rid)
+
+
+def _rss_mb() -> float:
+    """This process's resident set (Linux /proc), in MiB; -1 where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return -1.0
 
 
 def make_ingress():
