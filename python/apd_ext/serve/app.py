@@ -78,7 +78,8 @@ class APDServer:
             return JSONResponse(e.body(), status_code=400)
         stop_set = self.eos | set(params.get("stop_token_ids", ()))
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
-                    model=self.model_name, chat=chat, fingerprint=f"apd-replica-{os.getpid()}", prompt_tokens=len(ids), stop=stop_set)
+                    model=self.model_name, chat=chat, fingerprint=f"apd-replica-{os.getpid()}",
+                    prompt_tokens=len(ids), stop=stop_set)
         if body.get("stream", False):
             return StreamingResponse(self._stream(rid, queue, meta), media_type="text/event-stream")
         return await self._collect(rid, queue, meta)
@@ -152,9 +153,10 @@ class APDServer:
 
         try:
             if meta["chat"]:
+                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                         "logprobs": None}
                 yield P.sse({"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
-                             "system_fingerprint": meta["fingerprint"], "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                          "finish_reason": None, "logprobs": None}]})
+                             "system_fingerprint": meta["fingerprint"], "choices": [first]})
             while not done:
                 try:
                     o = await self._next(rid, queue)
