@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import apd_ext
-from apd_ext.decoding.apd import _Window
+from apd_ext.decoding.step import window_bounds
 from apd_ext.reference_loop import reference_generate
 from tests.model_utils import make_tiny_dream, make_tiny_qwen2
 
@@ -23,10 +23,10 @@ NEW = 14
 
 
 def _bounds(W, M, t, n_prev, total, first):
-    win = _Window.__new__(_Window)  # the bound function only reads W and M
-    win.W, win.M = W, M
     as_t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
-    left, right = win.bounds(as_t(t), as_t(n_prev), as_t(total), first)
+    n = len(t)
+    left, right = window_bounds(as_t(t), as_t(n_prev), as_t(total), as_t([-1 if W is None else W] * n),
+                                as_t([M] * n), torch.full((n,), bool(first)))
     return left.tolist(), right.tolist()
 
 

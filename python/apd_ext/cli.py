@@ -1,6 +1,7 @@
 """The `apd` command.
 
     apd generate --dllm PATH --verifier PATH --prompt TEXT [options]
+    apd serve    --dllm PATH --verifier PATH [--replicas N] [--port P]
     apd bench    [--device cpu|cuda] [--csv FILE] [--plot FILE] [--markdown FILE]
     apd demo     ...   (the embedded tiny pair; see `apd demo --help`)
     apd sweep    ...   (R / W / M sweep on the embedded tiny pair)
@@ -247,6 +248,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    """`apd serve`: the Ray Serve deployment (apd_ext.serve.ray_app)."""
+    from apd_ext.serve import ray_app
+
+    d_def, a_def = _embedded_defaults()
+    p = sub.add_parser("serve", help="serve APD over HTTP (OpenAI-style completions on Ray Serve)",
+                       description="Start Ray Serve replicas (one APD Engine each) behind an OpenAI-style "
+                       "HTTP API; binds 127.0.0.1 unless --host says otherwise. Runs until Ctrl-C.")
+    ray_app.add_arguments(p, d_def, a_def)
+    p.set_defaults(func=ray_app.cmd_serve)
+
+
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="end-to-end APD step benchmark (ours vs the reference loop)",
                        description="Times APD steps and whole generations on random weights with a fixed "
@@ -296,8 +309,9 @@ _LAZY = {
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apd", description="Adaptive Parallel Decoding for diffusion LLMs.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,bench,demo,sweep}")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,bench,demo,sweep}")
     _add_generate(sub)
+    _add_serve(sub)
     _add_bench(sub)
     for name, (_, help_) in _LAZY.items():
         sub.add_parser(name, help=help_, add_help=False)

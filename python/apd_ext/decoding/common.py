@@ -342,16 +342,20 @@ def finish_output(prompts: List[torch.Tensor], tokens: torch.Tensor, generated: 
     )
 
 
-def check_progress(step: int, t_host: torch.Tensor, n_accept_host: torch.Tensor, live=None) -> None:
+def check_progress(step, t_host: torch.Tensor, n_accept_host: torch.Tensor, live=None) -> None:
     """The decode loop's progress invariant: a live sequence accepts >= 1 token
-    per step (a_0 = 1, DESIGN §4), so every loop ends. t_host, n_accept_host:
-    host [n] int64 of the live sequences; live: their batch indices (default
-    0 .. n-1). A row that accepted 0 tokens would spin forever at the same t:
+    per step (a_0 = 1, DESIGN §4), so every loop ends. step: an int, or the
+    live sequences' own step counters (host [n]); t_host, n_accept_host:
+    host [n] int64 of the live sequences; live: their batch indices or request
+    ids (default 0 .. n-1). A row that accepted 0 tokens would spin forever at the same t:
     raise instead, naming the step, the sequence and the position."""
     stuck = (n_accept_host < 1).nonzero().flatten()
     if stuck.numel():
         i = int(stuck[0])
-        b = int(live[i]) if live is not None else i
+        b = live[i] if live is not None else i
+        b = int(b) if isinstance(b, torch.Tensor) else b
+        if isinstance(step, torch.Tensor):  # per-sequence step counters (the Engine)
+            step = int(step[i])
         raise RuntimeError(
             f"step {step}: sequence {b} accepted {int(n_accept_host[i])} tokens at position "
             f"{int(t_host[i])} (the first drafted token is always accepted, so a live sequence "

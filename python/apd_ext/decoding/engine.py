@@ -1,0 +1,479 @@
+"""Continuous batching for APD (and its left-to-right baseline): the Engine.
+
+Requests join the live batch at step boundaries (with their prefill) and
+leave it as soon as they finish or are aborted; the live sequences are rows
+0 .. n-1 of every device buffer and of the capacity-max_batch caches (one
+gather moves the survivors to the front when some leave, which keeps the
+verifier's CUDA graphs valid).
+
+Batch invariance is the contract (DESIGN §6): a request's tokens depend only
+on its prompt and its own parameters, never on what runs beside it or when it
+arrived. So every piece of per-request state travels with its row: its own
+step counter (the noise is f(seed, step, position), and step 0 is its first
+step, whose window starts at 0), its own W / M bounds, seed and budget. The
+sampling ops take scalar knobs (temperature, top-p, top-k, R, compat,
+acceptance, stop ids): rows are grouped by that signature and the ops run once
+per group on the group's rows, while both forwards stay batched.
+
+One step = (admission + prefill of new requests) + one dLLM forward + the
+draft + one verifier forward + acceptance + the commit on the device + ONE
+host read (n_accept with the drafts, for streaming and the bad-row check).
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, fields
+from typing import Dict, Hashable, List, Optional, Union
+
+import torch
+
+from apd_ext import ops
+from apd_ext._validate import fail
+from apd_ext.config import APDConfig
+from apd_ext.decoding.common import (
+    check_progress,
+    GenerationStats,
+    PhaseTimer,
+    check_kind,
+    compact_cache_,
+    model_device,
+    resolve_eos,
+    seed_tensor,
+    stack_prompts,
+)
+from apd_ext.decoding.step import StepArgs, Verifier, Window, bad_row, check_pair, window_bounds
+
+_CONFIG_FIELDS = tuple(f.name for f in fields(APDConfig))
+PARAM_FIELDS = _CONFIG_FIELDS + ("stop_token_ids",)
+
+
+@dataclass
+class StepOutput:
+    """What one live request committed in one step."""
+
+    request_id: Hashable
+    new_tokens: List[int]  # the ids accepted this step (the first stop id included)
+    step: int  # the request's own 1-based step number
+    finished: bool = False
+    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (budget or context), "abort"
+
+
+@dataclass
+class _Request:
+    request_id: Hashable
+    prompt: torch.Tensor  # [P] int64, CPU
+    cfg: APDConfig
+    stop: tuple  # stop token ids
+    total: int  # prompt + budget, capped at the context: the KV positions it reserves
+    signature: tuple  # the scalar knobs of the ops (rows with equal signatures share a call)
+
+
+class Engine:
+    """Step-level scheduler over one dLLM (+ one verifier) on one device.
+
+    config: the defaults of every request (APDConfig); config.M is also the
+    largest lookahead a request may ask for (it sizes the verifier's graphs).
+    max_batch: live sequences at most. max_len: positions per sequence
+    (prompt + max_new_tokens; default min(context, 4096)); the caches are
+    dense [max_batch, max_len]. kv_budget: KV positions (tokens) the live
+    requests may reserve together, each reserving prompt + budget (default
+    max_batch * max_len). A request that can never fit (more than max_len or
+    kv_budget positions) is refused by add_request; one that does not fit now
+    waits in a FIFO queue and is admitted at a later step boundary.
+    verifier None with K: the left-to-right baseline (K tokens per step).
+    cuda_graphs: the verifier's M-row forward replays a CUDA graph per batch
+    bucket; with max_batch 1 the dLLM's windows too (CUDA only).
+    """
+
+    def __init__(self, dllm, verifier, config: Optional[APDConfig] = None, max_batch: int = 8, *,
+                 max_len: Optional[int] = None, kv_budget: Optional[int] = None, K: Optional[int] = None,
+                 cuda_graphs: bool = False, _verifier_rows: Optional[int] = None,
+                 _graphs_checked: bool = False):
+        cfg = config if config is not None else APDConfig()
+        if not isinstance(cfg, APDConfig):
+            raise TypeError(f"config: expected an APDConfig or None, got {type(cfg).__name__}")
+        if verifier is None:
+            check_kind("dllm", dllm, "dllm")
+            if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+                fail("K", "an int >= 1 (tokens per step) when verifier is None", K)
+        else:
+            check_pair(dllm, verifier)
+            if K is not None:
+                fail("K", "None when a verifier is given (APD accepts adaptively)", K)
+        _check_count("max_batch", max_batch)
+        self.dllm, self.verifier, self.config, self.K = dllm, verifier, cfg, K
+        self.device = model_device(dllm)
+        if cuda_graphs and not _graphs_checked and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {self.device}")
+        models = [dllm] if verifier is None else [dllm, verifier]
+        self.context = min(int(m.config.max_position_embeddings) for m in models)
+        self.vocab = min(int(m.config.vocab_size) for m in models)
+        if max_len is None:
+            max_len = min(self.context, 4096)
+        _check_count("max_len", max_len)
+        if max_len > self.context:
+            fail("max_len", f"at most the models' context ({self.context})", max_len)
+        if kv_budget is None:
+            kv_budget = max_batch * max_len
+        _check_count("kv_budget", kv_budget)
+        self.max_batch, self.max_len, self.kv_budget = max_batch, max_len, kv_budget
+        self.mask_id = int(dllm.config.mask_token_id)
+        self.default_stop = tuple(resolve_eos(dllm, None))
+
+        B, L = max_batch, max_len
+        # The dLLM's graphs are bucketed by window length for B = 1 only (window x
+        # batch buckets would multiply the captures); the verifier's cover every
+        # batch size (see Verifier).
+        self.window = Window(dllm, B, L, cfg.W, cfg.M, graphs=cuda_graphs and B == 1)
+        self.ver = None
+        if verifier is not None:
+            rows = _verifier_rows if _verifier_rows is not None else min(cfg.M, L)
+            self.ver = Verifier(verifier, B, L, rows, cuda_graphs)
+        self.args = StepArgs(B, self.device)
+        self.stats = GenerationStats()
+        self.timer = PhaseTimer(self.device)
+        self._n_accept_override: Optional[int] = None  # benchmarking hook (bench.py)
+        self._trace: Optional[list] = None  # tests only: per step [(request_id, left, right, n_accept)]
+        self._ids = itertools.count()
+
+        self.queue: deque = deque()  # _Request, FIFO
+        self.live: List[_Request] = []  # row i of every buffer is live[i]
+        self.reserved = 0  # sum of live[i].total
+        # Width 2L: window gathers and commits index up to left + Lw <= 2L - 1 and
+        # t + rows <= L without clamping (no duplicate scatter targets).
+        self.tokens = torch.empty((0, 2 * L), dtype=torch.int64, device=self.device)  # [n, 2L]
+        self.seeds = torch.empty(0, dtype=torch.int64, device=self.device)  # [n]
+        # Host loop state of the live rows (they size the forwards): [n] int64 each.
+        z = torch.zeros(0, dtype=torch.int64)
+        self.t, self.total, self.n_prev, self.steps = z.clone(), z.clone(), z.clone(), z.clone()
+        self.W, self.M = z.clone(), z.clone()  # W = -1: no dLLM KV cache (W None)
+        self._groups = None  # cached per-signature row groups, rebuilt when the live set changes
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, prompt_ids, params: Union[None, APDConfig, dict] = None,
+                    request_id: Optional[Hashable] = None) -> Hashable:
+        """Queue a request; returns its id. prompt_ids: a 1-D int tensor or a list
+        of ints. params: None (the engine's config), an APDConfig, or a dict of
+        APDConfig fields (R, W, M, temperature, top_p, top_k, acceptance, compat,
+        seed, max_new_tokens) and stop_token_ids (default: the checkpoint's
+        EOS), applied over the engine's config. Raises ValueError/TypeError
+        naming the field for anything invalid or that can never fit; a request
+        that passes is never refused later."""
+        req = self.check_request(prompt_ids, params)
+        if request_id is None:
+            request_id = f"req-{next(self._ids)}"
+        if any(r.request_id == request_id for r in itertools.chain(self.live, self.queue)):
+            fail("request_id", "an id not already queued or running", repr(request_id))
+        req.request_id = request_id
+        self.queue.append(req)
+        return request_id
+
+    def check_request(self, prompt_ids, params=None) -> "_Request":
+        """add_request's checks without queueing anything (a server validates
+        with it before handing the request to its step loop)."""
+        prompt = self._check_prompt(prompt_ids)
+        cfg, stop = self._params(params)
+        P = prompt.numel()
+        total = min(P + cfg.max_new_tokens, self.context)
+        if P >= self.max_len:
+            fail("prompt_ids", f"a prompt shorter than the engine's max_len ({self.max_len} positions, "
+                 "one left to generate)", f"{P} tokens")
+        if total > self.max_len:
+            fail("max_new_tokens", f"at most {self.max_len - P} for this {P}-token prompt (max_len "
+                 f"{self.max_len})", cfg.max_new_tokens)
+        if total > self.kv_budget:
+            fail("max_new_tokens", f"prompt + max_new_tokens within the KV budget ({self.kv_budget} tokens)",
+                 cfg.max_new_tokens)
+        sig = (cfg.R, cfg.temperature, cfg.top_p, cfg.top_k, cfg.compat, cfg.sampling_acceptance, stop)
+        return _Request(None, prompt, cfg, stop, total, sig)
+
+    def abort(self, request_id: Hashable) -> bool:
+        """Drop a queued or running request (its slot and KV reservation are
+        freed at once). Returns whether it was found."""
+        for r in self.queue:
+            if r.request_id == request_id:
+                self.queue.remove(r)
+                return True
+        for i, r in enumerate(self.live):
+            if r.request_id == request_id:
+                keep = torch.ones(len(self.live), dtype=torch.bool)
+                keep[i] = False
+                self._compact(keep)
+                return True
+        return False
+
+    def has_unfinished(self) -> bool:
+        return bool(self.live) or bool(self.queue)
+
+    @property
+    def num_live(self) -> int:
+        return len(self.live)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.queue)
+
+    # ---------------------------------------------------------------- step
+    def step(self) -> List[StepOutput]:
+        """Admit what fits, run one APD step over the live batch, retire the
+        finished. Returns one StepOutput per request that was live this step."""
+        self._admit()
+        n = len(self.live)
+        if n == 0:
+            return []
+        dev, K, timer, stats = self.device, self.K, self.timer, self.stats
+        t, steps = self.t, self.steps
+        left_t, right_t = window_bounds(t, self.n_prev, self.total, self.W, self.M, steps == 0)
+        m_t = right_t - t  # drafted rows per sequence, >= 1
+        rows_t = m_t if K is None else m_t.clamp(max=K)
+        rows = int(rows_t.max())
+        row_start = t - 1 - left_t
+        Lw = int(torch.maximum(right_t - left_t, row_start + rows).max())
+        args = self.args
+        args.send(n, left=left_t, window=right_t - left_t, row_start=row_start, pos=t, rows=rows_t,
+                  step=steps, ver_start=t - 1)
+        pos_d, step_d, rows_d, seeds_d = args.pos, args.step, args.rows, self.seeds  # [n] each, on the device
+        ar = torch.arange(max(Lw, rows), device=dev)
+
+        win = self.tokens.gather(1, args.left[:, None] + ar[:Lw])  # [n, Lw]
+        with timer("dllm"):
+            d_logits = self.window.forward(win, rows, args)  # [n, rows, V_D]
+        stats.dllm_forwards += 1
+        groups = self._row_groups()
+        with timer("sampling"):
+            draft = self._per_group(groups, lambda g, sel: ops.sample_draft(
+                sel(d_logits), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d), temperature=g.cfg.temperature,
+                top_k=g.cfg.top_k, top_p=g.cfg.top_p, compat=g.cfg.compat, check_lengths=False))  # [n, rows]
+
+        if self.ver is not None:
+            # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
+            # Ids the verifier cannot embed are clamped into [0, V_A): a bad row's
+            # -1 (the step raises once n_accept is read), padding rows' -1, and
+            # dLLM ids >= V_A (such a draft never matches, DESIGN §4, but the
+            # first token of a step is accepted anyway and then feeds the next step).
+            v_in = torch.cat([self.tokens.gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)
+            v_in.clamp_(0, self.ver.vocab - 1)  # [n, rows]
+            with timer("verifier"):
+                a_logits = self.ver.forward(v_in, args.ver_start, rows_d, rows)  # [n, rows, V_A]
+            stats.verifier_forwards += 1
+            with timer("sampling"):
+                n_acc = self._per_group(groups, lambda g, sel: ops.mixture_accept(
+                    sel(d_logits), sel(a_logits), sel(draft), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d),
+                    R=g.cfg.R, temperature=g.cfg.temperature, top_k=g.cfg.top_k, top_p=g.cfg.top_p,
+                    eos_ids=g.stop_d, acceptance=g.cfg.sampling_acceptance, compat=g.cfg.compat,
+                    check_lengths=False)[1])  # [n]
+        else:
+            with timer("sampling"):
+                n_acc = self._per_group(groups, lambda g, sel: ops.accept_prefix(
+                    sel(draft), sel(draft), sel(rows_d), eos_ids=g.stop_d, check_lengths=False))  # [n]
+
+        if self._n_accept_override is not None:  # benchmarking only: a fixed acceptance schedule
+            n_acc = torch.minimum(torch.full_like(n_acc, self._n_accept_override), rows_d)
+        # Commit on the device (no host round trip): tokens[b, t_b + j] = draft[b, j] for j < n_acc[b].
+        idx = pos_d[:, None] + ar[:rows]  # [n, rows], < L by construction
+        keep = ar[:rows] < n_acc[:, None]
+        self.tokens.scatter_(1, idx, torch.where(keep, draft, self.tokens.gather(1, idx)))
+        # The one host synchronisation of the step: n_accept, with the drafts alongside.
+        host = torch.cat([n_acc, draft.reshape(-1)]).cpu()
+        n_h = host[:n]  # [n]
+        d_host = host[n:].view(n, rows)  # [n, rows]
+        self._inspect(left_t, right_t, n_h)
+
+        outs: List[StepOutput] = []
+        done = torch.zeros(n, dtype=torch.bool)
+        for i, req in enumerate(self.live):
+            bad_row(int(steps[i]), int(t[i]), d_host[i], int(rows_t[i]))
+            new = d_host[i, : int(n_h[i])].tolist()
+            out = StepOutput(req.request_id, new, int(steps[i]) + 1)
+            if any(v in req.stop for v in new):
+                out.finished, out.finish_reason = True, "stop"
+            elif int(t[i]) + len(new) >= int(self.total[i]):
+                out.finished, out.finish_reason = True, "length"
+            done[i] = out.finished
+            outs.append(out)
+        stats.steps += 1
+        self.t = t + n_h
+        self.n_prev = n_h.clone()
+        self.steps = steps + 1
+        if bool(done.any()):
+            self._compact(~done)
+        return outs
+
+    def _inspect(self, left: torch.Tensor, right: torch.Tensor, n_accept: torch.Tensor) -> None:
+        """The per-step checkpoint right after the host read, before anything
+        is retired: left / right / n_accept are host [n] int64 for the rows of
+        self.live (self.steps still holds each row's 0-based step). The place
+        for invariant checks (e.g. a live row that accepted nothing) and
+        trace hooks."""
+        check_progress(self.steps, self.t, n_accept, [r.request_id for r in self.live])
+        if self._trace is not None:  # tests only: per-step window bounds and acceptance
+            self._trace.append([(r.request_id, int(lo), int(hi), int(k))
+                                for r, lo, hi, k in zip(self.live, left, right, n_accept)])
+
+    def finish_all(self) -> List[StepOutput]:
+        """Retire every live request as it stands ("length"); the queue stays.
+        (Used by the benchmarks' fixed step counts.)"""
+        outs = [StepOutput(r.request_id, [], int(s), True, "length") for r, s in zip(self.live, self.steps.tolist())]
+        if self.live:
+            self._compact(torch.zeros(len(self.live), dtype=torch.bool))
+        return outs
+
+    # ------------------------------------------------------------- helpers
+    def _check_prompt(self, prompt_ids) -> torch.Tensor:
+        p = prompt_ids
+        if isinstance(p, torch.Tensor):
+            if p.dim() != 1 or p.dtype not in (torch.int64, torch.int32):
+                fail("prompt_ids", "a 1-D int tensor of token ids", f"shape {list(p.shape)} dtype {p.dtype}")
+            p = p.detach().to("cpu", torch.int64)
+        elif isinstance(p, (list, tuple)):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in p):
+                fail("prompt_ids", "a list of int token ids", "non-int entries")
+            p = torch.tensor(list(p), dtype=torch.int64)
+        else:
+            raise TypeError(f"prompt_ids: expected a 1-D LongTensor or a list of ints, got {type(p).__name__}")
+        if p.numel() == 0:
+            fail("prompt_ids", "a prompt of at least one token", "an empty prompt")
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= self.vocab:
+            fail("prompt_ids", f"token ids in [0, {self.vocab})", f"ids in [{lo}, {hi}]")
+        return p.contiguous()
+
+    def _params(self, params):
+        stop = self.default_stop
+        if params is None:
+            cfg = self.config
+        elif isinstance(params, APDConfig):
+            cfg = params
+        elif isinstance(params, dict):
+            unknown = sorted(set(params) - set(PARAM_FIELDS))
+            if unknown:
+                fail(f"params[{unknown[0]!r}]", f"one of {list(PARAM_FIELDS)}", "an unknown field")
+            over = dict(params)
+            if over.get("stop_token_ids", None) is not None:
+                stop = tuple(resolve_eos(self.dllm, over["stop_token_ids"]))
+            over.pop("stop_token_ids", None)
+            cfg = self.config.replace(**over)
+        else:
+            raise TypeError(f"params: expected None, an APDConfig or a dict, got {type(params).__name__}")
+        if cfg.M > self.config.M:
+            fail("M", f"at most the engine's M ({self.config.M})", cfg.M)
+        return cfg, stop
+
+    def _admit(self) -> None:
+        """FIFO admission at a step boundary: the queue's head joins while a slot
+        and its KV reservation are free (no overtaking, so nothing starves)."""
+        new = []
+        while self.queue and len(self.live) + len(new) < self.max_batch and \
+                self.reserved + self.queue[0].total <= self.kv_budget:
+            r = self.queue.popleft()
+            self.reserved += r.total
+            new.append(r)
+        if new:
+            self._join(new)
+
+    def _join(self, new: List[_Request]) -> None:
+        """Append the new requests as rows n0 .. n0+k-1 and prefill the
+        verifier's cache with [0, P-1) of each (the dLLM's first step has left =
+        0, so it recomputes its whole window and needs no prefill)."""
+        dev, n0, k = self.device, len(self.live), len(new)
+        prompts = [r.prompt for r in new]
+        plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)  # [k]
+        rows = stack_prompts(prompts, 2 * self.max_len, self.mask_id, dev)  # [k, 2L]
+        self.tokens = torch.cat([self.tokens, rows])
+        self.seeds = torch.cat([self.seeds, torch.cat([seed_tensor(r.cfg.seed, 1, dev) for r in new])])
+        self.live.extend(new)
+        z = torch.zeros(k, dtype=torch.int64)
+        self.t = torch.cat([self.t, plens])
+        self.total = torch.cat([self.total, torch.tensor([r.total for r in new], dtype=torch.int64)])
+        self.n_prev, self.steps = torch.cat([self.n_prev, z]), torch.cat([self.steps, z])
+        self.W = torch.cat([self.W, torch.tensor([-1 if r.cfg.W is None else r.cfg.W for r in new])])
+        self.M = torch.cat([self.M, torch.tensor([r.cfg.M for r in new])])
+        n = len(self.live)
+        self.window.live(n)
+        self._groups = None
+        if self.ver is None:
+            return
+        self.ver.live(n)
+        pmax = int(plens.max())
+        if pmax > 1:  # the verifier's cache holds [0, t-1) before each step
+            view = _cache_rows(self.ver.base, n0, n)
+            zero = torch.zeros(k, dtype=torch.int64, device=dev)
+            with self.timer("verifier"):
+                self.verifier.forward(rows[:, : pmax - 1], view, zero, (plens - 1).to(dev),  # q_len 0: 1-token prompts
+                                      logit_rows=(zero, 1))
+            self.stats.verifier_forwards += 1
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """keep: host [n] bool. The kept rows move to the front of every buffer and cache."""
+        stay = keep.nonzero().flatten()
+        for i in (~keep).nonzero().flatten().tolist():
+            self.reserved -= self.live[i].total
+        self.live = [self.live[i] for i in stay.tolist()]
+        self.t, self.total, self.n_prev = self.t[stay], self.total[stay], self.n_prev[stay]
+        self.steps, self.W, self.M = self.steps[stay], self.W[stay], self.M[stay]
+        self._groups = None
+        n = len(self.live)
+        stay_d = stay.to(self.device)
+        self.tokens, self.seeds = self.tokens[stay_d], self.seeds[stay_d]
+        if n:
+            compact_cache_(self.window.base, stay_d)
+            if self.ver is not None:
+                compact_cache_(self.ver.base, stay_d)
+        self.window.live(max(n, 1))
+        if self.ver is not None:
+            self.ver.live(max(n, 1))
+
+    def _row_groups(self) -> list:
+        """Live rows grouped by the ops' scalar knobs: [_Group]; a single group
+        (the common case) runs on the whole batch without any gather."""
+        if self._groups is None:
+            by_sig: Dict[tuple, list] = {}
+            for i, r in enumerate(self.live):
+                by_sig.setdefault(r.signature, []).append(i)
+            groups = []
+            for rows in by_sig.values():
+                r = self.live[rows[0]]
+                idx = None if len(by_sig) == 1 else torch.tensor(rows, dtype=torch.int64).to(self.device)
+                stop = torch.tensor(r.stop, dtype=torch.int64).to(self.device) if r.stop else None
+                groups.append(_Group(r.cfg, stop, idx))
+            self._groups = groups
+        return self._groups
+
+    @staticmethod
+    def _per_group(groups, call) -> torch.Tensor:
+        """call(group, sel) on each group's rows (sel(x) gathers them along dim 0),
+        scattered back into one [n, ...] result."""
+        if len(groups) == 1 and groups[0].idx is None:
+            return call(groups[0], lambda x: x)
+        out = None
+        for g in groups:
+            part = call(g, lambda x, idx=g.idx: x.index_select(0, idx))
+            if out is None:
+                n = sum(h.idx.numel() for h in groups)
+                out = part.new_empty((n,) + tuple(part.shape[1:]))
+            out.index_copy_(0, g.idx, part)
+        return out
+
+
+@dataclass
+class _Group:
+    cfg: APDConfig  # the group's knobs (its rows share the signature)
+    stop_d: Optional[torch.Tensor]  # [E] int64 stop ids on the device, or None
+    idx: Optional[torch.Tensor]  # [g] int64 rows on the device; None: every live row
+
+
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        fail(name, "an int >= 1", value)
+
+
+def _cache_rows(cache, a: int, b: int):
+    """A KVCache VIEW of sequences a .. b-1 of `cache` (same storage)."""
+    from apd_ext.models.cache import KVCache
+
+    view = KVCache.__new__(KVCache)
+    view._k, view._v = cache._k[:, a:b], cache._v[:, a:b]  # [layers, b-a, max_len + 1, Hkv, D]
+    view.lengths = cache.lengths[a:b]  # [b-a]
+    view.batch_size, view.max_len, view.num_layers = b - a, cache.max_len, cache.num_layers
+    return view
