@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import apd_ext
 from apd_ext.tiny import paths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,9 @@ def test_readme_block_runs(line, lang, code, shims, tmp_path):
         pytest.skip(f"README.md:{line}: {why}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+               # the apd_ext this test imported (source tree with an in-place build, or installed)
+               PYTHONPATH=os.pathsep.join([str(Path(apd_ext.__file__).parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
     code = substitute(code)
     cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
