@@ -41,17 +41,44 @@ def _embedded_defaults():
     return (str(d), str(a)) if ok else (None, None)
 
 
-def _w_arg(text: str):
+def window(text: str):
+    """--W: an int window >= 0, or none/off (no dLLM KV cache)."""
     if text.lower() in ("none", "off"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int window or 'none', got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {v}")
+    return v
+
+
+# A short list of what the embedded pair was trained on, for --help (the full
+# vocabulary check is apd_ext.tiny.unknown_words).
+def _tiny_vocab_help() -> str:
+    try:
+        from apd_ext.tiny import vocabulary_summary
+    except ImportError:
+        return ""
+    return vocabulary_summary()
 
 
 def _add_generate(sub) -> None:
     d_def, a_def = _embedded_defaults()
+    vocab = _tiny_vocab_help() if d_def else ""
     p = sub.add_parser("generate", help="generate text with APD or a baseline",
                        description="Generate text with APD (or a baseline); the tokenizer comes from "
-                       "the dLLM folder. Streams the accepted text, then prints the stats.")
+                       "the dLLM folder. Streams the accepted text, then prints the stats."
+                       + (" Without --dllm / --verifier it runs the embedded tiny pair, which " + vocab
+                          if vocab else ""))
     p.add_argument("--dllm", default=d_def, required=d_def is None,
                    help="dLLM checkpoint folder (Dream layout)" + (" [embedded tiny dLLM]" if d_def else ""))
     p.add_argument("--verifier", default=a_def,
@@ -60,10 +87,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--method", choices=METHODS, default="apd")
     p.add_argument("--R", type=float, default=0.7, help="mixture weight in [0, 1] (apd)")
-    p.add_argument("--W", type=_w_arg, default=16, help="recompute window, or 'none' for no dLLM KV cache")
+    p.add_argument("--W", type=window, default=16, help="recompute window, or 'none' for no dLLM KV cache")
     p.add_argument("--M", type=int, default=100, help="max masked lookahead (apd, leftright)")
     p.add_argument("--K", type=int, default=1, help="tokens per step (leftright)")
-    p.add_argument("--steps", type=int, default=None, help="diffusion steps (default: max-new-tokens)")
+    p.add_argument("--steps", type=positive_int, default=None, help="diffusion steps >= 1 (default: max-new-tokens)")
     p.add_argument("--alg", default="entropy", choices=("origin", "maskgit_plus", "topk_margin", "entropy"),
                    help="diffusion sampler")
     p.add_argument("--acceptance", default="coupled", choices=("coupled", "argmax"))
@@ -71,7 +98,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--truncate", action="store_true",
+                   help="when prompt + max-new-tokens exceeds the context, generate fewer tokens (with a "
+                   "warning) instead of failing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -100,6 +130,11 @@ def _device_dtype(args):
 def _load_tokenizer(folder: str):
     from transformers import AutoTokenizer
 
+    d_def, a_def = _embedded_defaults()
+    if d_def is not None and os.path.realpath(folder) in (os.path.realpath(d_def), os.path.realpath(a_def)):
+        from apd_ext.tiny import tokenizer  # without AutoTokenizer's config.json warnings
+
+        return tokenizer(folder)
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001  (transformers raises many types here)
@@ -152,12 +187,39 @@ class _Streamer:
         self.stream.flush()
 
 
+def _check_fits(ids: List[int], args, dllm, verifier) -> None:
+    """The prompt's ids fit both vocabularies (else the pair disagrees, not the
+    prompt) and prompt + --max-new-tokens fits the context (else fail, or with
+    --truncate warn and generate what fits)."""
+    models = [m for m in (dllm, verifier) if m is not None]
+    top = max(ids)
+    if dllm is not None and verifier is not None:
+        vd, va = dllm.config.vocab_size, verifier.config.vocab_size
+        if top < vd and top >= va:
+            raise UsageError(f"--dllm / --verifier: the pair does not share a tokenizer: the dLLM's tokenizer "
+                             f"encodes the prompt to id {top}, outside the verifier's vocabulary of {va} "
+                             f"(the dLLM has {vd}); use a verifier trained with the dLLM's tokenizer")
+    ctx = min(int(m.config.max_position_embeddings) for m in models)
+    room = ctx - len(ids)
+    if room < 1:
+        raise UsageError(f"--prompt: {len(ids)} tokens leave no room in the context of {ctx} positions")
+    if len(ids) + args.max_new_tokens > ctx:
+        msg = (f"prompt ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the context "
+               f"of {ctx} positions: at most {room} new tokens fit")
+        if not args.truncate:
+            raise UsageError(f"--max-new-tokens: {msg}; pass --truncate to generate {room}, or shorten the prompt")
+        print(f"apd: warning: {msg}; generating at most {room} (--truncate)", file=sys.stderr)
+        args.max_new_tokens = room
+
+
 def cmd_generate(args) -> int:
     import torch
 
     import apd_ext
     from apd_ext.config import APDConfig
 
+    if not args.prompt.strip():
+        raise UsageError("--prompt: expected some text, got an empty prompt")
     device, dtype = _device_dtype(args)
     if args.method == "apd" and not args.verifier:
         raise UsageError("--verifier: required for --method apd (an AR checkpoint folder)")
@@ -165,7 +227,8 @@ def cmd_generate(args) -> int:
         raise UsageError("--verifier: required for --method ar (the AR model that decodes)")
     for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
         if folder is not None and not os.path.isdir(folder):
-            raise UsageError(f"{flag}: expected a checkpoint folder, got {folder!r} (not a directory)")
+            raise UsageError(f"{flag}: checkpoint folder {folder!r} not found; only local folders load "
+                             "(no Hub downloads): see the README, 'Getting the checkpoints'")
     tok = _load_tokenizer(args.dllm)
     prompt_text = args.prompt
     d_def, _ = _embedded_defaults()
@@ -177,6 +240,14 @@ def cmd_generate(args) -> int:
         prompt_text = prompt_of(prompt_text.strip())
     elif d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def):
         prompt_text = prompt_text.rstrip("\n") + "\n"
+    if d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def):
+        from apd_ext.tiny import unknown_words
+
+        unknown = unknown_words(args.prompt)
+        if unknown:
+            print(f"apd: warning: the embedded tiny pair was trained on arithmetic word problems only; "
+                  f"these words are outside its training vocabulary and the answer will be poor: "
+                  f"{', '.join(unknown)} (see `apd demo --help`)", file=sys.stderr)
     ids = _encode(tok, prompt_text, args.chat)
     if not ids:
         raise UsageError("--prompt: the prompt encodes to no tokens")
@@ -192,6 +263,7 @@ def cmd_generate(args) -> int:
         else:
             apd_ext.check_compatible(dllm, verifier)
 
+    _check_fits(ids, args, dllm, verifier)
     ref_model = dllm if dllm is not None else verifier
     eos = list(ref_model.config.eos_token_ids)
     colour = not args.no_color and not args.json and sys.stdout.isatty()
@@ -210,7 +282,8 @@ def cmd_generate(args) -> int:
                                          **sampling)
     elif args.method == "diffusion":
         sampling["callback"] = None  # tokens land out of order: print the text at the end
-        out = apd_ext.generate_diffusion(dllm, prompt, steps=args.steps or args.max_new_tokens, alg=args.alg,
+        steps = args.steps if args.steps is not None else args.max_new_tokens
+        out = apd_ext.generate_diffusion(dllm, prompt, steps=steps, alg=args.alg,
                                          **sampling)
     else:
         out = apd_ext.generate_ar(verifier, prompt, **sampling)
@@ -355,4 +428,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m apd_ext.cli`: run the imported module's main, so that UsageError
+    # raised by subcommand modules (apd_ext.cli.UsageError) is the class caught.
+    from apd_ext.cli import main as _main
+
+    sys.exit(_main())

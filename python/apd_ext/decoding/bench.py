@@ -13,6 +13,11 @@ at (0.7, 16, 100)) through a benchmarking-only hook, with EOS disabled. Rows:
                  same W and M (the step without the verifier);
 - ar             our plain AR decoding with the verifier model (1 token/step).
 
+Robust to a noisy (shared) machine: the methods run interleaved, one
+generation each per round in rotating order, for --repeats rounds; the table
+gives the median ms/step with its min..max spread, and the speed-up against
+the reference as the median (min..max) of the ratios within each round.
+
 With --whole (default on CUDA) the APD rows also time one complete
 max-new-tokens generation (the "whole-gen tok/s" column).
 
@@ -49,7 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256,
                    help="generation budget: windows are min(M, what is left) rows, as in a real run")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 64 CPU, 256 CUDA)")
-    p.add_argument("--repeats", type=int, default=None, help="timed generations per row (median; default 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds: each method runs once per round, in rotating order; the table "
+                   "gives medians and the min..max spread (default 5)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference loop")
     p.add_argument("--whole", action=argparse.BooleanOptionalAction, default=None,
                    help="also time one complete max-new-tokens generation per APD row (default: on CUDA)")
@@ -64,7 +71,7 @@ def _resolve(args):
     cuda = device.type == "cuda"
     shapes = args.shapes if args.shapes != "auto" else ("real" if cuda else "tiny")
     return (device, shapes, args.steps or (16 if cuda else 6), args.prompt_len or (256 if cuda else 64),
-            args.repeats or 3)
+            5 if args.repeats is None else args.repeats)
 
 
 def build_hf(shape: dict, dtype, device, seed: int):
@@ -129,11 +136,49 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _median_run(fn, repeats: int):
-    fn()  # warm-up (allocator, kernels, lazy init)
-    results = [fn() for _ in range(repeats)]
-    results.sort(key=lambda r: r[0])
-    return results[len(results) // 2]
+def _sample(sec: float, steps: int, gen: int, dllm=None, ver=None, samp=None) -> dict:
+    return dict(sec=sec, steps=steps, gen=gen, dllm=dllm, ver=ver, samp=samp)
+
+
+def _of_stats(s) -> dict:
+    return _sample(s.seconds, s.steps, s.generated_tokens, s.dllm_seconds, s.verifier_seconds, s.sampling_seconds)
+
+
+def interleaved(runners: dict, repeats: int) -> dict:
+    """name -> [one sample per round]. Every runner is warmed up once, then the
+    rounds run each runner once, the order rotating by one each round. A load
+    burst on a shared machine then hits all implementations alike (and no one
+    always runs first or last), and a round's samples are paired: ratios are
+    taken within a round, where the machine's state is the same for both."""
+    names = list(runners)
+    for n in names:
+        runners[n]()  # warm-up (allocator, kernels, lazy init, graph capture)
+    out = {n: [] for n in names}
+    for i in range(repeats):
+        for n in names[i % len(names):] + names[: i % len(names)]:
+            out[n].append(runners[n]())
+    return out
+
+
+def _median_sample(samples: List[dict]) -> dict:
+    return sorted(samples, key=lambda x: x["sec"] / x["steps"])[(len(samples) - 1) // 2]
+
+
+def _row(base: dict, method: str, samples: List[dict]) -> dict:
+    """Median ms/step over the rounds (the breakdown of that median round) and the spread."""
+    ms = [x["sec"] / x["steps"] * 1e3 for x in samples]
+    m = _median_sample(samples)
+    per = (lambda v: None if v is None else v / m["steps"] * 1e3)
+    return dict(base, method=method, ms_step=statistics.median(ms), ms_step_min=min(ms), ms_step_max=max(ms),
+                repeats=len(samples), steps=m["steps"], dllm_ms=per(m["dllm"]), verifier_ms=per(m["ver"]),
+                sampling_ms=per(m["samp"]), tokens_per_step=m["gen"] / m["steps"],
+                tokens_per_s=statistics.median(x["gen"] / x["sec"] for x in samples))
+
+
+def paired_speedup(ours: List[dict], ref: List[dict]) -> tuple:
+    """(median, min, max) over rounds of reference ms/step / ours ms/step, same round."""
+    r = [(b["sec"] / b["steps"]) / (a["sec"] / a["steps"]) for a, b in zip(ours, ref)]
+    return statistics.median(r), min(r), max(r)
 
 
 def run(args, progress: bool = False) -> List[dict]:
@@ -144,13 +189,14 @@ def run(args, progress: bool = False) -> List[dict]:
     whole = args.whole if args.whole is not None else device.type == "cuda"
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
+    if repeats < 1:
+        raise ValueError(f"--repeats: expected an int >= 1, got {repeats}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sd, sa = (DREAM_7B, QWEN_05B) if shapes == "real" else (TINY_DLLM, TINY_AR)
     accept = args.accept
     if accept < 1:
         raise ValueError(f"--accept: expected an int >= 1, got {accept}")
-    n_rows = len(CONFIGS) * (3 + (not args.no_reference) + (device.type == "cuda"))
-    bar = _Progress(n_rows + 1, progress)
+    bar = _Progress(len(CONFIGS) + 1, progress)
 
     hf_d = build_hf(sd, dtype, device, seed=0)
     hf_a = build_hf(sa, dtype, device, seed=1)
@@ -172,92 +218,73 @@ def run(args, progress: bool = False) -> List[dict]:
         label = f"({R}, {W}, {M})"
 
         def ours(stop=steps, graphs=False):
-            o = apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept,
-                                 _stop_after_steps=stop, cuda_graphs=graphs, **common)
-            s = o.stats
-            return s.seconds, s.steps, s
-        sec, nsteps, s = _median_run(ours, repeats)
-        base = dict(device=str(device), shapes=shapes, config=label, accept=accept, floor_ms=floor_ms)
-        rows.append(dict(base, method="apd", ms_step=sec / nsteps * 1e3, steps=nsteps,
-                         dllm_ms=s.dllm_seconds / nsteps * 1e3, verifier_ms=s.verifier_seconds / nsteps * 1e3,
-                         sampling_ms=s.sampling_seconds / nsteps * 1e3, tokens_per_step=s.generated_tokens / nsteps,
-                         tokens_per_s=s.generated_tokens / sec))
-        if whole:
-            sec, _, s = ours(stop=None)
-            rows[-1]["gen_tokens_per_s"] = s.generated_tokens / sec
-        bar.step(f"apd {label}")
+            return _of_stats(apd_ext.generate(dllm, ver, prompt, R=R, W=W, M=M, _n_accept_override=accept,
+                                              _stop_after_steps=stop, cuda_graphs=graphs, **common).stats)
 
-        if device.type == "cuda":
-            try:
-                sec, nsteps, s = _median_run(lambda: ours(graphs=True), repeats)
-                rows.append(dict(base, method="apd+graphs", ms_step=sec / nsteps * 1e3, steps=nsteps,
-                                 dllm_ms=s.dllm_seconds / nsteps * 1e3,
-                                 verifier_ms=s.verifier_seconds / nsteps * 1e3,
-                                 sampling_ms=s.sampling_seconds / nsteps * 1e3,
-                                 tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
-                if whole:
-                    sec, _, s = ours(stop=None, graphs=True)
-                    rows[-1]["gen_tokens_per_s"] = s.generated_tokens / sec
-            except Exception as e:  # noqa: BLE001  (report, keep the other rows)
-                print(f"\napd+graphs {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            bar.step(f"apd+graphs {label}")
-
-        if not args.no_reference:
-            def reference(stop=steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                r = reference_generate(hf_d, hf_a, prompt[0].tolist(), mask_token_id=mask_id, eos_token_ids=[],
-                                       R=R, W=W, M=M, temperature=0.2, top_p=0.95, max_new_tokens=new,
-                                       seed=0, n_accept_override=accept, max_steps=stop)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                return time.perf_counter() - t0, len(r.accepted_per_step), r
-            sec, nsteps, r = _median_run(reference, repeats)
-            rows.append(dict(base, method="apd-reference", ms_step=sec / nsteps * 1e3, steps=nsteps,
-                             dllm_ms=None, verifier_ms=None, sampling_ms=None,
-                             tokens_per_step=r.num_generated / nsteps, tokens_per_s=r.num_generated / sec))
-            if whole:
-                sec, _, r = reference(stop=None)
-                rows[-1]["gen_tokens_per_s"] = r.num_generated / sec
-            bar.step(f"apd-reference {label}")
+        def reference(stop=steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = reference_generate(hf_d, hf_a, prompt[0].tolist(), mask_token_id=mask_id, eos_token_ids=[],
+                                   R=R, W=W, M=M, temperature=0.2, top_p=0.95, max_new_tokens=new,
+                                   seed=0, n_accept_override=accept, max_steps=stop)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return _sample(time.perf_counter() - t0, len(r.accepted_per_step), r.num_generated)
 
         def leftright():
-            o = apd_ext.generate_leftright(dllm, prompt, K=accept, W=W, M=M, _stop_after_steps=steps, **common)
-            return o.stats.seconds, o.stats.steps, o.stats
-        sec, nsteps, s = _median_run(leftright, repeats)
-        rows.append(dict(base, method=f"leftright K={accept}", ms_step=sec / nsteps * 1e3, steps=nsteps,
-                         dllm_ms=s.dllm_seconds / nsteps * 1e3, verifier_ms=0.0,
-                         sampling_ms=s.sampling_seconds / nsteps * 1e3,
-                         tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
-        bar.step(f"leftright {label}")
+            return _of_stats(apd_ext.generate_leftright(dllm, prompt, K=accept, W=W, M=M,
+                                                        _stop_after_steps=steps, **common).stats)
 
         def ar():
-            o = apd_ext.generate_ar(ver, prompt, **ar_common)
-            return o.stats.seconds, o.stats.steps, o.stats
-        sec, nsteps, s = _median_run(ar, repeats)
-        rows.append(dict(base, method="ar (verifier)", ms_step=sec / nsteps * 1e3, steps=nsteps, dllm_ms=0.0,
-                         verifier_ms=s.verifier_seconds / nsteps * 1e3, sampling_ms=s.sampling_seconds / nsteps * 1e3,
-                         tokens_per_step=s.generated_tokens / nsteps, tokens_per_s=s.generated_tokens / sec))
-        bar.step(f"ar {label}")
+            return _of_stats(apd_ext.generate_ar(ver, prompt, **ar_common).stats)
 
-    for r in rows:
-        ref = next((x for x in rows if x["config"] == r["config"] and x["method"] == "apd-reference"), None)
-        is_ours = r["method"] in ("apd", "apd+graphs")
-        r["speedup_vs_reference"] = ref["ms_step"] / r["ms_step"] if ref and is_ours else None
-        r["x_floor"] = r["ms_step"] / floor_ms if is_ours else None
+        runners = {"apd": ours}
+        if device.type == "cuda":
+            try:
+                ours(graphs=True)
+                runners["apd+graphs"] = lambda: ours(graphs=True)
+            except Exception as e:  # noqa: BLE001  (report, keep the other rows)
+                print(f"\napd+graphs {label} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if not args.no_reference:
+            runners["apd-reference"] = reference
+        runners[f"leftright K={accept}"] = leftright
+        runners["ar (verifier)"] = ar
+        samples = interleaved(runners, repeats)
+        base = dict(device=str(device), shapes=shapes, config=label, accept=accept, floor_ms=floor_ms)
+        for name, smp in samples.items():
+            row = _row(base, name, smp)
+            if name in ("apd", "apd+graphs"):
+                row["x_floor"] = row["ms_step"] / floor_ms
+                if "apd-reference" in samples:
+                    row["speedup_vs_reference"], row["speedup_min"], row["speedup_max"] = \
+                        paired_speedup(smp, samples["apd-reference"])
+                if whole:
+                    o = ours(stop=None, graphs=name == "apd+graphs")
+                    row["gen_tokens_per_s"] = o["gen"] / o["sec"]
+            elif name == "apd-reference" and whole:
+                o = reference(stop=None)
+                row["gen_tokens_per_s"] = o["gen"] / o["sec"]
+            rows.append(row)
+        bar.step(f"{label}: {len(runners)} methods x {repeats} interleaved rounds")
     return rows
 
 
 COLUMNS = [("config", "(R, W, M)", "{}"), ("method", "method", "{}"), ("ms_step", "ms/step", "{:.2f}"),
+           ("ms_spread", "min..max", "{}"),
            ("dllm_ms", "dLLM ms", "{:.2f}"), ("verifier_ms", "verifier ms", "{:.2f}"),
            ("sampling_ms", "sampling ms", "{:.2f}"), ("tokens_per_step", "tok/step", "{:.1f}"),
            ("tokens_per_s", "tok/s", "{:.1f}"), ("gen_tokens_per_s", "whole-gen tok/s", "{:.1f}"),
-           ("speedup_vs_reference", "vs reference", "{:.2f}x"),
+           ("speedup_vs_reference", "vs reference", "{:.2f}x"), ("speedup_spread", "(min..max)", "{}"),
            ("x_floor", "x floor", "{:.2f}")]
 
 
 def _cells(r) -> List[str]:
+    r = dict(r)
+    if r.get("ms_step_min") is not None:
+        r["ms_spread"] = f"{r['ms_step_min']:.2f}..{r['ms_step_max']:.2f}"
+    if r.get("speedup_min") is not None:
+        r["speedup_spread"] = f"{r['speedup_min']:.2f}..{r['speedup_max']:.2f}x"
     return ["-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in COLUMNS]
 
 
@@ -266,6 +293,7 @@ def print_table(rows: List[dict], args) -> None:
         return
     r0 = rows[0]
     title = (f"APD end to end, {r0['shapes']} shapes on {r0['device']}, fixed schedule {r0['accept']} tokens/step; "
+             f"medians of {r0['repeats']} interleaved rounds (speed-ups paired within a round); "
              f"floor (both models' weights once at copy bandwidth) {r0['floor_ms']:.3f} ms/step")
     head = [h for _, h, _ in COLUMNS]
     body = [_cells(r) for r in rows]

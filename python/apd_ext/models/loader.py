@@ -43,14 +43,38 @@ def expected_shapes(c: ModelConfig) -> dict:
     return shapes
 
 
+LOCAL_ONLY = (
+    "only local checkpoint folders load (no Hub downloads): fetch one first, e.g. "
+    "`hf download Dream-org/Dream-v0-Instruct-7B --local-dir ./Dream-v0-Instruct-7B`, "
+    "then pass that folder"
+)
+
+
+def _open_safetensors(path: str):
+    """safe_open with a one-line error naming the file when it is truncated or corrupt."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def _get_tensor(sf, name: str, path: str):
+    from safetensors import SafetensorError
+
+    try:
+        return sf.get_tensor(name)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: tensor '{name}' cannot be read (truncated or corrupt file?): {e}") from None
+
+
 def _check_shape(name: str, got, shape: tuple, where: str) -> None:
     if tuple(got) != tuple(shape):
         raise ValueError(f"{where}: tensor '{name}' has shape {list(got)}, expected {list(shape)}")
 
 
 def _read_folder_tensors(folder: str, shapes: dict, dtype, device) -> dict:
-    from safetensors import safe_open
-
     index_path = os.path.join(folder, INDEX_FILE)
     single_path = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(index_path):
@@ -77,14 +101,14 @@ def _read_folder_tensors(folder: str, shapes: dict, dtype, device) -> dict:
     out = {}
     for f, names in by_file.items():
         path = os.path.join(folder, f)
-        with safe_open(path, framework="pt", device="cpu") as sf:
+        with _open_safetensors(path) as sf:
             present = set(sf.keys())
             for name in names:
                 if name not in present:
                     raise ValueError(f"{path}: tensor '{name}' is missing")
                 # Shape first (from the header), so a wrong tensor is never read.
                 _check_shape(name, sf.get_slice(name).get_shape(), shapes[name], path)
-                out[name] = sf.get_tensor(name).to(device=device, dtype=dtype)
+                out[name] = _get_tensor(sf, name, path).to(device=device, dtype=dtype)
     return out
 
 
@@ -122,6 +146,8 @@ def load_model(
         raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
     if isinstance(src, (str, os.PathLike)):
         folder = os.fspath(src)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"src: checkpoint folder {folder!r} not found; {LOCAL_ONLY}")
         if kind is not None or mask_token_id is not None:
             raise ValueError("kind / mask_token_id: only for a live model; a folder's config.json decides")
         cfg, gen = read_folder_config(folder)

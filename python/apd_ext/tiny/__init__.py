@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from apd_ext.tiny.vocab import known_words, unknown_words, vocabulary_summary
+
+__all__ = ["paths", "test_file", "tokenizer", "known_words", "unknown_words", "vocabulary_summary"]
+
 _DATA = Path(__file__).resolve().parent.parent / "data"
 
 
@@ -19,13 +23,17 @@ def test_file() -> Path:
     return _DATA / "arith_test.jsonl"
 
 
-def tokenizer():
-    """The pair's tokenizer, loaded with AutoTokenizer from the dLLM folder.
+def tokenizer(folder=None):
+    """The pair's tokenizer (default: from the dLLM folder).
 
-    Both folders ship the same tokenizer.json. Load it from the dLLM folder (as
-    `apd generate` does): transformers >= 5 maps every model_type "qwen2"
-    folder to Qwen2Tokenizer, whose hard-coded pre-tokenizer splits digits,
-    so AutoTokenizer on the AR folder would not reproduce these ids.
+    Loaded as the PreTrainedTokenizerFast its tokenizer_config.json names,
+    not through AutoTokenizer: AutoTokenizer also parses config.json, and on
+    a `model_type: "Dream"` folder transformers then logs "model of type
+    `Dream` to instantiate a model of type ``" and a rope_scaling
+    FutureWarning on every load. It would also map any `model_type: qwen2`
+    folder (the AR one) to Qwen2Tokenizer, whose hard-coded pre-tokenizer
+    splits digits and so would not reproduce these ids.
     """
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(paths()[0]), local_files_only=True)
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(folder or paths()[0]), local_files_only=True)

@@ -21,10 +21,9 @@ _RESET, _BOLD = "\033[0m", "\033[1m"
 def load_pair(dllm_dir=None, ar_dir=None, dtype: str = "float32", device: str = "cpu"):
     """(dllm, verifier, tokenizer) from checkpoint folders (default: the embedded pair)."""
     import torch
-    from transformers import AutoTokenizer
 
     import apd_ext
-    from apd_ext.tiny import paths
+    from apd_ext.tiny import paths, tokenizer
 
     d_def, a_def = paths()
     dllm_dir = Path(dllm_dir or d_def)
@@ -34,7 +33,7 @@ def load_pair(dllm_dir=None, ar_dir=None, dtype: str = "float32", device: str = 
         raise ValueError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     dllm = apd_ext.load_model(str(dllm_dir), dtype=dt, device=device)
     ar = apd_ext.load_model(str(ar_dir), dtype=dt, device=device)
-    tok = AutoTokenizer.from_pretrained(str(dllm_dir), local_files_only=True)
+    tok = tokenizer(dllm_dir)
     return dllm, ar, tok
 
 
@@ -74,27 +73,48 @@ def _streamer(tok, colour: bool, stream=sys.stdout):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from apd_ext.cli import positive_int, window
+    from apd_ext.tiny import vocabulary_summary
+
     ap = argparse.ArgumentParser(prog="apd demo", description=__doc__,
+                                 epilog="The embedded pair " + vocabulary_summary(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", type=int, default=0, help="test problem index (0..499)")
-    ap.add_argument("--question", default=None, help="your own word problem instead of a test one")
+    ap.add_argument("--question", default=None,
+                    help="your own word problem instead of a test one (the task's words only: see below)")
     ap.add_argument("--R", type=float, default=DEFAULT_R)
-    ap.add_argument("--W", type=int, default=DEFAULT_W)
-    ap.add_argument("--M", type=int, default=DEFAULT_M)
+    ap.add_argument("--W", type=window, default=DEFAULT_W, help="recompute window, or 'none'")
+    ap.add_argument("--M", type=positive_int, default=DEFAULT_M)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW)
     ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
-    ap.add_argument("--ar", default=None, help="AR verifier folder (default: embedded)")
+    ap.add_argument("--verifier", "--ar", dest="verifier", default=None,
+                    help="AR verifier folder (default: embedded)")
     ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded test set)")
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
 
+    import torch
+
     import apd_ext
+    from apd_ext.cli import UsageError
     from apd_ext.tasks import arith
-    from apd_ext.tiny import test_file
+    from apd_ext.tiny import test_file, unknown_words
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    if args.question is not None and not args.question.strip():
+        raise UsageError("--question: expected a word problem, got an empty string")
+    if args.question is not None and unknown_words(args.question):
+        print(f"apd: warning: outside the embedded pair's training vocabulary: "
+              f"{', '.join(unknown_words(args.question))} (see `apd demo --help`)", file=sys.stderr)
 
     if args.question is not None:
         question, final = args.question, None
@@ -105,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         question, final = probs[args.index].question, probs[args.index].final
     colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
 
-    dllm, ar, tok = load_pair(args.dllm, args.ar, args.dtype, args.device)
+    dllm, ar, tok = load_pair(args.dllm, args.verifier, args.dtype, args.device)
     prompt = encode_prompt(tok, question)
     print(f"{_BOLD if colour else ''}Question:{_RESET if colour else ''} {question}")
     print(f"APD R={args.R} W={args.W} M={args.M} temperature={args.temperature}"

@@ -80,14 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     import time
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
-    from apd_ext.tiny import paths, test_file
+    from apd_ext.tiny import paths, test_file, tokenizer
     from apd_ext.tiny.train import load_exported
 
     ap = argparse.ArgumentParser(prog="python -m apd_ext.tiny.evaluate")
     ap.add_argument("--dllm", type=Path, default=paths()[0])
-    ap.add_argument("--ar", type=Path, default=paths()[1])
+    ap.add_argument("--verifier", "--ar", dest="ar", type=Path, default=paths()[1])
     ap.add_argument("--tasks", type=Path, default=test_file())
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-new", type=int, default=56)
@@ -96,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     probs = arith.load_jsonl(args.tasks)[: args.limit]
     # the dLLM folder: transformers >= 5 forces Qwen2Tokenizer on a qwen2 folder (see apd_ext.tiny.tokenizer)
-    tok = AutoTokenizer.from_pretrained(str(args.dllm), local_files_only=True)
+    tok = tokenizer(args.dllm)
     for name, d, fn in (("AR greedy", args.ar, ar_greedy), ("dLLM left-to-right K=1", args.dllm, dllm_leftright)):
         t0 = time.time()
         kw = {} if fn is ar_greedy else {"mask_id": tok.mask_token_id}

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apd sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
-    ap.add_argument("--ar", default=None, help="AR verifier folder (default: embedded)")
+    ap.add_argument("--verifier", "--ar", dest="verifier", default=None,
+                    help="AR verifier folder (default: embedded)")
     ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded 500 test problems)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
     ap.add_argument("--out", default="apd_sweep", help="output prefix: writes PREFIX.csv and PREFIX.png")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from apd_ext.tiny.demo import load_pair
 
     probs = arith.load_jsonl(args.tasks or test_file())[: args.limit]
-    dllm, ar, tok = load_pair(args.dllm, args.ar, args.dtype, args.device)
+    dllm, ar, tok = load_pair(args.dllm, args.verifier, args.dtype, args.device)
     try:
         ks = [int(k) for k in args.K.split(",") if k.strip()]
         rs = [float(r) for r in args.R.split(",") if r.strip()]

@@ -1,0 +1,153 @@
+"""Issue 13, "the first hour": every bad input a new user hit ends in ONE clear
+error line (exit status 2) naming the argument, never a traceback, a hang or a
+silent wrong result. Runs the embedded tiny pair in-process (fast)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import apd_ext
+from apd_ext import cli
+from apd_ext.tiny import paths, unknown_words
+from tests.model_utils import make_tiny_qwen2
+
+QUESTION = "Ava has 12 apples. She buys 3 more apples. How many apples does Ava have now?"
+
+
+def _one_error(capsys, needle: str) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    errors = [l for l in lines if l.startswith("apd: error:")]
+    assert len(errors) == 1, err
+    assert "Traceback" not in err and needle in errors[0], err
+    return errors[0]
+
+
+def _argparse_error(capsys, argv, needle: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and needle in last, err
+    return last
+
+
+@pytest.fixture(scope="module")
+def corrupt_dllm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corrupt") / "dllm"
+    shutil.copytree(paths()[0], folder)
+    f = folder / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: 100_000])  # truncated mid-tensor
+    return folder
+
+
+def test_truncated_safetensors_names_the_file(corrupt_dllm, capsys):
+    assert cli.main(["generate", "--dllm", str(corrupt_dllm), "--prompt", QUESTION, "--device", "cpu"]) == 2
+    line = _one_error(capsys, str(corrupt_dllm / "model.safetensors"))
+    assert "corrupt" in line
+
+
+def test_corrupt_header_names_the_file_in_the_library(tmp_path):
+    folder = tmp_path / "dllm"
+    shutil.copytree(paths()[0], folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        apd_ext.load_model(str(folder))
+
+
+def test_missing_folder_says_only_local_folders_load(capsys):
+    assert cli.main(["generate", "--dllm", "Dream-org/Dream-v0-Instruct-7B", "--prompt", "hi"]) == 2
+    _one_error(capsys, "only local folders load")
+    with pytest.raises(FileNotFoundError, match="only local checkpoint folders load"):
+        apd_ext.load_model("Qwen/Qwen2.5-0.5B")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less message")
+@pytest.mark.parametrize("argv", [["demo", "--device", "cuda"],
+                                  ["generate", "--device", "cuda", "--prompt", QUESTION]])
+def test_device_cuda_without_a_gpu(capsys, argv):
+    assert cli.main(argv) == 2
+    _one_error(capsys, "no CUDA device")
+
+
+def test_diffusion_steps_zero_is_refused(capsys):
+    _argparse_error(capsys, ["generate", "--method", "diffusion", "--steps", "0", "--prompt", QUESTION],
+                    "--steps: expected an int >= 1, got 0")
+
+
+def test_diffusion_steps_are_honoured(capsys):
+    # --steps 2 (not the 8 of --max-new-tokens) full forwards: the old `steps or max_new` ran 256 for 0.
+    assert cli.main(["generate", "--method", "diffusion", "--steps", "2", "--max-new-tokens", "8",
+                     "--prompt", QUESTION, "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["stats"]["dllm_forwards"] == 2
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n"])
+def test_empty_prompt(capsys, prompt):
+    assert cli.main(["generate", "--prompt", prompt]) == 2
+    _one_error(capsys, "--prompt")
+
+
+def test_context_overflow_needs_truncate(capsys):
+    # The embedded pair has 512 positions; 600 new tokens cannot fit after any prompt.
+    assert cli.main(["generate", "--prompt", QUESTION, "--max-new-tokens", "600"]) == 2
+    line = _one_error(capsys, "--max-new-tokens")
+    assert "--truncate" in line and "512" in line
+
+
+def test_context_overflow_with_truncate_warns(capsys):
+    assert cli.main(["generate", "--prompt", QUESTION, "--max-new-tokens", "600", "--truncate", "--json"]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    room = 512 - res["prompt_tokens"]
+    assert f"at most {room} new tokens fit" in cap.err and "warning" in cap.err
+    assert 1 <= res["num_generated"] <= room
+
+
+def test_pair_with_different_tokenizers_blames_the_pair(tmp_path, capsys):
+    # A verifier whose vocabulary (500) is smaller than the ids the dLLM's
+    # tokenizer produces (the tiny tokenizer has 568): the pair is at fault.
+    make_tiny_qwen2(tmp_path / "v500", vocab=500, eos_token_id=0, bos_token_id=0, pad_token_id=1, seed=3)
+    assert cli.main(["generate", "--verifier", str(tmp_path / "v500"), "--prompt", QUESTION]) == 2
+    line = _one_error(capsys, "--dllm / --verifier")
+    assert "does not share a tokenizer" in line and "input_ids" not in line
+
+
+def test_bad_window_names_the_flag_not_the_function(capsys):
+    last = _argparse_error(capsys, ["generate", "--W", "abc", "--prompt", QUESTION], "argument --W")
+    assert "_w_arg" not in last and "'abc'" in last
+    last = _argparse_error(capsys, ["demo", "--W", "abc"], "argument --W")
+    assert "_w_arg" not in last
+
+
+def test_out_of_vocabulary_words_warn(capsys):
+    assert unknown_words(QUESTION) == []
+    assert unknown_words("What is the capital of France? Ava has 70 apples") == \
+        ["What", "is", "the", "capital", "of", "France", "70"]
+    assert cli.main(["generate", "--prompt", "Ava has 3 dogs.", "--max-new-tokens", "4", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "outside its training vocabulary" in err and "dogs" in err
+
+
+def test_help_lists_the_tiny_vocabulary(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for word in ("Ava", "Omar", "Zoe", "apples", "shirts", "triples", "splits"):
+        assert word in out
+
+
+def test_tokenizer_loads_silently():
+    """No transformers warning (Dream model type, rope_scaling) on load, in a fresh process."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="default")
+    code = "import apd_ext.tiny as t; tok = t.tokenizer(); print(tok.eos_token_id, tok.mask_token_id, len(tok))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "2", "568"]
+    assert r.stderr.strip() == "", r.stderr

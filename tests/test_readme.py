@@ -1,0 +1,117 @@
+"""Every ```python and ```bash block of README.md runs, against the embedded
+tiny pair.
+
+The extractor is general: a block added to the README later is run too, unless
+it is on SKIP below with the reason it cannot run in the test suite (a GPU,
+the real 7B checkpoints, network, or a run of minutes). Each block runs in a
+fresh process in a scratch folder, with the substitutions of SUBSTITUTE (the
+real checkpoint folders -> the tiny pair, cuda -> cpu); `apd` and `python` are
+this interpreter. Blocks in other languages (cmake, plain ```) are not code a
+user runs as-is.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import apd_ext
+from apd_ext.tiny import paths
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+_FENCE = re.compile(r"^```(python|bash)[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+
+# A substring that identifies the block -> why it does not run here.
+SKIP = {
+    "make demo": "runs the whole set-up (venv, torch install, build): minutes; timed by hand on a fresh clone",
+    "pip install .": "builds and installs the package in an isolated environment (network, minutes)",
+    "hf download": "downloads the real Dream-7B / Qwen2.5-0.5B checkpoints (about 16 GB, network)",
+    "apd_ext.tiny.train": "retrains the tiny pair and runs 500-problem evaluations and a sweep: about an hour",
+    "fetch_device_wheels.sh": "downloads wheels (network) for the GPU check, which needs a GPU",
+    "apd bench --device cuda": "needs a GPU; tests/test_cli.py::test_bench_writes_csv_and_plot runs the CPU "
+                               "bench at small settings",
+}
+
+_DLLM, _AR = (str(p) for p in paths())
+# (README text, what the test runs instead), applied in order to every block.
+SUBSTITUTE = [
+    ("./Dream-v0-Instruct-7B", _DLLM),   # the real checkpoint folders -> the embedded tiny pair
+    ("./Qwen2.5-0.5B", _AR),
+    ('device="cuda"', 'device="cpu"'),   # no GPU in the test suite
+    ("--device cuda", "--device cpu"),
+    (" --chat", ""),                     # the tiny tokenizer has no chat template
+]
+
+
+def blocks(text: str) -> list:
+    """[(line number, language, code)] of every ```python / ```bash block."""
+    return [(text.count("\n", 0, m.start()) + 1, m.group(1), m.group(2)) for m in _FENCE.finditer(text)]
+
+
+def skip_reason(code: str):
+    hits = [why for key, why in SKIP.items() if key in code]
+    return hits[0] if hits else None
+
+
+def substitute(code: str) -> str:
+    for old, new in SUBSTITUTE:
+        code = code.replace(old, new)
+    return code
+
+
+_BLOCKS = blocks(README.read_text())
+
+
+def test_the_extractor_finds_the_blocks():
+    langs = [lang for _, lang, _ in _BLOCKS]
+    assert langs.count("python") >= 2 and langs.count("bash") >= 4
+    runnable = [b for b in _BLOCKS if skip_reason(b[2]) is None]
+    assert len(runnable) >= 4
+    sample = "x\n```python\nprint(1)\n```\n```cmake\nno\n```\n```bash\necho a\n```\n"
+    assert blocks(sample) == [(2, "python", "print(1)\n"), (8, "bash", "echo a\n")]
+
+
+def test_every_skip_entry_matches_a_block():
+    """A stale skip-list entry would hide nothing today but something tomorrow."""
+    for key in SKIP:
+        assert any(key in code for _, _, code in _BLOCKS), f"SKIP[{key!r}] matches no README block"
+
+
+def test_snippet_has_no_hub_names():
+    """Paths in load_model calls are local folders (the loader never downloads)."""
+    for _, lang, code in _BLOCKS:
+        for arg in re.findall(r"load_model\(\s*\"([^\"]+)\"", code):
+            assert arg.startswith(("./", "/", "~")), arg
+
+
+@pytest.fixture(scope="module")
+def shims(tmp_path_factory):
+    """A bin folder where `apd` and `python` are this interpreter with this package."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    (bin_dir / "apd").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m apd_ext.cli "$@"\n')
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.parametrize("line,lang,code", _BLOCKS, ids=[f"L{l}-{g}" for l, g, _ in _BLOCKS])
+def test_readme_block_runs(line, lang, code, shims, tmp_path):
+    why = skip_reason(code)
+    if why:
+        pytest.skip(f"README.md:{line}: {why}")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
+               # the apd_ext this test imported (source tree with an in-place build, or installed)
+               PYTHONPATH=os.pathsep.join([str(Path(apd_ext.__file__).parent.parent),
+                                           os.environ.get("PYTHONPATH", "")]))
+    code = substitute(code)
+    cmd = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"README.md:{line} ({lang}) failed:\n{code}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
