@@ -123,3 +123,17 @@ def test_unsupported_options_named(setup, opt, value):
 def test_missing_dllm(setup):
     with pytest.raises(ValueError, match="dllm"):
         setup["ar"].generate(setup["ids"][:1], custom_generate=apd_generate, max_new_tokens=4)
+
+
+def test_stop_string_criteria(setup):
+    """transformers' StopStringCriteria passed as stopping_criteria (generate(stop_strings=...) cannot
+    reach a callable custom_generate: transformers 5.x drops its tokenizer for callables)."""
+    from transformers import StopStringCriteria
+    s = setup
+    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], ["\n"])])
+    got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
+                           R=R, W=W, M=M, max_new_tokens=30, do_sample=False, stopping_criteria=crit)
+    P = s["ids"].shape[1]
+    for b in range(3):
+        text = s["tok"].decode([t for t in got[b, P:].tolist() if t != PAD])
+        assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first newline

@@ -19,8 +19,10 @@ transformers module holding the dLLM's weights (wrapped with
 
 Honoured: ``max_new_tokens`` / ``max_length``, ``eos_token_id``, ``pad_token_id``,
 ``do_sample`` (False: greedy), ``temperature``, ``top_p``, ``top_k``,
-``stopping_criteria`` (each sequence is cut at the first token where a criterion
-fires, as transformers cuts it), ``attention_mask`` (left or right padding),
+``stopping_criteria`` (each sequence is cut just after the first token where a
+criterion fires; stop strings: pass ``StopStringCriteria(tok, [...])`` there, since
+transformers 5.x drops the ``tokenizer=`` that ``stop_strings=`` needs before it
+calls a callable custom_generate), ``attention_mask`` (left or right padding),
 batched input, ``return_dict_in_generate``. Sampling uses apd_ext's counter-based
 noise (``seed`` / ``seeds``), so the tokens equal apd_ext.generate's with the same
 seed, not those of transformers' multinomial sampler. Options APD cannot honour
