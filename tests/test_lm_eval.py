@@ -178,4 +178,12 @@ def test_cli_equals_sweep(sweep_row, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (res,) = list((tmp_path / "out").rglob("results_*.json"))
     assert _acc(json.loads(res.read_text())) == sweep_row["accuracy"]
-    assert len(open(tmp_path / "stats.jsonl").readlines()) == N
+    lines = open(tmp_path / "stats.jsonl").readlines()
+    assert len(lines) == N
+    # `python -m apd_ext.integrations.lm_eval` puts the stats beside this results file
+    from apd_ext.integrations.lm_eval import stats_next_to_results
+    lm = APDLM(**ARGS)
+    lm.request_stats = [json.loads(line) for line in lines]
+    path = stats_next_to_results(lm, str(tmp_path / "out"), since=0.0)
+    assert path.parent == res.parent and path.name == res.name.replace("results_", "apd_stats_") + "l"
+    assert path.read_text() == "".join(lines)
