@@ -167,8 +167,8 @@ def apd_generate(model, input_ids, logits_processor=None, stopping_criteria=None
     gc = generation_config if generation_config is not None else GenerationConfig()
     _check_options(gc, logits_processor, streamer, synced_gpus, model_kwargs)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a [B, L] LongTensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected a [B, L] LongTensor, got {got}")
     B, P = input_ids.shape
     if gc.max_new_tokens is not None:
         max_new = int(gc.max_new_tokens)
