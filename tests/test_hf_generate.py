@@ -112,12 +112,21 @@ def test_wraps_without_copies(setup):
 
 
 @pytest.mark.parametrize("opt, value", [("num_beams", 2), ("repetition_penalty", 1.2),
-                                         ("num_return_sequences", 2), ("output_scores", True)])
+                                         ("num_return_sequences", 2), ("output_scores", True),
+                                         ("forced_bos_token_id", 0), ("min_new_tokens", 3)])
 def test_unsupported_options_named(setup, opt, value):
     s = setup
     with pytest.raises(ValueError, match=opt):
         s["ar"].generate(s["ids"][:1], custom_generate=apd_generate, dllm=s["dllm"], max_new_tokens=4,
                          do_sample=False, **{opt: value})
+
+
+def test_extra_logits_processor_named(setup):
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+    s = setup
+    with pytest.raises(ValueError, match="MinLengthLogitsProcessor"):
+        s["ar"].generate(s["ids"][:1], custom_generate=apd_generate, dllm=s["dllm"], max_new_tokens=4,
+                         do_sample=False, logits_processor=LogitsProcessorList([MinLengthLogitsProcessor(2, 0)]))
 
 
 def test_missing_dllm(setup):

@@ -119,7 +119,7 @@ def test_until_and_sampling_seeds(pair, probs):
         assert text == full.split("\n")[0]  # cut at the first stop string, as lm-eval's HF model
 
 
-def test_methods_leftright_and_ar(pair, probs):
+def test_methods_leftright_ar_diffusion(pair, probs):
     dllm, ar, tok = pair
     ctx = arith.prompt_of(probs[0].question)
     kw = {"until": [], "do_sample": False, "max_gen_toks": 20}
@@ -130,6 +130,11 @@ def test_methods_leftright_and_ar(pair, probs):
     g = APDLM(**{**ARGS, "method": "ar"}).generate_until([_instance(ctx, dict(kw), 0)])[0]
     ref = apd_ext.generate_ar(ar, encode_prompt(tok, probs[0].question), temperature=0.0, max_new_tokens=20)
     assert g == tok.decode(ref.generated(0).tolist(), skip_special_tokens=True)
+    d = APDLM(**{**ARGS, "method": "diffusion", "steps": 4, "alg": "maskgit_plus"})
+    d = d.generate_until([_instance(ctx, {**kw, "max_gen_toks": 8}, 0)])[0]
+    ref = apd_ext.generate_diffusion(dllm, encode_prompt(tok, probs[0].question), 4, "maskgit_plus",
+                                     temperature=0.0, top_p=1.0, max_new_tokens=8)
+    assert d == tok.decode(ref.generated(0).tolist(), skip_special_tokens=True)
 
 
 def test_chat_template_and_tokenizer_name():
