@@ -73,6 +73,14 @@ def test_callable_batched_greedy(setup):
     got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
                            R=R, W=W, M=M, max_new_tokens=MAX_NEW, do_sample=False)
     assert torch.equal(got, _expected(s, temperature=0.0))
+    # right padding (transformers warns; APD takes the mask as it is): same generated tokens
+    P = s["ids"].shape[1]
+    ids_r, mask_r = torch.full_like(s["ids"], PAD), torch.zeros_like(s["mask"])
+    for b, p in enumerate(s["prompts"]):
+        ids_r[b, : len(p)], mask_r[b, : len(p)] = torch.tensor(p), 1
+    got_r = s["ar"].generate(ids_r, attention_mask=mask_r, custom_generate=apd_generate, dllm=s["dllm"],
+                             R=R, W=W, M=M, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(got_r[:, :P], ids_r) and torch.equal(got_r[:, P:], got[:, P:])
 
 
 def test_folder_form_sampling_return_dict(setup):

@@ -86,6 +86,8 @@ def _runtime(src, kind: str, like=None, mask_token_id=None):
         if mask_token_id is None:
             raise ValueError("mask_token_id: the dllm module's config has none; pass mask_token_id=")
     rt = apd_ext.load_model(src, kind=kind, mask_token_id=mask_token_id if kind == "dllm" else None)
+    for key in [k for k, (ref, _) in _WRAPPED.items() if ref() is None]:
+        del _WRAPPED[key]  # models that were freed (their ids may be reused)
     _WRAPPED[(id(src), kind)] = (weakref.ref(src), rt)
     return rt
 
