@@ -73,6 +73,14 @@ def test_callable_batched_greedy(setup):
     got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
                            R=R, W=W, M=M, max_new_tokens=MAX_NEW, do_sample=False)
     assert torch.equal(got, _expected(s, temperature=0.0))
+    # right padding (transformers warns; APD takes the mask as it is): same generated tokens
+    P = s["ids"].shape[1]
+    ids_r, mask_r = torch.full_like(s["ids"], PAD), torch.zeros_like(s["mask"])
+    for b, p in enumerate(s["prompts"]):
+        ids_r[b, : len(p)], mask_r[b, : len(p)] = torch.tensor(p), 1
+    got_r = s["ar"].generate(ids_r, attention_mask=mask_r, custom_generate=apd_generate, dllm=s["dllm"],
+                             R=R, W=W, M=M, max_new_tokens=MAX_NEW, do_sample=False)
+    assert torch.equal(got_r[:, :P], ids_r) and torch.equal(got_r[:, P:], got[:, P:])
 
 
 def test_folder_form_sampling_return_dict(setup):
@@ -112,7 +120,8 @@ def test_wraps_without_copies(setup):
 
 
 @pytest.mark.parametrize("opt, value", [("num_beams", 2), ("repetition_penalty", 1.2),
-                                         ("num_return_sequences", 2), ("output_scores", True)])
+                                         ("num_return_sequences", 2), ("output_scores", True),
+                                         ("forced_bos_token_id", 0), ("min_new_tokens", 3)])
 def test_unsupported_options_named(setup, opt, value):
     s = setup
     with pytest.raises(ValueError, match=opt):
@@ -120,6 +129,28 @@ def test_unsupported_options_named(setup, opt, value):
                          do_sample=False, **{opt: value})
 
 
+def test_extra_logits_processor_named(setup):
+    from transformers import LogitsProcessorList, MinLengthLogitsProcessor
+    s = setup
+    with pytest.raises(ValueError, match="MinLengthLogitsProcessor"):
+        s["ar"].generate(s["ids"][:1], custom_generate=apd_generate, dllm=s["dllm"], max_new_tokens=4,
+                         do_sample=False, logits_processor=LogitsProcessorList([MinLengthLogitsProcessor(2, 0)]))
+
+
 def test_missing_dllm(setup):
     with pytest.raises(ValueError, match="dllm"):
         setup["ar"].generate(setup["ids"][:1], custom_generate=apd_generate, max_new_tokens=4)
+
+
+def test_stop_string_criteria(setup):
+    """transformers' StopStringCriteria passed as stopping_criteria (generate(stop_strings=...) cannot
+    reach a callable custom_generate: transformers 5.x drops its tokenizer for callables)."""
+    from transformers import StopStringCriteria
+    s = setup
+    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], ["\n"])])
+    got = s["ar"].generate(s["ids"], attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"],
+                           R=R, W=W, M=M, max_new_tokens=30, do_sample=False, stopping_criteria=crit)
+    P = s["ids"].shape[1]
+    for b in range(3):
+        text = s["tok"].decode([t for t in got[b, P:].tolist() if t != PAD])
+        assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first newline

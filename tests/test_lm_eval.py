@@ -21,10 +21,10 @@ from apd_ext.tasks import arith  # noqa: E402
 from apd_ext import tiny  # noqa: E402
 from apd_ext.tiny.demo import encode_prompt, generated_text, load_pair  # noqa: E402
 
-N = 6  # problems per run: enough for two ragged batches of 4, small for CI
+N = 4  # problems per run: two ragged batches of 3 and 1, small for CI
 R, W, M, MAX_NEW = 0.7, 16, 56, 56
 DLLM, AR = (str(p) for p in tiny.paths())
-ARGS = dict(dllm=DLLM, verifier=AR, dtype="float32", device="cpu", R=R, W=W, M=M, batch_size=4)
+ARGS = dict(dllm=DLLM, verifier=AR, dtype="float32", device="cpu", R=R, W=W, M=M, batch_size=3)
 
 
 class RecordingAPDLM(APDLM):
@@ -119,7 +119,7 @@ def test_until_and_sampling_seeds(pair, probs):
         assert text == full.split("\n")[0]  # cut at the first stop string, as lm-eval's HF model
 
 
-def test_methods_leftright_and_ar(pair, probs):
+def test_methods_leftright_ar_diffusion(pair, probs):
     dllm, ar, tok = pair
     ctx = arith.prompt_of(probs[0].question)
     kw = {"until": [], "do_sample": False, "max_gen_toks": 20}
@@ -130,6 +130,11 @@ def test_methods_leftright_and_ar(pair, probs):
     g = APDLM(**{**ARGS, "method": "ar"}).generate_until([_instance(ctx, dict(kw), 0)])[0]
     ref = apd_ext.generate_ar(ar, encode_prompt(tok, probs[0].question), temperature=0.0, max_new_tokens=20)
     assert g == tok.decode(ref.generated(0).tolist(), skip_special_tokens=True)
+    d = APDLM(**{**ARGS, "method": "diffusion", "steps": 4, "alg": "maskgit_plus"})
+    d = d.generate_until([_instance(ctx, {**kw, "max_gen_toks": 8}, 0)])[0]
+    ref = apd_ext.generate_diffusion(dllm, encode_prompt(tok, probs[0].question), 4, "maskgit_plus",
+                                     temperature=0.0, top_p=1.0, max_new_tokens=8)
+    assert d == tok.decode(ref.generated(0).tolist(), skip_special_tokens=True)
 
 
 def test_chat_template_and_tokenizer_name():
@@ -178,4 +183,12 @@ def test_cli_equals_sweep(sweep_row, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (res,) = list((tmp_path / "out").rglob("results_*.json"))
     assert _acc(json.loads(res.read_text())) == sweep_row["accuracy"]
-    assert len(open(tmp_path / "stats.jsonl").readlines()) == N
+    lines = open(tmp_path / "stats.jsonl").readlines()
+    assert len(lines) == N
+    # `python -m apd_ext.integrations.lm_eval` puts the stats beside this results file
+    from apd_ext.integrations.lm_eval import stats_next_to_results
+    lm = APDLM(**ARGS)
+    lm.request_stats = [json.loads(line) for line in lines]
+    path = stats_next_to_results(lm, str(tmp_path / "out"), since=0.0)
+    assert path.parent == res.parent and path.name == res.name.replace("results_", "apd_stats_") + "l"
+    assert path.read_text() == "".join(lines)

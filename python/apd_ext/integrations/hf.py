@@ -19,8 +19,10 @@ transformers module holding the dLLM's weights (wrapped with
 
 Honoured: ``max_new_tokens`` / ``max_length``, ``eos_token_id``, ``pad_token_id``,
 ``do_sample`` (False: greedy), ``temperature``, ``top_p``, ``top_k``,
-``stopping_criteria`` (each sequence is cut at the first token where a criterion
-fires, as transformers cuts it), ``attention_mask`` (left or right padding),
+``stopping_criteria`` (each sequence is cut just after the first token where a
+criterion fires; stop strings: pass ``StopStringCriteria(tok, [...])`` there, since
+transformers 5.x drops the ``tokenizer=`` that ``stop_strings=`` needs before it
+calls a callable custom_generate), ``attention_mask`` (left or right padding),
 batched input, ``return_dict_in_generate``. Sampling uses apd_ext's counter-based
 noise (``seed`` / ``seeds``), so the tokens equal apd_ext.generate's with the same
 seed, not those of transformers' multinomial sampler. Options APD cannot honour
@@ -38,19 +40,21 @@ import torch
 # QKV projection is the one tensor load_model builds; everything else is shared).
 _WRAPPED: dict = {}
 
-# generation_config fields APD has no counterpart for, with their neutral value.
+# generation_config fields APD has no counterpart for, with the values that mean "off".
+_OFF = (None, False)
 _UNSUPPORTED = {
-    "num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "num_return_sequences": 1,
-    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "force_words_ids": None,
-    "sequence_bias": None, "guidance_scale": None, "min_length": 0, "min_new_tokens": None,
-    "begin_suppress_tokens": None, "suppress_tokens": None, "forced_bos_token_id": None,
-    "forced_eos_token_id": None, "prompt_lookup_num_tokens": None, "assistant_early_exit": None,
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "typical_p": 1.0, "min_p": None, "top_h": None,
-    "output_scores": False, "output_logits": False, "output_attentions": False,
-    "output_hidden_states": False, "watermarking_config": None, "dola_layers": None,
-    "constraints": None, "exponential_decay_length_penalty": None, "renormalize_logits": False,
-    "low_memory": None, "token_healing": False,
+    "num_beams": (None, 1), "num_beam_groups": (None, 1), "penalty_alpha": (None, 0, 0.0),
+    "num_return_sequences": (None, 1), "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0), "bad_words_ids": _OFF,
+    "force_words_ids": _OFF, "sequence_bias": _OFF, "guidance_scale": (None, 1.0),
+    # min_new_tokens first: generate() also turns it into min_length, which names it less well
+    "min_new_tokens": (None, 0), "min_length": (None, 0), "begin_suppress_tokens": _OFF, "suppress_tokens": _OFF,
+    "forced_bos_token_id": _OFF, "forced_eos_token_id": _OFF, "prompt_lookup_num_tokens": _OFF,
+    "assistant_early_exit": _OFF, "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0),
+    "typical_p": (None, 1.0), "min_p": _OFF, "top_h": _OFF, "output_scores": _OFF, "output_logits": _OFF,
+    "output_attentions": _OFF, "output_hidden_states": _OFF, "watermarking_config": _OFF, "dola_layers": _OFF,
+    "constraints": _OFF, "exponential_decay_length_penalty": _OFF, "renormalize_logits": _OFF,
+    "token_healing": _OFF,
 }
 # Logits processors that generation_config's sampling fields create (APD applies
 # temperature / top-k / top-p itself, per DESIGN §4); any other processor is refused.
@@ -82,16 +86,29 @@ def _runtime(src, kind: str, like=None, mask_token_id=None):
         if mask_token_id is None:
             raise ValueError("mask_token_id: the dllm module's config has none; pass mask_token_id=")
     rt = apd_ext.load_model(src, kind=kind, mask_token_id=mask_token_id if kind == "dllm" else None)
+    for key in [k for k, (ref, _) in _WRAPPED.items() if ref() is None]:
+        del _WRAPPED[key]  # models that were freed (their ids may be reused)
     _WRAPPED[(id(src), kind)] = (weakref.ref(src), rt)
     return rt
 
 
+def _is_off(value, off) -> bool:
+    """value is one of the "off" values (None / False by identity: 0 == False must not match)."""
+    for o in off:
+        if o is None or o is False:
+            if value is o:
+                return True
+        elif not isinstance(value, bool) and value == o:
+            return True
+    return False
+
+
 def _check_options(generation_config, logits_processor, streamer, synced_gpus, model_kwargs) -> None:
-    for name, neutral in _UNSUPPORTED.items():
-        value = getattr(generation_config, name, neutral)
-        if value is not None and value != neutral and not (neutral is None and value in (0, 1.0, False)):
+    for name, off in _UNSUPPORTED.items():
+        value = getattr(generation_config, name, None)
+        if not _is_off(value, off):
             raise ValueError(f"{name}={value!r}: not supported by APD's custom_generate "
-                             f"(it only decodes one sequence per prompt by APD)")
+                             "(unset it, or use transformers' own decoding)")
     for p in logits_processor or []:
         if type(p).__name__ not in _OWN_PROCESSORS:
             raise ValueError(f"logits_processor: {type(p).__name__} is not supported by APD's custom_generate "
@@ -165,8 +182,8 @@ def apd_generate(model, input_ids, logits_processor=None, stopping_criteria=None
     gc = generation_config if generation_config is not None else GenerationConfig()
     _check_options(gc, logits_processor, streamer, synced_gpus, model_kwargs)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError(f"input_ids: expected a [B, L] LongTensor, got "
-                         f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__}")
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids: expected a [B, L] LongTensor, got {got}")
     B, P = input_ids.shape
     if gc.max_new_tokens is not None:
         max_new = int(gc.max_new_tokens)

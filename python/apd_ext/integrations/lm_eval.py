@@ -293,6 +293,15 @@ def _results_file(output_path: str, since: float) -> Optional[Path]:
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
 
 
+def stats_next_to_results(lm: "APDLM", output_path: str, since: float) -> Optional[Path]:
+    """Write lm's per-request stats as apd_stats_<timestamp>.jsonl beside the newest
+    results_<timestamp>.json lm-eval wrote under output_path after `since`."""
+    res = _results_file(output_path, since)
+    if res is None:
+        return None
+    return lm.write_stats(res.with_name("apd_stats_" + res.name[len("results_"):-len(".json")] + ".jsonl"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """lm-eval's CLI with model 'apd' registered; per-request stats next to the results."""
     from lm_eval.__main__ import cli_evaluate
@@ -312,10 +321,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         sys.argv = old
     if out and _LAST and _LAST[0].request_stats:
-        res = _results_file(out, t0)
-        if res is not None:
-            stats = res.with_name(res.name.replace("results_", "apd_stats_", 1).replace(".json", ".jsonl"))
-            _LAST[0].write_stats(stats)
+        stats = stats_next_to_results(_LAST[0], out, t0)
+        if stats is not None:
             print(f"apd: per-request stats in {stats}")
     return 0
 
