@@ -246,3 +246,52 @@ def test_concurrent_requests_and_bad_ones_do_not_disturb_each_other(server, dirs
     assert all(r.status_code == 400 for kind, r in results if kind == "bad")
     health = httpx.get(server + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["live"] == 0 and health["queued"] == 0
+
+
+def test_step_loop_cancel_frees_the_row_and_spares_the_others():
+    """The replica's step loop in process: a client that goes away (cancel)
+    leaves the Engine at the next step boundary; the others are unaffected."""
+    import asyncio
+
+    import apd_ext
+    from apd_ext import generate
+    from apd_ext.config import APDConfig
+    from apd_ext.engine import Engine
+    from apd_ext.serve.loop import StepLoop
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        d, a = tiny.paths()
+        dllm, ver = apd_ext.load_model(d), apd_ext.load_model(a)
+        tok = tiny.tokenizer()
+        ids = tok(f"Question: {QUESTIONS[0]}\nAnswer:\n", add_special_tokens=False)["input_ids"]
+        params = [dict(R=0.3, W=4, M=4, temperature=0.9, seed=s, max_new_tokens=60, stop_token_ids=[])
+                  for s in range(3)]
+
+        async def scenario():
+            engine = Engine(dllm, ver, APDConfig(M=8), max_batch=4, max_len=128)
+            loop = StepLoop(engine)
+            subs = [loop.submit(ids, p) for p in params]
+            got = {rid: [] for rid, _ in subs}
+            first = await asyncio.wait_for(subs[0][1].get(), 30)
+            got[subs[0][0]] += first.new_tokens
+            loop.cancel(subs[0][0])
+            for rid, q in subs[1:]:
+                while True:
+                    o = await asyncio.wait_for(q.get(), 30)
+                    got[rid] += o.new_tokens
+                    if o.finished:
+                        break
+            return engine, loop, subs, got
+
+        engine, loop, subs, got = asyncio.run(scenario())
+        assert engine.num_live == 0 and engine.num_queued == 0 and engine.reserved == 0
+        assert subs[0][1].empty() and not loop.streams  # nothing more for the cancelled one
+        assert len(got[subs[0][0]]) < 60
+        for (rid, _), p in zip(subs[1:], params[1:]):
+            p = dict(p)
+            p.pop("stop_token_ids")
+            assert got[rid] == generate(dllm, ver, [ids], APDConfig(**p), eos_token_ids=[]).generated(0).tolist()
+    finally:
+        torch.set_num_threads(threads)
