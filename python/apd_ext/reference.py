@@ -123,8 +123,8 @@ def _near(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return (a - b).abs() <= _REL_TIE * torch.clamp(scale.abs(), min=1.0)
 
 
-def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
-    """filter(z) of DESIGN.md §4 as a bool mask [N, V], plus a per-row flag set
+def _kept_mask(z: torch.Tensor, top_k: int, top_p: float):
+    """Default filter(z) of DESIGN.md §4 as a bool mask [N, V], plus a per-row flag set
     when the top-p cut sits within 1e-5 of the boundary (a cut the kernels may
     place one entry differently). z [N, V] fp32 with finite maxima."""
     N, V = z.shape
@@ -133,12 +133,8 @@ def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
     top_p = _f32(top_p)
     K = top_k if 0 < top_k < V else V
     fragile = torch.zeros(N, dtype=torch.bool, device=z.device)
-    if official:  # top-p over the whole row, then top_k on what is left
-        n = torch.full((N,), V, dtype=torch.int64, device=z.device)
-        S = cum[:, V - 1]
-    else:
-        n = torch.full((N,), K, dtype=torch.int64, device=z.device)
-        S = cum[:, K - 1]
+    n = torch.full((N,), K, dtype=torch.int64, device=z.device)
+    S = cum[:, K - 1]
     if top_p < 1.0:
         T = top_p * S
         n_p = torch.clamp((cum < T[:, None]).sum(-1) + 1, max=n)
@@ -146,8 +142,6 @@ def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
         below = cum.gather(1, torch.clamp(n_p - 2, min=0)[:, None])[:, 0]
         fragile = _near(at, T, S) | ((n_p >= 2) & _near(below, T, S))
         n = n_p
-    if official and 0 < top_k < V:
-        n = torch.clamp(n, max=top_k)
     kept_sorted = torch.arange(V, device=z.device)[None, :] < n[:, None]
     return torch.zeros_like(kept_sorted).scatter(1, order, kept_sorted), fragile
 
@@ -238,7 +232,7 @@ def _sample_rows(l, seeds, steps, pos, temperature, top_k, top_p, official, exac
     if official:
         kept, fragile = _kept_mask_official(z, top_k, top_p, dtype)
     else:
-        kept, fragile = _kept_mask(z, top_k, top_p, official)
+        kept, fragile = _kept_mask(z, top_k, top_p)
     g = gumbel_noise(seeds, steps, pos, l.shape[-1]).to(l.device)
     score = (z / tau if official else z) + g
     ids, near = _argmax_rows(torch.where(kept, score, float("-inf")), exact_ties_fragile)
