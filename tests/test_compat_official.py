@@ -337,3 +337,58 @@ def test_reference_matches_kernels(dtype):
         want, fragile = ref.sample_draft_impl(*args, **kw)
         assert bool(((got == want) | fragile).all()), (dtype, tau, top_p, top_k)
         assert float(fragile.double().mean()) < 0.1
+
+
+# ---------------------------------------------------------------------------
+# The noise's log
+# ---------------------------------------------------------------------------
+
+
+def _ulps(got, x):
+    """Max distance of fp32 `got` from log(x) (fp64) in fp32 ulps at the result."""
+    want = torch.log(x.double())
+    _, e = torch.frexp(want)
+    return ((got.double() - want).abs() / torch.ldexp(torch.ones_like(want), e - 24)).max().item()
+
+
+def test_reference_noise_is_the_kernels():
+    """apd_ext.reference's noise (philox.h's log_fp32 transcribed op for op) has
+    the C++ bits: the FNV-1a hash of the Gumbel values of the words
+    (127 i) << 9, i < 65536, equals the one ctest test_log pins for the C++
+    function; and that log is within 1 ulp of the fp64 log on those u and
+    every -log(u) (ctest test_log checks all 2^23 u)."""
+    x = (torch.arange(65536, dtype=torch.int64) * 127) << 9
+    u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
+    inner = -ref.log_fp32(u)
+    g = -ref.log_fp32(inner)
+    assert _ulps(-inner, u) <= 1.0 and _ulps(-g, inner) <= 1.0
+    h = 1469598103934665603
+    for b in g.view(torch.int32).numpy().astype("<u4").tobytes():
+        h = ((h ^ b) * 1099511628211) & 0xFFFFFFFFFFFFFFFF
+    assert h == 0x037B1468C28B92A7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_official_matches_cpu(dtype):
+    """CUDA and CPU kernels: the same official draws and targets. Rows of equal
+    logits make the draw the argmax of the noise alone, so a noise bit that
+    differed between host and device would show as a different id."""
+    gen = torch.Generator().manual_seed(17)
+    B, M = 4, 16
+    for V, scale in ((V_D, 0.0), (V_D, 0.3), (1001, 0.05)):
+        l = (10.0 + torch.round(torch.randn(B, M, V, generator=gen) * scale * 64) / 64).to(dtype)
+        args = (torch.randint(0, 100, (B,), generator=gen), torch.full((B,), M),
+                torch.randint(0, 2**62, (B,), generator=gen), torch.arange(B))
+        for tau, top_p, top_k in ((1.0, 1.0, 0), (0.2, 0.95, 0), (0.7, 0.9, 7)):
+            kw = dict(temperature=tau, top_k=top_k, top_p=top_p, compat="official")
+            cpu = ops.sample_draft(l, *args, **kw)
+            dev = ops.sample_draft(l.cuda(), *(t.cuda() for t in args), **kw).cpu()
+            assert torch.equal(cpu, dev), (dtype, V, scale, tau)
+    d = (torch.round(torch.randn(B, M, V_D, generator=gen) * 48) / 16).to(dtype)
+    a = (torch.round(torch.randn(B, M, V_A, generator=gen) * 48) / 16).to(dtype)
+    draft = released_target(d[..., :V_A], a, 0.7)
+    cpu = ops.mixture_accept(d, a, draft, *args, R=0.7, compat="official")
+    dev = ops.mixture_accept(d.cuda(), a.cuda(), draft.cuda(), *(t.cuda() for t in args), R=0.7,
+                             compat="official")
+    assert all(torch.equal(x, y.cpu()) for x, y in zip(cpu, dev))
