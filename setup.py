@@ -88,7 +88,7 @@ cuda_host_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "ops_cuda*.cpp")))
 cuda_kernel_sources = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 include_dirs = [os.path.join(ROOT, "csrc", "include")]
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DAPD_EXT_BUILD"]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DAPD_EXT_BUILD"]
 link_flags = ["-fopenmp"]
 
 if want_cuda():

@@ -86,7 +86,8 @@ inline apd::SamplerConfig sampler_config(const char* op, double temperature, int
   TORCH_CHECK(top_p > 0.0, op, ": top_p must be > 0, got ", top_p);
   TORCH_CHECK(compat.empty() || compat == "official", op, ": compat must be \"\" or \"official\", got \"",
               std::string(compat), "\"");
-  return apd::SamplerConfig{float(temperature), top_k, float(top_p), compat == "official"};
+  // dtype is filled in with the logits' dtype by the *_params builders.
+  return apd::SamplerConfig{float(temperature), top_k, float(top_p), compat == "official", apd::DType::kFloat32};
 }
 
 // ar_logits [B, M, V_A] against dllm_logits [B, M, V_D]: same dtype, same B and M.
@@ -131,6 +132,7 @@ inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     
   p.seeds = rows.seeds.data_ptr<int64_t>();
   p.steps = rows.steps.data_ptr<int64_t>();
   p.cfg = cfg;
+  p.cfg.dtype = dtype;
   p.draft = draft.data_ptr<int64_t>();
   return p;
 }
@@ -157,7 +159,12 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
   p.seeds = rows.seeds.data_ptr<int64_t>();
   p.steps = rows.steps.data_ptr<int64_t>();
   p.R = float(R);
+  // The released code multiplies by the Python scalars R and 1 - R (the latter
+  // computed in fp64, then rounded to fp32 by torch); the default mode takes
+  // 1 - R in fp32 from fp32 R (SEMANTICS.md "Numbers").
+  p.one_minus_R = mc.cfg.official ? float(1.0 - R) : 1.0f - float(R);
   p.cfg = mc.cfg;
+  p.cfg.dtype = dtype;
   p.acceptance = mc.acceptance;
   p.eos_ids = eos.data_ptr<int64_t>();
   p.num_eos = eos.numel();

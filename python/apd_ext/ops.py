@@ -115,8 +115,10 @@ def sample_draft(
     is the argmax over filter(logits / temperature) of
     logits / temperature + g(seeds[b], steps[b], position, v), the Gumbel noise
     of DESIGN.md §3 (top_k <= 0 and top_p = 1 switch the filter off).
-    compat="official" reproduces the released code (top-p before top-k,
-    temperature applied twice in the score).
+    compat="official" reproduces the released code's arithmetic in the
+    logits' own dtype (l / temperature rounded to it, top-p from the rounded
+    softmax, top-p before top-k, top-k keeping ties, temperature applied twice
+    in the score; docs/SEMANTICS.md).
 
     Returns draft [B, M] int64; rows i >= valid_len[b] and bad rows (NaN, +inf
     or all -inf) are -1. Any strides (the vocabulary dim is copied only when it
@@ -157,7 +159,9 @@ def mixture_accept(
     m = R logsoftmax(dllm) + (1 - R) logsoftmax(ar) over v < V = min(V_D, V_A),
     the same temperature / top_k / top_p and the SAME noise (seeds, steps,
     positions) as sample_draft. acceptance="argmax" (the default under
-    compat="official"): target = argmax_{v<V} R dllm + (1 - R) ar, raw logits.
+    compat="official"): target = argmax_{v<V} R dllm + (1 - R) ar, raw logits
+    (under compat="official" each product and the sum rounded to the logits'
+    dtype, as the released torch code computes it).
     n_accept[b] = a_0 = 1 followed by the rows where draft == target, capped at
     valid_len[b] and cut just after the first accepted id in eos_ids (None,
     an int, a list of ints or an int tensor [E]); 0 when valid_len[b] == 0.

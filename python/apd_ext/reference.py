@@ -50,14 +50,56 @@ def noise_words(seeds: torch.Tensor, steps: torch.Tensor, pos: torch.Tensor, V: 
     return torch.stack(words, dim=-1).reshape(seeds.shape[0], -1)[:, :V]
 
 
+def fma32(a: torch.Tensor, b: torch.Tensor, c) -> torch.Tensor:
+    """fp32 fused multiply-add with one rounding, from fp64 ops: a * b is exact
+    in fp64; the fp64 sum is made round-to-odd (nudged one fp64 ulp toward the
+    exact sum whenever it is inexact and even), after which rounding to fp32
+    is correct (53 >= 24 + 2 bits)."""
+    a, b = a.double(), b.double()
+    c = torch.as_tensor(c, dtype=torch.float64, device=a.device)
+    p = a * b
+    s = p + c
+    bp = s - c
+    err = (p - bp) + (c - (s - bp))  # TwoSum: s + err == p + c exactly
+    even = (s.view(torch.int64) & 1) == 0
+    nudge = (err != 0) & even
+    s = torch.where(nudge, torch.nextafter(s, torch.where(err > 0, torch.inf, -torch.inf).double()), s)
+    return s.float()
+
+
+# log_fp32's polynomial (philox.h), highest degree first, and its ln 2 split.
+_LOG_P = (0.117182411, -0.128723681, 0.108321540, -0.121898688, 0.142972738, -0.166799799,
+          0.199998543, -0.249998122, 0.333333343)
+_LN2_HI, _LN2_LO = 0.693145752, 1.42860677e-06
+
+
+def log_fp32(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 natural log of philox.h (log_fp32), op for op, for positive
+    normal fp32 x (the Gumbel inputs): the same bits as the kernels' noise."""
+    x = x.float()
+    bits = x.view(torch.int32)
+    e = (bits >> 23) - 127
+    m = ((bits & 0x007FFFFF) | 0x3F800000).view(torch.float32)
+    big = m > 1.33333337
+    m = torch.where(big, m * 0.5, m)
+    e = torch.where(big, e + 1, e)
+    f = m - 1.0
+    p = torch.full_like(f, _LOG_P[0])
+    for c in _LOG_P[1:]:
+        p = fma32(p, f, torch.tensor(c, dtype=torch.float32))
+    q = fma32(p, f, -0.5)
+    s = f * f
+    ef = e.float()
+    r = fma32(s, q, fma32(ef, torch.tensor(_LN2_LO, dtype=torch.float32), f))
+    return fma32(ef, torch.tensor(_LN2_HI, dtype=torch.float32), r)
+
+
 def gumbel_noise(seeds: torch.Tensor, steps: torch.Tensor, pos: torch.Tensor, V: int) -> torch.Tensor:
-    """g(seed, step, p, v) = -log(-log(u)) in fp32, [N, V]. u is exact in fp32;
-    each log is evaluated in fp64 and rounded to fp32, i.e. a correctly rounded
-    fp32 log (host logf agrees to the last bit except in rare halfway cases)."""
+    """g(seed, step, p, v) = -log(-log(u)) in fp32, [N, V], with philox.h's
+    log_fp32 (<= 1 ulp from the exact log; bit-identical to the kernels)."""
     x = noise_words(seeds, steps, pos, V)
     u = ((x >> 9).to(torch.float32) + 0.5) * 2.0**-23
-    inner = (-torch.log(u.double())).float()
-    return (-torch.log(inner.double())).float()
+    return -log_fp32(-log_fp32(u))
 
 # ---------------------------------------------------------------------------
 # Sampling core (DESIGN.md §4)
@@ -81,8 +123,8 @@ def _near(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor) -> torch.Tensor
     return (a - b).abs() <= _REL_TIE * torch.clamp(scale.abs(), min=1.0)
 
 
-def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
-    """filter(z) of DESIGN.md §4 as a bool mask [N, V], plus a per-row flag set
+def _kept_mask(z: torch.Tensor, top_k: int, top_p: float):
+    """Default filter(z) of DESIGN.md §4 as a bool mask [N, V], plus a per-row flag set
     when the top-p cut sits within 1e-5 of the boundary (a cut the kernels may
     place one entry differently). z [N, V] fp32 with finite maxima."""
     N, V = z.shape
@@ -91,12 +133,8 @@ def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
     top_p = _f32(top_p)
     K = top_k if 0 < top_k < V else V
     fragile = torch.zeros(N, dtype=torch.bool, device=z.device)
-    if official:  # top-p over the whole row, then top_k on what is left
-        n = torch.full((N,), V, dtype=torch.int64, device=z.device)
-        S = cum[:, V - 1]
-    else:
-        n = torch.full((N,), K, dtype=torch.int64, device=z.device)
-        S = cum[:, K - 1]
+    n = torch.full((N,), K, dtype=torch.int64, device=z.device)
+    S = cum[:, K - 1]
     if top_p < 1.0:
         T = top_p * S
         n_p = torch.clamp((cum < T[:, None]).sum(-1) + 1, max=n)
@@ -104,8 +142,58 @@ def _kept_mask(z: torch.Tensor, top_k: int, top_p: float, official: bool):
         below = cum.gather(1, torch.clamp(n_p - 2, min=0)[:, None])[:, 0]
         fragile = _near(at, T, S) | ((n_p >= 2) & _near(below, T, S))
         n = n_p
-    if official and 0 < top_k < V:
-        n = torch.clamp(n, max=top_k)
+    kept_sorted = torch.arange(V, device=z.device)[None, :] < n[:, None]
+    return torch.zeros_like(kept_sorted).scatter(1, order, kept_sorted), fragile
+
+
+def round_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype (round to nearest even) -> fp32: torch storing an fp32 result."""
+    return x.to(dtype).to(torch.float32)
+
+
+def official_top_p_threshold(top_p: float, dtype: torch.dtype) -> float:
+    """Smallest C with round_dtype(C) > round_dtype(top_p): the released code's
+    `cumulative_probs > top_p` in the logits' dtype (sampling_row.h)."""
+    ibits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    tp = torch.tensor(top_p, dtype=dtype)
+    b = tp.view(ibits)
+    nxt = (b + 1).view(dtype)
+    mid = 0.5 * (float(tp) + float(nxt))  # exact in fp64
+    return mid if int(b) & 1 else math.nextafter(mid, math.inf)
+
+
+def _kept_mask_official(z: torch.Tensor, top_k: int, top_p: float, dtype: torch.dtype):
+    """compat="official" filter as a bool mask [N, V] plus fragile flags [N].
+    z [N, V] fp32 holds values already rounded to dtype. Top-p: probabilities
+    are the dtype-rounded softmax, the kept prefix ends at the first entry whose
+    cumulative probability rounds above round(top_p). Top-k: every entry >= the
+    k-th largest value (ties kept). The kept set is the shorter prefix."""
+    N, V = z.shape
+    vals, order = torch.sort(z, dim=-1, descending=True, stable=True)
+    n = torch.full((N,), V, dtype=torch.int64, device=z.device)
+    fragile = torch.zeros(N, dtype=torch.bool, device=z.device)
+    if _f32(top_p) < 1.0:
+        e = torch.exp(vals.double() - vals[:, :1].double())
+        e = torch.where(vals.double() - vals[:, :1].double() > -48.0, e, 0.0)  # kernels' mass floor
+        p = e / e.sum(-1, keepdim=True)
+        thr = official_top_p_threshold(top_p, dtype)
+
+        def count(pp):  # kept count for probabilities pp [N, V] (fp64, exact)
+            cum = round_to(pp.float(), dtype).double().cumsum(-1)
+            return torch.clamp((cum < thr).sum(-1) + 1, max=V), cum
+
+        n, cum = count(p)
+        # The kernels round fp32 exp / fp32 sum (a few fp32 ulps off the exact p)
+        # and sum in another order: a cut that moves under such changes is fragile.
+        n_lo, _ = count(p * (1 - 1e-6))
+        n_hi, _ = count(p * (1 + 1e-6))
+        at = cum.gather(1, (n - 1)[:, None])[:, 0]
+        below = cum.gather(1, torch.clamp(n - 2, min=0)[:, None])[:, 0]
+        fragile = (n_lo != n) | (n_hi != n) | _near(at, torch.full_like(at, thr), at) \
+            | ((n >= 2) & _near(below, torch.full_like(at, thr), at))
+    if 0 < top_k < V:
+        n_k = (vals >= vals[:, top_k - 1:top_k]).sum(-1)
+        n = torch.minimum(n, n_k)
     kept_sorted = torch.arange(V, device=z.device)[None, :] < n[:, None]
     return torch.zeros_like(kept_sorted).scatter(1, order, kept_sorted), fragile
 
@@ -125,19 +213,26 @@ def _argmax_rows(score: torch.Tensor, exact_ties_fragile: bool = False):
     return ids, fragile
 
 
-def _sample_rows(l, seeds, steps, pos, temperature, top_k, top_p, official, exact_ties_fragile=False):
+def _sample_rows(l, seeds, steps, pos, temperature, top_k, top_p, official, exact_ties_fragile=False,
+                 dtype=torch.float32):
     """sample(l) of DESIGN.md §4 for independent rows l [N, V] (fp32) with their
     noise coordinates [N]; returns ids [N] int64 (-1 for bad rows) and the
-    fragile flags [N] (near-ties the kernels may resolve differently)."""
+    fragile flags [N] (near-ties the kernels may resolve differently).
+    official: the released code's arithmetic in the logits' dtype `dtype`."""
     tau = torch.tensor(_f32(temperature), dtype=torch.float32)
     if float(tau) == 0.0:
         bad = ~torch.isfinite(l.max(-1).values)  # torch max propagates NaN
         ids, fragile = _argmax_rows(torch.where(bad[:, None], 0.0, l), exact_ties_fragile)
         return torch.where(bad, -1, ids), fragile & ~bad
     z = l / tau  # true fp32 division
+    if official:  # `logits / temperature` stored in the logits' dtype
+        z = round_to(z, dtype)
     bad = ~torch.isfinite(z.max(-1).values)
     z = torch.where(bad[:, None], 0.0, z)
-    kept, fragile = _kept_mask(z, top_k, top_p, official)
+    if official:
+        kept, fragile = _kept_mask_official(z, top_k, top_p, dtype)
+    else:
+        kept, fragile = _kept_mask(z, top_k, top_p)
     g = gumbel_noise(seeds, steps, pos, l.shape[-1]).to(l.device)
     score = (z / tau if official else z) + g
     ids, near = _argmax_rows(torch.where(kept, score, float("-inf")), exact_ties_fragile)
@@ -168,7 +263,7 @@ def sample_draft_impl(logits, pos_start, valid_len, seeds, steps, *, temperature
     B, M, V = logits.shape
     pos, sd, st = _row_coords(pos_start, seeds, steps, M)
     ids, fragile = _sample_rows(logits.float().reshape(B * M, V), sd, st, pos, temperature, top_k,
-                                top_p, compat == "official")
+                                top_p, compat == "official", dtype=logits.dtype)
     valid = _valid_rows(valid_len, M)
     return torch.where(valid, ids.view(B, M), -1), fragile.view(B, M) & valid
 
@@ -208,7 +303,10 @@ def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, see
     d = dllm_logits.float()
     a = ar_logits.float()
     R_t = torch.tensor(_f32(R), dtype=torch.float32)
-    one_minus_R = torch.tensor(1.0, dtype=torch.float32) - R_t  # fp32, as the kernels
+    if official:  # the Python scalar 1 - R (fp64), as torch hands it to the op (fp32)
+        one_minus_R = torch.tensor(_f32(1.0 - float(R)), dtype=torch.float32)
+    else:
+        one_minus_R = torch.tensor(1.0, dtype=torch.float32) - R_t  # fp32, as the kernels
     if acceptance == "coupled":
         if float(R_t) == 1.0:  # shift invariance: m = d exactly (sampling_row.h)
             m = d[..., :V]
@@ -222,7 +320,12 @@ def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, see
         ids, fragile = _sample_rows(m.reshape(B * M, V), sd, st, pos, temperature, top_k, top_p,
                                     official, exact_ties_fragile=0.0 < float(R_t) < 1.0)
     else:
-        w = (R_t * d[..., :V] + one_minus_R * a[..., :V]).reshape(B * M, V)
+        if official:  # each torch op of the released code rounds to the logits' dtype
+            dt = dllm_logits.dtype
+            w = round_to(round_to(R_t * d[..., :V], dt) + round_to(one_minus_R * a[..., :V], dt), dt)
+        else:
+            w = R_t * d[..., :V] + one_minus_R * a[..., :V]
+        w = w.reshape(B * M, V)
         bad = ~torch.isfinite(w.max(-1).values)
         ids, fragile = _argmax_rows(torch.where(bad[:, None], 0.0, w))
         ids, fragile = torch.where(bad, -1, ids), fragile & ~bad

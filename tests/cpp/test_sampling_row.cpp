@@ -150,7 +150,30 @@ static void test_accept_prefix() {
   EXPECT(apd::accept_prefix_row(d3, t3, 2, INT64_MAX, eos, 0) == 1);
 }
 
+// compat="official" helpers on the examples (SEMANTICS.md).
+static void test_official() {
+  using apd::DType;
+  // bf16: 0.5 * 1.0078125 + 0.5 * 1 = 1.00390625 rounds (to even) to 1.0: a tie with id 0.
+  EXPECT(apd::official_target(1.0078125f, 1.0f, 0.5f, 0.5f, DType::kBFloat16) == 1.0f);
+  EXPECT(apd::official_target(1.0f, 1.0f, 0.5f, 0.5f, DType::kBFloat16) == 1.0f);
+  EXPECT(apd::official_target(1.0078125f, 1.0f, 0.5f, 0.5f, DType::kFloat32) == 1.00390625f);
+  // bf16 l / tau: 12.0625 / 0.2 = 60.3125 in fp32, 60.25 in bf16.
+  EXPECT(apd::official_temper(12.0625f, 0.2f, DType::kBFloat16) == 60.25f);
+  EXPECT(apd::official_temper(12.0625f, 0.2f, DType::kFloat32) == 12.0625f / 0.2f);
+  // top_p 0.95 is 0.94921875 in bf16 (odd last bit): C rounds above it from
+  // the midpoint 0.951171875 on (ties to even go up).
+  EXPECT(apd::official_top_p_threshold(0.95f, DType::kBFloat16) == 0.951171875);
+  EXPECT(apd::round_to(DType::kBFloat16, 0.951171875f) > apd::round_to(DType::kBFloat16, 0.95f));
+  EXPECT(apd::round_to(DType::kBFloat16, std::nextafter(0.951171875f, 0.0f)) ==
+         apd::round_to(DType::kBFloat16, 0.95f));
+  // An even rounded top_p: the midpoint itself still rounds down, so one more.
+  const double t = apd::official_top_p_threshold(0.5f, DType::kFloat16);  // 0.5 exact, even
+  EXPECT(t > 0.5 + 0.5 * 0.00048828125 && t < 0.5 + 0.5 * 0.00048828125 + 1e-15);
+  EXPECT(apd::official_prob(1.0f, 3.0f, DType::kFloat16) == 0.333251953125f);
+}
+
 int main() {
+  test_official();
   test_order_key();
   test_scores();
   test_bad_rows();

@@ -51,14 +51,67 @@ APD_HD float uniform_from_bits(uint32_t x) {
   return (float(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
-// Gumbel(0, 1) sample from one raw word, in fp32: -log(-log(u)).
+// fp32 fused multiply-add, one rounding on host and device alike (the host's
+// fmaf is exact with or without hardware FMA: glibc falls back to software).
+APD_HD float fma_rn(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fmaf(a, b, c);
+#endif
+}
+
+// Natural log in fp32 written once for host and device, so that the Gumbel
+// noise does not depend on glibc's logf, its version, or nvcc's logf (they
+// differ by one ulp on ~14% of the 2^23 u values). Every step is an exact
+// bit operation, an exact subtraction or an explicit FMA, so the result is
+// the same bits on any IEEE machine and under any -march/-ffp-contract.
+// Error <= 1 ulp against the fp64 log (tests/cpp/test_log.cpp checks every u
+// and every -log(u) exhaustively).
+// x = 2^e * m with m in [2/3, 4/3]; log x = e ln2 + log1p(f), f = m - 1 in
+// [-1/3, 1/3]; log1p(f) = f + f^2 (f P(f) - 1/2), P a degree-8 polynomial
+// fitted (weighted least squares to near-minimax, relative error 2e-9) to
+// (log1p(f) - f + f^2/2) / f^3. ln2 is split so that e * kLn2Hi is exact.
+APD_HD float log_fp32(float x) {
+  if (!(x > 0.0f) || x == INFINITY) {  // 0 -> -inf, < 0 or NaN -> NaN, inf -> inf
+    return x == 0.0f ? -INFINITY : (x == INFINITY ? INFINITY : NAN);
+  }
+  int e_sub = 0;
+  if (x < 1.17549435e-38f) {  // subnormal: scale into the normal range (exact)
+    x *= 8388608.0f;
+    e_sub = -23;
+  }
+  const uint32_t bits = float_to_bits(x);
+  int e = int(bits >> 23) - 127 + e_sub;
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  if (m > 1.33333337f) {  // into [2/3, 4/3]: exact halving
+    m *= 0.5f;
+    e += 1;
+  }
+  const float f = m - 1.0f;  // exact (Sterbenz)
+  float p = 0.117182411f;                 //  0x1.dffaaap-4
+  p = fma_rn(p, f, -0.128723681f);        // -0x1.07a048p-3
+  p = fma_rn(p, f, 0.108321540f);         //  0x1.bbaf5ep-4
+  p = fma_rn(p, f, -0.121898688f);        // -0x1.f34c0ap-4
+  p = fma_rn(p, f, 0.142972738f);         //  0x1.24cee4p-3
+  p = fma_rn(p, f, -0.166799799f);        // -0x1.559b22p-3
+  p = fma_rn(p, f, 0.199998543f);         //  0x1.9998d6p-3
+  p = fma_rn(p, f, -0.249998122f);        // -0x1.ffff04p-3
+  p = fma_rn(p, f, 0.333333343f);         //  0x1.555556p-2
+  const float q = fma_rn(p, f, -0.5f);    // f P(f) - 1/2
+  const float s = f * f;
+  constexpr float kLn2Hi = 0.693145752f;     // 0x1.62e400p-1: 12 significant bits
+  constexpr float kLn2Lo = 1.42860677e-06f;  // 0x1.7f7d1cp-20: ln2 - kLn2Hi
+  const float ef = float(e);
+  const float r = fma_rn(s, q, fma_rn(ef, kLn2Lo, f));  // log1p(f) + e kLn2Lo
+  return fma_rn(ef, kLn2Hi, r);                         // e kLn2Hi is exact; one rounding
+}
+
+// Gumbel(0, 1) sample from one raw word, in fp32: -log(-log(u)), both logs
+// log_fp32 (bit-identical on the CPU and on CUDA).
 APD_HD float gumbel_from_bits(uint32_t x) {
   const float u = uniform_from_bits(x);
-#if defined(__CUDA_ARCH__)
-  return -logf(-logf(u));
-#else
-  return -std::log(-std::log(u));
-#endif
+  return -log_fp32(-log_fp32(u));
 }
 
 // g(seed, step, p, v) of DESIGN.md §3, one entry at a time.

@@ -15,7 +15,8 @@ struct SamplerConfig {
   float temperature;  // 0 -> argmax
   int64_t top_k;      // <= 0 or >= V: off
   float top_p;        // >= 1: off
-  bool official;      // compat="official": top-p before top-k, tau applied twice
+  bool official;      // compat="official": the released code's arithmetic (SEMANTICS.md)
+  DType dtype;        // the logits' dtype: compat="official" rounds to it as torch does
 };
 
 struct SampleDraftParams {
@@ -44,6 +45,8 @@ struct MixtureAcceptParams {
   const int64_t* seeds;        // [B]
   const int64_t* steps;        // [B]
   float R;
+  float one_minus_R;           // 1 - R: fp32 1.0f - R by default; float(1.0 - double R) under
+                               // compat="official" (the Python scalar the released code passes)
   SamplerConfig cfg;
   Acceptance acceptance;
   const int64_t* eos_ids;      // [E]

@@ -175,6 +175,64 @@ APD_HD float mixture_argmax(float d, float a, float R, float one_minus_R) {
 }
 
 // ---------------------------------------------------------------------------
+// compat="official": the released code's torch arithmetic in the logits' dtype
+// (SEMANTICS.md "compat=\"official\"")
+// ---------------------------------------------------------------------------
+
+// fp32 -> the logits' dtype -> fp32, round to nearest even: what torch does
+// when an op on bf16/fp16 tensors computes in fp32 ("opmath") and stores its
+// result in the tensor's dtype. Identity for fp32.
+APD_HD float round_to(DType dt, float x) {
+  if (dt == DType::kBFloat16) return to_float(to_bf16(x));
+  if (dt == DType::kFloat16) return to_float(to_fp16(x));
+  return x;
+}
+
+// `logits / temperature` of the released code: torch divides in fp32 by
+// float(tau) and rounds the quotient to the logits' dtype. The sampler's
+// score is then official_z / tau + g (the second application of tau).
+APD_HD float official_temper(float l, float tau, DType dt) { return round_to(dt, l / tau); }
+
+// `R * d + (1 - R) * a` of the released code: each product and the sum are
+// separate torch ops, each rounded to the logits' dtype; R and one_minus_R are
+// the Python scalars as torch passes them (fp32).
+APD_HD float official_target(float d, float a, float R, float one_minus_R, DType dt) {
+  return round_to(dt, add_rn(round_to(dt, mul_rn(R, d)), round_to(dt, mul_rn(one_minus_R, a))));
+}
+
+// softmax probability of one entry as torch computes it for a bf16/fp16/fp32
+// row: exp(z - max) in fp32, divided by the fp32 row sum, rounded to the
+// dtype. e = exp(z - max), total = the row's sum of e.
+APD_HD float official_prob(float e, float total, DType dt) { return round_to(dt, e / total); }
+
+// The released top-p cut keeps sorted entries up to and including the first
+// whose cumulative probability C (summed in fp32, rounded to the dtype)
+// compares > top_p rounded to the dtype. Returns the smallest real C for which
+// round(C) > round(top_p): the midpoint above round(top_p) when ties-to-even
+// rounds it up (odd last bit), else the next double above that midpoint. The
+// kept count is then the smallest n with C_n >= this threshold.
+APD_HD double official_top_p_threshold(float top_p, DType dt) {
+  const float tp = round_to(dt, top_p);
+  float next;
+  bool odd;
+  if (dt == DType::kBFloat16) {
+    const uint16_t b = to_bf16(tp).bits;
+    next = to_float(bf16_t{uint16_t(b + 1)});
+    odd = b & 1u;
+  } else if (dt == DType::kFloat16) {
+    const uint16_t b = to_fp16(tp).bits;
+    next = to_float(fp16_t{uint16_t(b + 1)});
+    odd = b & 1u;
+  } else {
+    const uint32_t b = float_to_bits(tp);
+    next = bits_to_float(b + 1u);
+    odd = b & 1u;
+  }
+  const double mid = 0.5 * (double(tp) + double(next));  // exact in fp64
+  return odd ? mid : nextafter(mid, double(INFINITY));
+}
+
+// ---------------------------------------------------------------------------
 // The filter's kept set (SEMANTICS.md "Ties and order")
 // ---------------------------------------------------------------------------
 

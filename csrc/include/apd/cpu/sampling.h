@@ -66,10 +66,22 @@ struct Scratch {
 // cut moves; skipping them avoids most exp calls at small temperatures and the
 // very slow subnormal results below -87.
 constexpr float kMassFloor = -48.0f;
-inline float mass_of(float z, float maxz) {
-  const float t = z - maxz;
-  return t > kMassFloor ? std::exp(t) : 0.0f;
-}
+
+// The mass of one entry as the filter sees it: exp(z - max) (default), or,
+// under compat="official", the probability torch's softmax gives it in the
+// logits' dtype (official_prob; total = the row's sum of exp(z - max)).
+struct MassFn {
+  float maxz;
+  bool official = false;
+  DType dtype = DType::kFloat32;
+  float total = 1.0f;
+  double operator()(float z) const {
+    const float t = z - maxz;
+    if (!(t > kMassFloor)) return 0.0;
+    const float e = std::exp(t);
+    return official ? double(official_prob(e, total, dtype)) : double(e);
+  }
+};
 
 // Position in sorted order where a cumulative target is crossed.
 struct Crossing {
@@ -84,7 +96,7 @@ struct Crossing {
 // (by_mass = true, target T) of the sorted order first reaches the target.
 // Falls back to the last value of the row when rounding keeps the target out
 // of reach. z [V] is the row, h the level-1 histogram of it.
-inline Crossing find_crossing(const float* z, int64_t V, float maxz, Scratch& s, bool by_mass,
+inline Crossing find_crossing(const float* z, int64_t V, const MassFn& mass_of, Scratch& s, bool by_mass,
                               double target) {
   auto reached = [&](int64_t c, double m) { return by_mass ? m >= target : double(c) >= target; };
   // Level 1: the histogram.
@@ -116,7 +128,7 @@ inline Crossing find_crossing(const float* z, int64_t V, float maxz, Scratch& s,
     for (int64_t i = 0; i < n; ++i) {
       const int d = int((keys[i] >> kL2Shift) & (kL2Bins - 1));
       ++c2[d];
-      m2[d] += mass_of(desc_key_to_float(keys[i]), maxz);
+      m2[d] += mass_of(desc_key_to_float(keys[i]));
     }
     int sub = -1;
     int64_t c_acc = cnt;
@@ -140,7 +152,7 @@ inline Crossing find_crossing(const float* z, int64_t V, float maxz, Scratch& s,
   for (int64_t i = 0; i < n;) {
     int64_t j = i + 1;
     while (j < n && keys[j] == keys[i]) ++j;
-    const double each = mass_of(desc_key_to_float(keys[i]), maxz);
+    const double each = mass_of(desc_key_to_float(keys[i]));
     x = Crossing{keys[i], cnt, mass, j - i, each};
     if (reached(cnt + (j - i), mass + double(j - i) * each)) break;
     cnt += j - i;
@@ -159,6 +171,15 @@ struct Cut {
 // SEMANTICS.md "Ties and order": default K-then-top-p, or compat="official"
 // top-p-then-K. z [V] finite-max row already in s.z; fills s.cnt / s.mass.
 inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig& cfg, Scratch& s) {
+  MassFn mass_of{maxz};
+  if (cfg.official && cfg.top_p < 1.0f) {  // dtype-rounded softmax: needs the row sum first
+    double total = 0.0;
+    for (int64_t v = 0; v < V; ++v) {
+      const float t = z[v] - maxz;
+      if (t > kMassFloor) total += std::exp(t);
+    }
+    mass_of = MassFn{maxz, true, cfg.dtype, float(total)};
+  }
   // Counts go to 4 interleaved copies: a row's values crowd into few bins, and
   // back-to-back increments of one counter would serialise on store forwarding.
   std::fill(s.cnt4.begin(), s.cnt4.end(), 0);
@@ -167,8 +188,12 @@ inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig
   for (int64_t v = 0; v < V; ++v) {
     const int b = int(desc_key(z[v]) >> kL1Shift);
     ++c4[(v & 3) * kL1Bins + b];
-    const float t = z[v] - maxz;
-    if (t > kMassFloor) s.mass[b] += std::exp(t);  // == mass_of(z[v], maxz)
+    if (mass_of.official) {
+      s.mass[b] += mass_of(z[v]);
+    } else {
+      const float t = z[v] - maxz;
+      if (t > kMassFloor) s.mass[b] += std::exp(t);  // == mass_of(z[v])
+    }
   }
   double total = 0.0;
   for (int b = 0; b < kL1Bins; ++b) {
@@ -179,11 +204,11 @@ inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig
   const int64_t K = effective_top_k(cfg.top_k, V);
   const bool use_p = cfg.top_p < 1.0f;
   auto by_count = [&](int64_t k) {
-    const Crossing x = find_crossing(z, V, maxz, s, false, double(k));
+    const Crossing x = find_crossing(z, V, mass_of, s, false, double(k));
     return std::make_pair(Cut{x.dk, k - x.count_less}, x.mass_less + double(k - x.count_less) * x.each);
   };
   auto by_mass = [&](double T) {
-    const Crossing x = find_crossing(z, V, maxz, s, true, T);
+    const Crossing x = find_crossing(z, V, mass_of, s, true, T);
     const int64_t j = ties_to_reach(x.mass_less, x.each, x.count_eq, T);
     return std::make_pair(Cut{x.dk, j}, x.count_less + j);
   };
@@ -197,10 +222,17 @@ inline Cut filter_cut(const float* z, int64_t V, float maxz, const SamplerConfig
     }
     return cut;
   }
+  // compat="official": top-p over the whole row with the released code's
+  // rounded probabilities and strict `> top_p` test, then top_k keeping every
+  // entry >= the k-th largest value (ties at the cut all stay), both prefixes
+  // of the sorted order, so the kept set is the shorter one.
   Cut cut{0xffffffffu, INT64_MAX};
   int64_t n = V;
-  if (use_p) std::tie(cut, n) = by_mass(double(cfg.top_p) * total);
-  if (cfg.top_k > 0 && cfg.top_k < n) cut = by_count(cfg.top_k).first;
+  if (use_p) std::tie(cut, n) = by_mass(official_top_p_threshold(cfg.top_p, cfg.dtype));
+  if (cfg.top_k > 0 && cfg.top_k < n) {
+    const Crossing x = find_crossing(z, V, mass_of, s, false, double(cfg.top_k));
+    if (x.count_less + x.count_eq < n) cut = Cut{x.dk, x.count_eq};
+  }
   return cut;
 }
 
@@ -382,7 +414,13 @@ void sample_draft(const SampleDraftParams& p) {
       return;
     }
     const T* row = logits + b * p.stride_b + i * p.stride_m;
-    auto zf = [&](int64_t v) { return tau > 0.0f ? temper(to_float(row[v]), tau) : to_float(row[v]); };
+    const bool off = p.cfg.official;
+    const DType dt = p.cfg.dtype;
+    auto zf = [&](int64_t v) {
+      const float l = to_float(row[v]);
+      if (!(tau > 0.0f)) return l;
+      return off ? official_temper(l, tau, dt) : temper(l, tau);
+    };
     p.draft[r] = detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]),
                                     p.pos_start[b] + i, s);
   });
@@ -395,7 +433,7 @@ void mixture_accept(const MixtureAcceptParams& p) {
   const T* al = static_cast<const T*>(p.ar_logits);
   const int64_t V = std::min(p.V_D, p.V_A);
   const float tau = p.cfg.temperature;
-  const float one_minus_R = 1.0f - p.R;
+  const float one_minus_R = p.one_minus_R;
   detail::parallel_rows(p.B * p.M, std::max(p.V_D, p.V_A), [&](int64_t r, detail::Scratch& s) {
     const int64_t b = r / p.M, i = r % p.M;
     if (i >= p.valid_len[b]) {
@@ -407,7 +445,12 @@ void mixture_accept(const MixtureAcceptParams& p) {
     if (p.acceptance == Acceptance::kArgmax) {
       SamplerConfig greedy = p.cfg;
       greedy.temperature = 0.0f;
-      auto wf = [&](int64_t v) { return mixture_argmax(to_float(d[v]), to_float(a[v]), p.R, one_minus_R); };
+      const bool off = p.cfg.official;
+      const DType dt = p.cfg.dtype;
+      auto wf = [&](int64_t v) {
+        const float dv = to_float(d[v]), av = to_float(a[v]);
+        return off ? official_target(dv, av, p.R, one_minus_R, dt) : mixture_argmax(dv, av, p.R, one_minus_R);
+      };
       p.target[r] = detail::sample_row(wf, V, greedy, 0, 0, 0, s);
       return;
     }

@@ -146,17 +146,22 @@ struct CoupledSource {
   }
 };
 
-// mixture_accept, acceptance="argmax": x = R d + (1 - R) a on raw logits.
+// mixture_accept, acceptance="argmax": x = R d + (1 - R) a on raw logits
+// (compat="official": each op rounded to the logits' dtype, official_target).
 template <typename T>
 struct ArgmaxSource {
   RowPtr<T> d, a;
   float R, one_minus_R;
+  bool official;
+  DType dtype;
   APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
     float dv[kVec], av[kVec];
     d.load4(v0, dv);
     a.load4(v0, av);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) x[j] = mixture_argmax(dv[j], av[j], R, one_minus_R);
+    for (int j = 0; j < kVec; ++j)
+      x[j] = official ? official_target(dv[j], av[j], R, one_minus_R, dtype)
+                      : mixture_argmax(dv[j], av[j], R, one_minus_R);
   }
 };
 
@@ -287,9 +292,10 @@ APD_DEVICE void hist_count(unsigned int* hist, uint32_t digit, bool in) {
 struct RowContext {
   int V;              // entries sampled over
   float tau;          // > 0 on the noisy paths
-  bool official;      // score = z / tau (temperature twice)
+  bool official;      // z = official_temper (rounded to dtype), score = z / tau
   uint64_t seed, step;
   int64_t pos;
+  DType dtype;        // the logits' dtype (compat="official" rounds to it)
 };
 
 template <class Src>
@@ -322,7 +328,40 @@ class RowSampler {
   RowContext ctx_;
   SampleSmem& sm_;
 
-  APD_DEVICE float temper_if(float x, bool t) const { return t ? temper(x, ctx_.tau) : x; }
+  // Mass total of the compat="official" top-p (the row's sum of exp(z - zmax));
+  // 0 selects the default mass exp(z - zmax).
+  float official_total_ = 0.0f;
+
+  // z of one entry: x / tau, or under compat="official" x / tau rounded to the
+  // logits' dtype (SEMANTICS.md).
+  APD_DEVICE float zval(float x) const {
+    return ctx_.official ? official_temper(x, ctx_.tau, ctx_.dtype) : temper(x, ctx_.tau);
+  }
+  APD_DEVICE float temper_if(float x, bool t) const { return t ? zval(x) : x; }
+
+  // Fixed-point mass of one entry: exp(z - zmax), or the dtype-rounded softmax
+  // probability of compat="official" once official_total_ is set.
+  APD_DEVICE unsigned long long mass_of(float z, float zmax) const {
+    if (official_total_ > 0.0f)
+      return __float2ull_rn(official_prob(expf(z - zmax), official_total_, ctx_.dtype) * kMassScale);
+    return fixed_mass(z, zmax);
+  }
+
+  // sum_v exp(z_v - zmax) over the row, fp64 (the softmax denominator).
+  APD_DEVICE float row_mass_total() {
+    Lse64 acc{-INFINITY, 0.0};
+    for_each_group([&](int v0, const float (&x)[kVec]) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        if (v0 + j < ctx_.V) lse64_push(acc, zval(x[j]));
+    });
+    const Lse64 r = cub::BlockReduce<Lse64, kSampleThreads>(sm_.tmp.lse).Reduce(acc, Lse64Op());
+    if (threadIdx.x == 0) sm_.lse_d = float(r.s);  // r.m == zmax: the sum relative to the max
+    __syncthreads();
+    const float total = sm_.lse_d;
+    __syncthreads();
+    return total;
+  }
 
   // Calls f(v0, x) for each group of kVec entries [v0, v0 + kVec) of this
   // thread, in increasing index order (x past V reads as -inf). The loads of
@@ -367,7 +406,7 @@ class RowSampler {
           }
           continue;
         }
-        sb[j] = ctx_.official ? official_score(x[j], ctx_.tau) : z;
+        sb[j] = ctx_.official ? temper(z, ctx_.tau) : z;  // official: tau applied again
         // fl(sb + max g) <= best: cannot win (groups come in index order, and
         // a later index loses ties). As in the CPU's NoisyArgmax, only once
         // the thread holds an entry: a kept entry whose score is -inf (official
@@ -416,9 +455,9 @@ class RowSampler {
       for_each_group([&](int v0, const float (&x)[kVec]) {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {  // no early exit: hist_count is warp-collective
-          const float z = temper(x[j], ctx_.tau);
+          const float z = zval(x[j]);
           const uint32_t dk = desc_key(z);
-          const unsigned long long m = with_mass ? fixed_mass(z, zmax) : 0ull;
+          const unsigned long long m = with_mass ? mass_of(z, zmax) : 0ull;
           // A mass select can skip zero-mass entries: the cumulative mass only
           // grows at positive-mass entries, so the cut (target > 0) and every
           // entry before it in sorted order (larger z) have positive mass.
@@ -497,7 +536,7 @@ class RowSampler {
         src_.load4(v0, x);
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
-          tie[j] = v0 + j < ctx_.V && desc_key(temper(x[j], ctx_.tau)) == thr;
+          tie[j] = v0 + j < ctx_.V && desc_key(zval(x[j])) == thr;
           mine += tie[j];
         }
       }
@@ -553,7 +592,9 @@ class RowSampler {
     return kept_from(sp, (unsigned long long)c);
   }
 
-  // compat="official": top_p over the whole row, then top_k on what is left.
+  // compat="official": top_p over the whole row with the dtype-rounded softmax
+  // and the strict `> round(top_p)` cut, then top_k keeping every entry >= the
+  // k-th largest value (SEMANTICS.md); the kept set is the shorter prefix.
   APD_DEVICE KeptSet kept_official(const SamplerConfig& cfg, float zmax) {
     const int V = ctx_.V;
     const int64_t K = effective_top_k(cfg.top_k, V);
@@ -561,13 +602,16 @@ class RowSampler {
     Selection sp{};
     int64_t c = 0, n_p = V;
     if (topp) {
-      sp = select(zmax, 0xffffffffu, true, true, 0, -1.0, cfg.top_p);
+      official_total_ = row_mass_total();
+      const double target = official_top_p_threshold(cfg.top_p, ctx_.dtype) * double(kMassScale);
+      sp = select(zmax, 0xffffffffu, true, true, 0, target, cfg.top_p);
       c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq), sp.target);
       n_p = int64_t(sp.cnt_before) + c;
+      official_total_ = 0.0f;
     }
     if (K < n_p) {
       const Selection sk = select(zmax, 0xffffffffu, false, false, (unsigned long long)K, 0.0, 1.0f);
-      return kept_from(sk, (unsigned long long)K - sk.cnt_before);
+      if (int64_t(sk.cnt_before + sk.cnt_eq) < n_p) return kept_from(sk, sk.cnt_eq);  // all ties
     }
     return topp ? kept_from(sp, (unsigned long long)c) : keep_all();
   }
@@ -590,7 +634,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
   }
   const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V)};
   const RowContext ctx{int(p.V), p.cfg.temperature, p.cfg.official, uint64_t(p.seeds[b]),
-                       uint64_t(p.steps[b]), p.pos_start[b] + i};
+                       uint64_t(p.steps[b]), p.pos_start[b] + i, p.cfg.dtype};
   RowSampler<DraftSource<T>> sampler(src, ctx, sm);
   const int64_t id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
   if (threadIdx.x == 0) *out = id;
@@ -650,11 +694,10 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
   const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D);
   const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A);
   const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), p.cfg.temperature, p.cfg.official,
-                       uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i};
-  const float one_minus_R = 1.0f - p.R;
+                       uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, p.cfg.dtype};
   int64_t id;
   if (p.acceptance == Acceptance::kArgmax) {
-    const ArgmaxSource<T> src{d, a, p.R, one_minus_R};
+    const ArgmaxSource<T> src{d, a, p.R, p.one_minus_R, p.cfg.official, p.cfg.dtype};
     id = RowSampler<ArgmaxSource<T>>(src, ctx, sm).argmax();
   } else {
     float lse_d = 0.0f, lse_a = 0.0f;  // unused by mixture_coupled when R is 0 or 1
