@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -71,6 +72,7 @@ constexpr size_t kPage = 4096;
 struct Launch {
   std::string kernel;
   std::vector<Fiber> fibers;
+  std::vector<std::array<uint32_t, kMaxWords>> snapshots;  // [threads]: collective words, by warp
   const std::function<void()>* body = nullptr;
   void* sched_sp = nullptr;
   std::string error;
@@ -206,7 +208,7 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
         if (!((m >> k) & 1u)) continue;
         if (k >= lanes) { absent |= 1u << k; continue; }
         const Fiber& g = L.fibers[first + k];
-        if (g.state == kAtWarp && g.op == f.op && g.mask == m) same |= 1u << k;
+        if (g.state == kAtWarp && g.op == f.op && g.mask == m && g.nwords == f.nwords) same |= 1u << k;
         else if (g.state == kDone) exited |= 1u << k;
         else if (g.state == kAtBarrier) barrier |= 1u << k;
         else other |= 1u << k;
@@ -227,13 +229,15 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
       }
       group = m;
     }
-    // Every lane of the group sees every lane's words.
+    // Every lane of the group sees every lane's words through the warp's snapshot.
+    auto* snap = reinterpret_cast<uint32_t(*)[kMaxWords]>(L.snapshots[size_t(first)].data());
+    const size_t bytes = sizeof(uint32_t) * size_t(f.nwords);
     for (int k = 0; k < lanes; ++k) {
       if (!((group >> k) & 1u)) continue;
       Fiber& g = L.fibers[first + k];
+      if (bytes != 0) std::memcpy(snap[k], g.words, bytes);
       g.arrived = group;
-      for (int s = 0; s < lanes; ++s)
-        if ((group >> s) & 1u) std::memcpy(g.got[s], L.fibers[first + s].words, sizeof(uint32_t) * kMaxWords);
+      g.got = snap;
       g.state = kReady;
     }
     handled |= group;
@@ -399,6 +403,7 @@ int launch(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::fu
   L.kernel = kernel_name(kernel);
   L.body = &body;
   L.fibers.resize(threads);
+  L.snapshots.resize(threads);
   for (uint64_t t = 0; t < threads; ++t) {
     Fiber& f = L.fibers[t];
     f.linear = int(t);

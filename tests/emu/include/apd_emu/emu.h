@@ -134,9 +134,11 @@ struct Fiber {
   unsigned mask = 0;
   int nwords = 0;
   uint32_t words[kMaxWords];
-  // Its outcome: the lanes that took part and every lane's words.
+  // Its outcome: the lanes that took part and every lane's words (a snapshot
+  // per warp, valid until the warp's next resolution: a released lane reads it
+  // as soon as it resumes, before any other collective of its warp resolves).
   unsigned arrived = 0;
-  uint32_t got[32][kMaxWords];
+  const uint32_t (*got)[kMaxWords] = nullptr;
   // cp.async: the open group and the committed, not yet waited groups.
   std::vector<CpAsyncCopy> cp_open;
   std::vector<std::vector<CpAsyncCopy>> cp_groups;
