@@ -247,26 +247,57 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
   return progress;
 }
 
+// Ready fibers run one at a time; the next one is the lowest ready thread id
+// (forward), the highest (reverse) or a random one (shuffle). A warp's
+// collectives resolve as soon as all its lanes are blocked, and its lanes
+// become ready again at once: with forward order warp 0 runs ahead to the next
+// __syncthreads before warp 1 starts, with reverse the last warp does, so a
+// missing barrier between warps shows up as a schedule-dependent result.
+struct ReadyQueue {
+  int schedule;
+  std::mt19937_64* rng;
+  std::vector<int> v;
+  void push(int t) {
+    v.push_back(t);
+    if (schedule == 0) std::push_heap(v.begin(), v.end(), std::greater<int>());
+    if (schedule == 1) std::push_heap(v.begin(), v.end(), std::less<int>());
+  }
+  int pop() {
+    if (schedule == 0) std::pop_heap(v.begin(), v.end(), std::greater<int>());
+    if (schedule == 1) std::pop_heap(v.begin(), v.end(), std::less<int>());
+    if (schedule == 2) std::swap(v[(*rng)() % v.size()], v.back());
+    const int t = v.back();
+    v.pop_back();
+    return t;
+  }
+};
+
 void run_cta(Launch& L, int n_threads, std::mt19937_64& rng, int schedule) {
   for (int t = 0; t < n_threads; ++t) init_fiber(L.fibers[t], g_arena.stack(t));
-  std::vector<int> order;
-  order.reserve(n_threads);
   const int n_warps = (n_threads + 31) / 32;
+  std::vector<int> running(n_warps, 0);  // lanes of each warp not blocked
+  ReadyQueue q{schedule, &rng, {}};
+  q.v.reserve(n_threads);
+  for (int t = 0; t < n_threads; ++t) {
+    q.push(t);
+    ++running[t / 32];
+  }
   for (;;) {
-    order.clear();
-    for (int t = 0; t < n_threads; ++t)
-      if (L.fibers[t].state == kReady) order.push_back(t);
-    if (schedule == 1) std::reverse(order.begin(), order.end());
-    if (schedule == 2) std::shuffle(order.begin(), order.end(), rng);
-    for (int t : order) {
+    while (!q.v.empty()) {
+      const int t = q.pop();
       g_fiber = &L.fibers[t];
       apd_emu_switch(&L.sched_sp, L.fibers[t].sp);
       g_fiber = nullptr;
       if (!L.error.empty()) throw Error(L.error);
+      const int w = t / 32;
+      if (--running[w] == 0 && resolve_warp(L, w, n_threads)) {
+        for (int l = 0; l < 32 && w * 32 + l < n_threads; ++l)
+          if (L.fibers[w * 32 + l].state == kReady) {
+            q.push(w * 32 + l);
+            ++running[w];
+          }
+      }
     }
-    bool progress = false;
-    for (int w = 0; w < n_warps; ++w) progress |= resolve_warp(L, w, n_threads);
-    if (progress) continue;
     int at_barrier = 0, done = 0;
     for (int t = 0; t < n_threads; ++t) {
       at_barrier += L.fibers[t].state == kAtBarrier;
@@ -274,7 +305,11 @@ void run_cta(Launch& L, int n_threads, std::mt19937_64& rng, int schedule) {
     }
     if (done == n_threads) return;
     if (at_barrier == n_threads) {
-      for (auto& f : L.fibers) f.state = kReady;
+      for (int t = 0; t < n_threads; ++t) {
+        L.fibers[t].state = kReady;
+        q.push(t);
+        ++running[t / 32];
+      }
       ++L.resolved;
       continue;
     }
