@@ -38,6 +38,7 @@ void poison(at::Tensor& t, int64_t schedule) {
 }
 
 // Runs launch(outs) under every schedule; outputs of the first run are returned.
+// outs[i] for i < names.size() are compared between schedules.
 std::vector<at::Tensor> run_schedules(const char* op, const std::vector<const char*>& names,
                                       const std::function<std::vector<at::Tensor>()>& alloc,
                                       const std::function<cudaError_t(std::vector<at::Tensor>&)>& launch) {
@@ -58,7 +59,9 @@ std::vector<at::Tensor> run_schedules(const char* op, const std::vector<const ch
       first = outs;
       continue;
     }
-    for (size_t i = 0; i < outs.size(); ++i) {
+    // Only the named outputs: the rest (a split workspace) is scratch whose
+    // unused parts keep the poison.
+    for (size_t i = 0; i < names.size(); ++i) {
       const at::Tensor& a = first[i];
       const at::Tensor& b = outs[i];
       if (a.numel() == 0 || std::memcmp(a.data_ptr(), b.data_ptr(), a.nbytes()) == 0) continue;
