@@ -111,3 +111,16 @@ def test_shuffle_with_wrong_mask_is_a_hard_error(clean, tmp_path):
     assert "HARNESS ERROR" in run.stdout and "__shfl_xor_sync" in run.stdout, run.stdout
     assert "window_attention_mma_kernel" in run.stdout and "warp" in run.stdout and "0x0000ffff" in run.stdout, \
         run.stdout
+
+
+def test_execution_model_selftest(tmp_path):
+    """The harness itself: ldmatrix x1/x2/x4 (+.trans), shuffles with widths,
+    votes, match, __activemask under divergence, 32/64-bit atomics, and the hard
+    errors (divergent __syncthreads, shuffle of absent lanes, launch limits,
+    the dynamic shared-memory attribute), under the three schedules."""
+    exe = tmp_path / "selftest"
+    subprocess.run([CXX, *FLAGS, "-I", str(EMU / "include"), "-I", str(ROOT / "csrc" / "include"),
+                    str(EMU / "selftest.cpp"), *_runtime_objects(), "-rdynamic", "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "SELFTEST OK" in run.stdout, run.stdout + run.stderr

@@ -189,6 +189,7 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
   const int lanes = std::min(32, n_threads - first);
   bool progress = false;
   unsigned handled = 0;
+  std::string error;  // raised only if no group of the warp can complete
   for (int l = 0; l < lanes; ++l) {
     Fiber& f = L.fibers[first + l];
     if (f.state != kAtWarp || ((handled >> l) & 1u)) continue;
@@ -203,7 +204,7 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
       if (!((m >> l) & 1u))
         throw Error("apd_emu: " + where(L, w) + ": lane " + std::to_string(l) + " calls " + op_name(f.op) +
                     " with mask " + hex(m) + " that does not contain the lane itself");
-      unsigned same = 0, other = 0, exited = 0, barrier = 0, absent = 0;
+      unsigned same = 0, other = 0, exited = 0, barrier = 0, absent = 0, released = 0;
       for (int k = 0; k < 32; ++k) {
         if (!((m >> k) & 1u)) continue;
         if (k >= lanes) { absent |= 1u << k; continue; }
@@ -211,8 +212,10 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
         if (g.state == kAtWarp && g.op == f.op && g.mask == m && g.nwords == f.nwords) same |= 1u << k;
         else if (g.state == kDone) exited |= 1u << k;
         else if (g.state == kAtBarrier) barrier |= 1u << k;
+        else if (g.state == kReady) released |= 1u << k;  // by another group of this pass: retry later
         else other |= 1u << k;
       }
+      if (same != m && released != 0) continue;
       if (same != m) {
         std::ostringstream os;
         os << "apd_emu: " << where(L, w) << ": " << op_name(f.op) << " with mask " << hex(m)
@@ -225,7 +228,8 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
             const Fiber& g = L.fibers[first + k];
             os << "; lane " << k << " is at " << op_name(g.op) << " with mask " << hex(g.mask);
           }
-        throw Error(os.str());
+        if (error.empty()) error = os.str();
+        continue;
       }
       group = m;
     }
@@ -244,6 +248,7 @@ bool resolve_warp(Launch& L, int w, int n_threads) {
     progress = true;
     ++L.resolved;
   }
+  if (!progress && !error.empty()) throw Error(error);
   return progress;
 }
 
