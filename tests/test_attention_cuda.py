@@ -2,14 +2,62 @@
 CPU kernel, for both CUDA implementations (APD_ATTN_IMPL=simple | mma) and
 with the split-KV path forced off, forced on and left to the heuristic
 (APD_ATTN_SPLITS). Also: split/no-split agreement, opcheck, CUDA-graph
-capture/replay, bad inputs. Every test needs a GPU and skips without one."""
+capture/replay, bad inputs.
+
+Every test runs on the GPU (backend "cuda", skipped without a device) and,
+where it is about the kernels' results, on the CPU emulator of the same CUDA
+kernels (backend "emu", tests/emu: launchers compiled as host code, every call
+run under three thread schedules that must agree bit for bit)."""
 import pytest
 import torch
 from attention_utils import COMMON_CASES, assert_attention_close, attention_errors, make_case
 
 from apd_ext import ops
 
-pytestmark = pytest.mark.cuda
+
+class Backend:
+    name = "cuda"
+    dev = "cuda"
+    impl = "simple"
+    splits = 0
+
+
+BK = Backend()
+
+
+@pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.cuda),
+                                      pytest.param("emu", marks=pytest.mark.emu)])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(BK, "name", request.param)
+    monkeypatch.setattr(BK, "dev", "cuda" if request.param == "cuda" else "cpu")
+    if request.param == "emu":
+        import emu_backend
+
+        emu_backend.load()
+    return request.param
+
+
+def cuda_only(backend, why):
+    if backend == "emu":
+        pytest.skip(f"needs a device: {why}")
+
+
+def emu_quick(backend, keep):
+    """The emulator is ~1000x slower than a device: CI runs every case in bf16
+    and the others unsplit, without the two big caches (APD_EMU_FULL=1: all)."""
+    if backend == "emu":
+        import emu_backend
+
+        emu_backend.quick(backend, keep)
+
+
+def attn(*args, **kw):
+    """ops.window_attention on the selected backend (and kernel / splits on emu)."""
+    if BK.name == "cuda":
+        return ops.window_attention(*args, **kw)
+    import emu_backend
+
+    return emu_backend.EmuOps(attn_impl=BK.impl, attn_splits=BK.splits).window_attention(*args, **kw)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 IMPLS = ["simple", "mma"]
@@ -46,6 +94,8 @@ def use(monkeypatch):
     def set_(impl="simple", splits="0"):
         monkeypatch.setenv("APD_ATTN_IMPL", impl)
         monkeypatch.setenv("APD_ATTN_SPLITS", str(splits))
+        monkeypatch.setattr(BK, "impl", impl)
+        monkeypatch.setattr(BK, "splits", int(splits))
 
     return set_
 
@@ -53,7 +103,7 @@ def use(monkeypatch):
 def _case(name, dtype, **over):
     kw = dict(CASES[name])
     kw.update(over)
-    return make_case(dtype=dtype, device="cuda", seed=list(CASES).index(name), **kw)
+    return make_case(dtype=dtype, device=BK.dev, seed=list(CASES).index(name), **kw)
 
 
 def _aligned_strided_q(q):
@@ -67,8 +117,9 @@ def _aligned_strided_q(q):
 
 
 def _run(c, causal, **kw):
-    out = ops.window_attention(*c.args(), causal=causal, **kw)
-    torch.cuda.synchronize()
+    out = attn(*c.args(), causal=causal, **kw)
+    if BK.name == "cuda":
+        torch.cuda.synchronize()
     return out
 
 
@@ -77,9 +128,18 @@ def _run(c, causal, **kw):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_against_reference(use, impl, name, causal, dtype, splits):
+def test_against_reference(use, impl, name, causal, dtype, splits, backend, request):
     if impl == "mma" and (name not in MMA_CASES or dtype == torch.float32):
         pytest.skip("the mma kernel does not apply: the simple kernel would run again")
+    emu_quick(backend, name not in ("dream_b1", "sparse_cache") and (dtype == torch.bfloat16 or splits == "1"))
+    if name == "d256" and dtype == torch.float32 and backend == "emu":
+        # Found by the emulator (issue 11): err 8.6e-7 / 9.7e-7 against a bound of
+        # 5.3e-7 / 6.9e-7. The CPU kernel gives the same errors on this case
+        # (it is CUDA-only in the matrix, so nothing ran it before): the shared
+        # formulation (q pre-multiplied by scale * log2(e) in fp32, exp2) loses
+        # to torch's sdpa, whose scale 1/16 is a power of two. Expected to fail on
+        # a device too; open until the formulation or the fp32 bound changes.
+        request.applymarker(pytest.mark.xfail(strict=splits == "1", reason="fp32 D=256 accuracy, see comment"))
     use(impl, splits)
     c = _case(name, dtype)
     out = _run(c, causal)
@@ -89,18 +149,20 @@ def test_against_reference(use, impl, name, causal, dtype, splits):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=_dtype_id)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_aligned_strided_q(use, impl, dtype):
+def test_aligned_strided_q(use, impl, dtype, backend):
+    emu_quick(backend, dtype == torch.bfloat16)
     """A non-contiguous q that keeps 16-byte rows: the mma kernel takes it."""
     use(impl, "2")
     c = _case("qwen_verifier", dtype)
     args = (_aligned_strided_q(c.q),) + c.args()[1:]
-    out = ops.window_attention(*args, causal=True)
+    out = attn(*args, causal=True)
     assert_attention_close(out, *args, causal=True, what=f"aligned strided q/{impl}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_matches_cpu_kernel(use, impl, dtype):
+def test_matches_cpu_kernel(use, impl, dtype, backend):
+    emu_quick(backend, dtype != torch.float32 or impl == "simple")
     """CUDA and the CPU kernel agree within the reference tolerance of each other."""
     use(impl, "0")
     for name in ("pos0_pad_gqa7", "qwen_verifier", "gqa1_d40_edges"):
@@ -115,7 +177,8 @@ def test_matches_cpu_kernel(use, impl, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_split_equals_unsplit(use, impl, dtype):
+def test_split_equals_unsplit(use, impl, dtype, backend):
+    emu_quick(backend, dtype == torch.bfloat16)
     """Splitting the KV range changes only the order of operations: the outputs
     agree to rounding of the output dtype, and padding rows are zero either way."""
     c = _case("qwen_verifier", dtype)
@@ -132,7 +195,8 @@ def test_split_equals_unsplit(use, impl, dtype):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_deterministic(use, impl):
+def test_deterministic(use, impl, backend):
+    cuda_only(backend, "run-to-run determinism of the device (the emulator checks its schedules itself)")
     use(impl, "0")
     c = _case("dream_b1", torch.bfloat16)
     a, b = _run(c, False), _run(c, False)
@@ -141,7 +205,8 @@ def test_deterministic(use, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("splits", ["1", "4"])
-def test_opcheck(use, impl, splits):
+def test_opcheck(use, impl, splits, backend):
+    cuda_only(backend, "opcheck of the torch.ops.apd CUDA registration")
     use(impl, splits)
     c = _case("qwen_verifier", torch.bfloat16, len_dtype=torch.int32)
     torch.library.opcheck(torch.ops.apd.window_attention.default, (*c.args(), True, 0.125))
@@ -149,8 +214,9 @@ def test_opcheck(use, impl, splits):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("splits", ["1", "4"])
-def test_cuda_graph_replay_equals_eager(use, impl, splits):
+def test_cuda_graph_replay_equals_eager(use, impl, splits, backend):
     """Capture (workspace included) and replay with new inputs written in place."""
+    cuda_only(backend, "CUDA graphs")
     use(impl, splits)
     c = _case("dream_b1", torch.bfloat16, q_start=[900], kv_len=[916])
     args = c.args()
@@ -178,12 +244,13 @@ def test_cuda_graph_replay_equals_eager(use, impl, splits):
 
 @pytest.mark.parametrize("D", [12, 264])
 def test_unsupported_head_dim_is_a_clear_error(D):
-    c = make_case(Lq=3, Lmax=10, Hq=2, Hkv=1, D=D, q_start=[0], q_len=[3], kv_len=[5], device="cuda")
+    c = make_case(Lq=3, Lmax=10, Hq=2, Hkv=1, D=D, q_start=[0], q_len=[3], kv_len=[5], device=BK.dev)
     with pytest.raises(RuntimeError, match="head dim"):
-        ops.window_attention(*c.args(), causal=False)
+        attn(*c.args(), causal=False)
 
 
-def test_mixed_devices_rejected():
+def test_mixed_devices_rejected(backend):
+    cuda_only(backend, "a second device")
     c = make_case(Lq=3, Lmax=10, Hq=2, Hkv=1, D=16, q_start=[0], q_len=[3], kv_len=[5], device="cuda")
     with pytest.raises(ValueError, match="^k_cache:"):
         ops.window_attention(c.q, c.k_cache.cpu(), c.v_cache, c.q_start, c.q_len, c.kv_len, causal=False)
@@ -197,10 +264,14 @@ def test_bad_lengths_never_read_out_of_bounds(use, impl):
     them, so out-of-range values give garbage but no fault and no NaN."""
     use(impl, "0")
     c = make_case(Lq=6, Lmax=64, Hq=4, Hkv=2, D=64, q_start=[2, 0], q_len=[6, 3], kv_len=[10, 3],
-                  dtype=torch.bfloat16, device="cuda")
+                  dtype=torch.bfloat16, device=BK.dev)
     for ql, kl in (([60, 3], [10, 3]), ([6, -4], [10, 1000]), ([6, 3], [-5, 2**40])):
-        q_len = torch.tensor(ql, device="cuda")
-        kv_len = torch.tensor(kl, device="cuda")
-        out = torch.ops.apd.window_attention(c.q, c.k_cache, c.v_cache, c.q_start, q_len, kv_len, True, 0.125)
-        torch.cuda.synchronize()
+        q_len = torch.tensor(ql, device=BK.dev)
+        kv_len = torch.tensor(kl, device=BK.dev)
+        raw = (c.q, c.k_cache, c.v_cache, c.q_start, q_len, kv_len, True, 0.125)
+        if BK.name == "cuda":
+            out = torch.ops.apd.window_attention(*raw)
+            torch.cuda.synchronize()
+        else:
+            out = torch.ops.apd_emu.window_attention(*raw, impl, 0)
         assert torch.isfinite(out.float()).all()

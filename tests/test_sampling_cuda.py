@@ -5,16 +5,49 @@ requires identical ids, except on rows that the pure-PyTorch reference flags
 as fragile (fp32 near-ties of the final argmax or a top-p cut within 1e-5 of
 the boundary; SEMANTICS.md allows implementations to differ only there).
 n_accept is checked exactly against the reference scan of the CUDA targets.
-All tests are marked cuda and skip without a device (tests/conftest.py).
+Every test runs twice: on the GPU (backend "cuda", skipped without a device,
+tests/conftest.py) and on the CPU emulator of the same CUDA kernels (backend
+"emu", tests/emu: the launchers compiled as host code, each call run under
+three thread schedules that must agree). OPS is the op set of the backend;
+CPU-kernel calls always go through apd_ext.ops.
 """
+import sys
+
 import pytest
 import torch
 
 from apd_ext import ops, reference
 
-pytestmark = pytest.mark.cuda
-
 DEV = "cuda"
+OPS = ops
+
+
+@pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.cuda),
+                                      pytest.param("emu", marks=pytest.mark.emu)])
+def backend(request, monkeypatch):
+    if request.param == "emu":
+        import emu_backend
+
+        monkeypatch.setattr(sys.modules[__name__], "DEV", "cpu")
+        monkeypatch.setattr(sys.modules[__name__], "OPS", emu_backend.ops())
+    return request.param
+
+
+# The emulator runs every CTA as 512 fibers under three schedules, ~1000x
+# slower than the device. On "emu" the 100-row shapes keep 9 rows, and the
+# quick subset (emu_backend.quick; APD_EMU_FULL=1 lifts it) keeps every
+# sampler mode in every dtype on the small shapes and bf16 for the big ones.
+def emu_rows(backend, M):
+    return min(M, 9) if backend == "emu" else M
+
+
+def emu_quick(backend, keep):
+    if backend == "emu":
+        import emu_backend
+
+        emu_backend.quick(backend, keep)
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (temperature, top_k, top_p, compat)
 SAMPLERS = [
@@ -94,7 +127,7 @@ def assert_ids_match(got, want, fragile, what, *, exact=False):
 def check_sample_draft(logits, seq, sampler):
     tau, top_k, top_p, compat = sampler
     kw = dict(temperature=tau, top_k=top_k, top_p=top_p, compat=compat)
-    got = ops.sample_draft(logits, *seq, **kw)
+    got = OPS.sample_draft(logits, *seq, **kw)
     want = ops.sample_draft(logits.cpu(), *cpu(seq), **kw)
     _, fragile = reference.sample_draft_impl(logits.cpu(), *cpu(seq), **kw)
     assert_ids_match(got, want, fragile, f"sample_draft {logits.dtype} {tuple(logits.shape)} {sampler}",
@@ -105,14 +138,17 @@ def check_sample_draft(logits, seq, sampler):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("B,M,V", [(1, 1, 1), (3, 3, 7), (3, 100, 509), (2, 3, 152064)])
-def test_sample_draft_matches_cpu(B, M, V, dtype, sampler):
+def test_sample_draft_matches_cpu(B, M, V, dtype, sampler, backend):
+    emu_quick(backend, V < 100 or (dtype == torch.bfloat16 and (V < 100000 or sampler[2] < 1.0)))
     seed = B * 1000 + M * 10 + V
+    M = emu_rows(backend, M)
     check_sample_draft(make_logits(B, M, V, dtype, seed=seed), seq_inputs(B, M, seed), sampler)
 
 
 @pytest.mark.parametrize("layout", ["padded", "transposed", "vstride"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sample_draft_strided(layout, dtype):
+def test_sample_draft_strided(layout, dtype, backend):
+    emu_quick(backend, dtype == torch.bfloat16)
     logits = make_logits(3, 5, 1031, dtype, seed=7, layout=layout)
     assert not logits.is_contiguous()
     seq = seq_inputs(3, 5, 7, int32=True)
@@ -122,9 +158,10 @@ def test_sample_draft_strided(layout, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [509, 152064])
-def test_sample_draft_ties(dtype, V):
+def test_sample_draft_ties(dtype, V, backend):
     """Coarse logits put many equal values at the top-k / top-p threshold, so
     the lowest-index tie rule decides which of them are kept."""
+    emu_quick(backend, V < 100000 and dtype == torch.bfloat16)
     logits = make_logits(2, 6, V, dtype, seed=11, ties=True, scale=2.0)
     seq = seq_inputs(2, 6, 11, full=True)
     for sampler in SAMPLERS + [(0.5, 7, 1.0, None), (0.5, 1, 1.0, None), (0.5, 0, 0.3, None)]:
@@ -141,7 +178,8 @@ def bad_row_logits(V, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sample_draft_bad_rows(dtype):
+def test_sample_draft_bad_rows(dtype, backend):
+    emu_quick(backend, dtype != torch.float32)
     V = 4099
     logits = bad_row_logits(V, dtype)
     seq = seq_inputs(1, 5, 3, full=True)
@@ -156,7 +194,7 @@ def check_mixture(d, a, draft, seq, *, R, sampler, eos_ids=None, acceptance=None
     tau, top_k, top_p, compat = sampler
     kw = dict(R=R, temperature=tau, top_k=top_k, top_p=top_p, acceptance=acceptance, compat=compat)
     eos_dev = None if eos_ids is None else torch.tensor(eos_ids, dtype=torch.int64, device=DEV)
-    t_cuda, n_cuda = ops.mixture_accept(d, a, draft, *seq, eos_ids=eos_dev, **kw)
+    t_cuda, n_cuda = OPS.mixture_accept(d, a, draft, *seq, eos_ids=eos_dev, **kw)
     t_cpu, _ = ops.mixture_accept(d.cpu(), a.cpu(), draft.cpu(), *cpu(seq), eos_ids=eos_ids, **kw)
     _, _, fragile = reference.mixture_accept_impl(d.cpu(), a.cpu(), draft.cpu(), *cpu(seq), eos_ids=eos_ids, **kw)
     what = f"mixture_accept {d.dtype} {tuple(d.shape)}/{a.shape[-1]} R={R} {sampler} {acceptance}"
@@ -176,14 +214,16 @@ MIX_SAMPLERS = [s for s in SAMPLERS if s[3] is None]
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("R", [0.0, 0.3, 0.7, 1.0])
 @pytest.mark.parametrize("B,M,V_D,V_A", [(1, 1, 7, 7), (3, 100, 509, 509), (3, 7, 509, 500), (2, 3, 152064, 151936)])
-def test_mixture_accept_matches_cpu(B, M, V_D, V_A, dtype, R):
+def test_mixture_accept_matches_cpu(B, M, V_D, V_A, dtype, R, backend):
+    emu_quick(backend, V_D < 100 or (dtype == torch.bfloat16 and V_D < 100000 and R in (0.3, 1.0)))
     seed = B + M + V_D
+    M = emu_rows(backend, M)
     d = make_logits(B, M, V_D, dtype, seed=seed)
     a = make_logits(B, M, V_A, dtype, seed=seed + 5)
     seq = seq_inputs(B, M, seed)
     for sampler in MIX_SAMPLERS:
         # The draft is the dLLM's own sample: R = 1 must accept every valid row.
-        draft = ops.sample_draft(d, *seq, temperature=sampler[0], top_k=sampler[1], top_p=sampler[2])
+        draft = OPS.sample_draft(d, *seq, temperature=sampler[0], top_k=sampler[1], top_p=sampler[2])
         draft = torch.where(draft < 0, 0, draft)
         target, n = check_mixture(d, a, draft, seq, R=R, sampler=sampler)
         if R == 1.0 and V_A == V_D:
@@ -193,12 +233,13 @@ def test_mixture_accept_matches_cpu(B, M, V_D, V_A, dtype, R):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixture_accept_official_eos_strided(dtype):
+def test_mixture_accept_official_eos_strided(dtype, backend):
+    emu_quick(backend, dtype == torch.bfloat16)
     B, M, V_D, V_A = 3, 17, 2053, 2048
     d = make_logits(B, M, V_D, dtype, seed=21, layout="padded")
     a = make_logits(B, M, V_A, dtype, seed=22, layout="transposed")
     seq = seq_inputs(B, M, 21, int32=True)
-    draft = ops.sample_draft(d, *seq, temperature=0.2, top_k=0, top_p=0.95)
+    draft = OPS.sample_draft(d, *seq, temperature=0.2, top_k=0, top_p=0.95)
     draft = torch.where(draft < 0, V_D - 1, draft)  # ids >= V_A never match
     eos = [int(draft[0, 2]), 5]
     for sampler in SAMPLERS:
@@ -212,7 +253,8 @@ def test_mixture_accept_official_eos_strided(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_mixture_accept_bad_rows(dtype):
+def test_mixture_accept_bad_rows(dtype, backend):
+    emu_quick(backend, dtype == torch.float16)
     V = 4099
     d = bad_row_logits(V, dtype)
     a = make_logits(1, 5, V, dtype, seed=4)
@@ -233,7 +275,7 @@ def test_accept_prefix_matches_reference():
     for eos in (None, [3], [2, 4]):
         for vl in (valid_len, valid_len.to(torch.int32)):
             eos_dev = None if eos is None else torch.tensor(eos, device=DEV)
-            got = ops.accept_prefix(draft.to(DEV), target.to(DEV), vl.to(DEV), eos_dev)
+            got = OPS.accept_prefix(draft.to(DEV), target.to(DEV), vl.to(DEV), eos_dev)
             want = reference.accept_prefix(draft, target, vl, eos)
             assert torch.equal(got.cpu(), want), (eos, got, want)
 
@@ -244,16 +286,18 @@ def test_batch_invariance():
     logits = make_logits(B, M, V, torch.bfloat16, seed=31)
     seq = seq_inputs(B, M, 31)
     kw = dict(temperature=0.7, top_k=30, top_p=0.9)
-    full = ops.sample_draft(logits, *seq, **kw)
+    full = OPS.sample_draft(logits, *seq, **kw)
     perm = torch.tensor([2, 0, 3, 1], device=DEV)
-    permuted = ops.sample_draft(logits[perm], *[t[perm] for t in seq], **kw)
+    permuted = OPS.sample_draft(logits[perm], *[t[perm] for t in seq], **kw)
     assert torch.equal(permuted, full[perm])
     for b in range(B):
-        one = ops.sample_draft(logits[b : b + 1], *[t[b : b + 1] for t in seq], **kw)
+        one = OPS.sample_draft(logits[b : b + 1], *[t[b : b + 1] for t in seq], **kw)
         assert torch.equal(one, full[b : b + 1])
 
 
-def test_opcheck():
+def test_opcheck(backend):
+    if backend == "emu":
+        pytest.skip("opcheck is about the torch.ops.apd CUDA registration")
     B, M, V = 2, 3, 257
     d = make_logits(B, M, V, torch.bfloat16, seed=41)
     a = make_logits(B, M, V - 2, torch.bfloat16, seed=42)
@@ -270,9 +314,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.apd.accept_prefix.default, (draft, draft, valid_len, eos))
 
 
-def test_cuda_graph_mixture_accept():
+def test_cuda_graph_mixture_accept(backend):
     """mixture_accept never syncs with the host, so it captures into a CUDA graph;
     replays follow in-place updates of the inputs."""
+    if backend == "emu":
+        pytest.skip("CUDA graphs need a device")
     B, M, V_D, V_A = 2, 8, 152064, 151936
     d = make_logits(B, M, V_D, torch.bfloat16, seed=51)
     a = make_logits(B, M, V_A, torch.bfloat16, seed=52)

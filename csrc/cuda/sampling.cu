@@ -2,6 +2,7 @@
 // and the static dtype switch. Torch-free.
 #include <cstdint>
 
+#include "apd/cuda/launch.cuh"
 #include "apd/cuda/sampling.cuh"
 #include "apd/sampling_launch.h"
 
@@ -15,9 +16,8 @@ cudaError_t launch_n_accept(const int64_t* draft, const int64_t* target, const i
                             int64_t* n_accept, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const unsigned grid = unsigned(ceil_div<int64_t>(B, kPrefixThreads));
-  cuda::accept_prefix_kernel<<<grid, kPrefixThreads, 0, stream>>>(draft, target, valid_len, eos_ids, num_eos, B,
-                                                                  M, V, n_accept);
-  return cudaGetLastError();
+  return cuda::launch(cuda::accept_prefix_kernel, dim3(grid), dim3(unsigned(kPrefixThreads)), 0, stream, draft, target,
+                      valid_len, eos_ids, num_eos, B, M, V, n_accept);
 }
 
 }  // namespace
@@ -27,13 +27,14 @@ cudaError_t launch_sample_draft(const SampleDraftParams& p, cudaStream_t stream)
   if (rows == 0) return cudaSuccess;
   if (rows > INT32_MAX || p.V <= 0 || p.V > kMaxSampleVocab) return cudaErrorInvalidValue;
   const dim3 grid{unsigned(rows)}, block{unsigned(cuda::kSampleThreads)};
+  cudaError_t err = cudaSuccess;
   switch (p.dtype) {
-    case DType::kFloat32: cuda::sample_draft_kernel<float><<<grid, block, 0, stream>>>(p); break;
-    case DType::kBFloat16: cuda::sample_draft_kernel<bf16_t><<<grid, block, 0, stream>>>(p); break;
-    case DType::kFloat16: cuda::sample_draft_kernel<fp16_t><<<grid, block, 0, stream>>>(p); break;
+    case DType::kFloat32: err = cuda::launch(cuda::sample_draft_kernel<float>, grid, block, 0, stream, p); break;
+    case DType::kBFloat16: err = cuda::launch(cuda::sample_draft_kernel<bf16_t>, grid, block, 0, stream, p); break;
+    case DType::kFloat16: err = cuda::launch(cuda::sample_draft_kernel<fp16_t>, grid, block, 0, stream, p); break;
     default: return cudaErrorInvalidValue;
   }
-  return cudaGetLastError();
+  return err;
 }
 
 cudaError_t launch_mixture_accept(const MixtureAcceptParams& p, cudaStream_t stream) {
@@ -42,13 +43,13 @@ cudaError_t launch_mixture_accept(const MixtureAcceptParams& p, cudaStream_t str
     return cudaErrorInvalidValue;
   if (rows > 0) {
     const dim3 grid{unsigned(rows)}, block{unsigned(cuda::kSampleThreads)};
+    cudaError_t err = cudaSuccess;
     switch (p.dtype) {
-      case DType::kFloat32: cuda::mixture_target_kernel<float><<<grid, block, 0, stream>>>(p); break;
-      case DType::kBFloat16: cuda::mixture_target_kernel<bf16_t><<<grid, block, 0, stream>>>(p); break;
-      case DType::kFloat16: cuda::mixture_target_kernel<fp16_t><<<grid, block, 0, stream>>>(p); break;
+      case DType::kFloat32: err = cuda::launch(cuda::mixture_target_kernel<float>, grid, block, 0, stream, p); break;
+      case DType::kBFloat16: err = cuda::launch(cuda::mixture_target_kernel<bf16_t>, grid, block, 0, stream, p); break;
+      case DType::kFloat16: err = cuda::launch(cuda::mixture_target_kernel<fp16_t>, grid, block, 0, stream, p); break;
       default: return cudaErrorInvalidValue;
     }
-    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   // Stream order makes the targets visible to the scan: no host sync.

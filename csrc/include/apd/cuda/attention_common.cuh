@@ -28,6 +28,7 @@
 
 #include "apd/attention_launch.h"
 #include "apd/common.h"
+#include "apd/cuda/launch.cuh"
 
 namespace apd {
 namespace attn {
@@ -204,8 +205,7 @@ cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t q_tiles, int 
     if (e != cudaSuccess) return e;
   }
   const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
-  kernel<<<grid, threads, smem, stream>>>(a);
-  return cudaGetLastError();
+  return cuda::launch(kernel, grid, dim3(unsigned(threads)), smem, stream, a);
 }
 
 // Host-side launch entry points, explicitly instantiated in csrc/cuda/attention_*.cu.

@@ -213,8 +213,7 @@ cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t strea
 template <typename T>
 cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream) {
   const int64_t rows = int64_t(a.B) * a.Lq * a.Hq;
-  window_attention_combine_kernel<T><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(a);
-  return cudaGetLastError();
+  return cuda::launch(window_attention_combine_kernel<T>, dim3(unsigned((rows + 7) / 8)), dim3(256u), 0, stream, a);
 }
 
 }  // namespace attn

@@ -1,0 +1,55 @@
+// TEST-ONLY. The CUDA runtime API subset that the project's launchers use,
+// for the emulated build (tests/emu). No device memory: the "device" pointers
+// are host pointers (CPU tensors).
+#pragma once
+#include "apd_emu/emu.h"
+
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDeviceFunction = 98,
+  cudaErrorLaunchFailure = 719,
+};
+using cudaError = cudaError_t;
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+
+namespace apd_emu {
+cudaError_t take_last_error();
+void set_last_error(cudaError_t e);
+constexpr int kEmulatedSmCount = 132;  // an H200: the split-KV planner sees the real count
+}  // namespace apd_emu
+
+inline cudaError_t cudaGetLastError() { return apd_emu::take_last_error(); }
+inline cudaError_t cudaPeekAtLastError() {
+  const cudaError_t e = apd_emu::take_last_error();
+  apd_emu::set_last_error(e);
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error (emulated)";
+    case cudaErrorInvalidValue: return "invalid argument (emulated)";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument (emulated)";
+    case cudaErrorInvalidDeviceFunction: return "invalid device function (emulated)";
+    default: return "unspecified launch failure (emulated)";
+  }
+}
+inline cudaError_t cudaGetDevice(int* dev) {
+  *dev = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = apd_emu::kEmulatedSmCount;
+  return cudaSuccess;
+}
+template <typename F>
+inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize) return cudaErrorInvalidValue;
+  return cudaError_t(apd_emu::set_max_dynamic_smem(reinterpret_cast<const void*>(kernel), value));
+}

@@ -1,0 +1,165 @@
+"""TEST-ONLY: the CPU emulator of the CUDA kernels (tests/emu, issue 11).
+
+load() JIT-builds tests/emu into a torch extension (build/emu, cached between
+runs) that registers the CUDA launchers of csrc/cuda, compiled as host code
+against the CPU execution model, as torch.ops.apd_emu.* for CPU tensors. It is
+never imported by apd_ext and never shipped: a test asks for it by name.
+
+ops() returns an object with apd_ext.ops' signatures (sample_draft,
+mixture_accept, accept_prefix, window_attention) whose calls go through the
+same Python validation as apd_ext.ops and then to torch.ops.apd_emu instead of
+torch.ops.apd, so the CUDA test matrix runs unchanged with device "cpu".
+Every emulated call runs under three schedules (forward, reverse, seeded
+shuffle) and fails if their results differ.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import threading
+import types
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The emulator is ~1000x slower than a device: CI runs a quick subset of the
+# CUDA test matrix on it (every mode, dtype and kernel, fewer sizes);
+# APD_EMU_FULL=1 runs all of it (tens of minutes on 2 cores).
+FULL = os.environ.get("APD_EMU_FULL", "") == "1"
+EMU = ROOT / "tests" / "emu"
+_lock = threading.Lock()
+_loaded = False
+
+
+def sources() -> list[str]:
+    return [str(EMU / n) for n in (
+        "emu.cpp", "kernel_smem.cpp", "ops_emu.cpp",
+        "kernels_sampling.cpp", "kernels_attention_simple.cpp", "kernels_attention_mma.cpp",
+    )]
+
+
+def include_dirs(emu_include: pathlib.Path = EMU / "include") -> list[str]:
+    # The shadow dir comes first: <cuda_runtime.h>, <cuda_fp16.h>, cub/... and
+    # the apd/cuda/{ptx,launch}.cuh twins resolve there, never in a CUDA toolkit.
+    return [str(emu_include), str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
+
+
+# -fno-extern-tls-init: the dynamic shared-memory arrays are `extern thread_local`
+# (kernel_smem.cpp) with no dynamic initialiser; without it GCC calls their weak,
+# undefined TLS init function through a null pointer.
+# FMA contraction: nvcc contracts a * b + c into fused multiply-adds by default
+# (--fmad=true), and the fp32 attention tolerances are tight enough (D = 256)
+# that unfused host arithmetic fails them; GCC's -ffp-contract=fast with -mfma
+# fuses the same kind of expressions (not necessarily the same ones). The row
+# math that must not fuse uses __fmul_rn / __fadd_rn, which stay unfused here.
+def _have_fma() -> bool:
+    try:
+        return " fma " in open("/proc/cpuinfo").read().replace("\n", " ")
+    except OSError:
+        return False
+
+
+CFLAGS = ["-O2", "-std=c++20", "-fno-fast-math", "-fno-extern-tls-init", "-Wno-attributes"] + (
+    ["-mfma", "-ffp-contract=fast"] if _have_fma() else ["-ffp-contract=off"])
+
+
+def load(name: str = "apd_emu_ext", emu_include: pathlib.Path | None = None, build_dir: pathlib.Path | None = None):
+    """Build (or reuse) the emulator extension and load it into torch.ops.apd_emu."""
+    global _loaded
+    from torch.utils.cpp_extension import load as jit_load
+
+    with _lock:
+        if _loaded and emu_include is None:
+            return torch.ops.apd_emu
+        build = build_dir or ROOT / "build" / "emu"
+        build.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("MAX_JOBS", "2")
+        jit_load(
+            name=name,
+            sources=sources(),
+            extra_include_paths=include_dirs(emu_include or EMU / "include"),
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-Wl,-Bsymbolic"],
+            build_directory=str(build),
+            is_python_module=False,
+            with_cuda=False,
+            verbose=False,
+        )
+        if emu_include is None:
+            _loaded = True
+    return torch.ops.apd_emu
+
+
+class _TorchProxy(types.ModuleType):
+    """torch, except that torch.ops.apd is torch.ops.apd_emu."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.ops = types.SimpleNamespace(apd=torch.ops.apd_emu)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _routed():
+    from apd_ext import ops as real_ops
+
+    saved = real_ops.torch
+    real_ops.torch = _TorchProxy()
+    try:
+        yield real_ops
+    finally:
+        real_ops.torch = saved
+
+
+class EmuOps:
+    """apd_ext.ops on the emulated CUDA kernels (CPU tensors)."""
+
+    def __init__(self, attn_impl: str = "simple", attn_splits: int = 0):
+        load()
+        self.attn_impl = attn_impl
+        self.attn_splits = attn_splits
+
+    def sample_draft(self, *args, **kw):
+        with _routed() as o:
+            return o.sample_draft(*args, **kw)
+
+    def mixture_accept(self, *args, **kw):
+        with _routed() as o:
+            return o.mixture_accept(*args, **kw)
+
+    def accept_prefix(self, *args, **kw):
+        with _routed() as o:
+            return o.accept_prefix(*args, **kw)
+
+    def window_attention(self, *args, **kw):
+        impl, splits = self.attn_impl, self.attn_splits
+        emu = torch.ops.apd_emu
+
+        def attn(q, k, v, q_start, q_len, kv_len, causal, scale):
+            return emu.window_attention(q, k, v, q_start, q_len, kv_len, causal, scale, impl, splits)
+
+        from apd_ext import ops as real_ops
+
+        saved = real_ops.torch
+        proxy = _TorchProxy()
+        proxy.ops = types.SimpleNamespace(apd=types.SimpleNamespace(window_attention=attn))
+        real_ops.torch = proxy
+        try:
+            return real_ops.window_attention(*args, **kw)
+        finally:
+            real_ops.torch = saved
+
+
+def quick(backend: str, keep: bool) -> None:
+    """Skip a case on the emulator outside its quick subset (unless APD_EMU_FULL=1)."""
+    if backend == "emu" and not FULL and not keep:
+        import pytest
+
+        pytest.skip("outside the emulator's quick subset (APD_EMU_FULL=1 runs it)")
+
+
+def ops(**kw) -> EmuOps:
+    return EmuOps(**kw)
