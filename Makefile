@@ -76,7 +76,7 @@ $(CPU_VENV)/.build-stamp: $(CPU_VENV)/.deps-stamp $(EXT_SOURCES) $(shell find py
 	touch $@
 
 $(VENV)/.build-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	$(call BUILD_EXT,$(VENV),$(DEMO_CUDA),--config-settings editable_mode=compat -e)
+	$(call BUILD_EXT,$(VENV),$(DEMO_CUDA),-e)
 	touch $@
 
 build: $(DEMO_VENV)/.build-stamp
@@ -96,7 +96,7 @@ test-cpp: setup
 # previous run are dropped), so that a broken .cu always fails `make test`.
 test-build: setup
 	rm -rf build/tmp$(notdir $(VENV)) $(VENV)/.build-stamp
-	$(call BUILD_EXT,$(VENV),$${APD_EXT_CUDA:-auto},--config-settings editable_mode=compat -e)
+	$(call BUILD_EXT,$(VENV),$${APD_EXT_CUDA:-auto},-e)
 
 test-py: test-build
 	bash scripts/run_pytest.sh $(VENV)/bin/python
