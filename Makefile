@@ -27,7 +27,8 @@ TEST_DEPS := $(DEPS) pytest pytest-timeout pybind11 cmake matplotlib "nvidia-cut
 # What the extension is built from: a change to any of these rebuilds it.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 # ninja's "[3/12] ... -c csrc/x.cu -o ..." lines, shortened to "[3/12] csrc/x.cu".
-PROGRESS := sed -un 's|^\(\[[0-9]*/[0-9]*\]\).* -c \([^ ]*\) .*|  \1 \2|p'
+# (pip indents them; ninja prints a line as each file finishes.)
+PROGRESS := sed -un 's|^ *\(\[[0-9]*/[0-9]*\]\).* -c \([^ ]*\) .*|  \1 compiled \2|; s|$(CURDIR)/||; /^  \[/p'
 
 ifeq ($(HAVE_GPU),1)
 DEMO_VENV := $(VENV)
@@ -64,7 +65,7 @@ setup: $(VENV)/.deps-stamp
 # compile shows ninja's progress; the full log is build/<venv>.log (printed on
 # failure). The console script `apd` comes with either.
 define BUILD_EXT
-	@echo "== building apd_ext into $(1) (APD_EXT_CUDA=$(2)); log: build/$(notdir $(1)).log"
+	@echo "== building apd_ext into $(1) (APD_EXT_CUDA=$(2)): one line per compiled file; log: build/$(notdir $(1)).log"
 	@mkdir -p build
 	APD_EXT_CUDA=$(2) APD_BUILD_TEMP=build/tmp$(notdir $(1)) $(1)/bin/python -m pip install -v \
 	    --no-build-isolation --no-deps $(3) . 2>&1 | tee build/$(notdir $(1)).log | $(PROGRESS) \
@@ -77,7 +78,7 @@ $(CPU_VENV)/.build-stamp: $(CPU_VENV)/.deps-stamp $(EXT_SOURCES) $(shell find py
 	touch $@
 
 $(VENV)/.build-stamp: $(VENV)/.deps-stamp $(EXT_SOURCES)
-	$(call BUILD_EXT,$(VENV),$(DEMO_CUDA),--config-settings editable_mode=compat -e)
+	$(call BUILD_EXT,$(VENV),$(DEMO_CUDA),-e)
 	touch $@
 
 build: $(DEMO_VENV)/.build-stamp
@@ -97,7 +98,7 @@ test-cpp: setup
 # previous run are dropped), so that a broken .cu always fails `make test`.
 test-build: setup
 	rm -rf build/tmp$(notdir $(VENV)) $(VENV)/.build-stamp
-	$(call BUILD_EXT,$(VENV),$${APD_EXT_CUDA:-auto},--config-settings editable_mode=compat -e)
+	$(call BUILD_EXT,$(VENV),$${APD_EXT_CUDA:-auto},-e)
 
 test-py: test-build
 	bash scripts/run_pytest.sh $(VENV)/bin/python

@@ -35,7 +35,8 @@ def want_cuda() -> bool:
     """auto: the CUDA build when torch has CUDA and nvcc is found; otherwise the
     CPU build, with one warning naming the missing piece (never a failure)."""
     flag = os.environ.get("APD_EXT_CUDA", "auto").lower()
-    have_torch, have_nvcc = torch.version.cuda is not None, CUDA_HOME is not None
+    have_torch = torch.version.cuda is not None
+    have_nvcc = CUDA_HOME is not None and os.path.isfile(os.path.join(CUDA_HOME, "bin", "nvcc"))
     if flag in ("0", "false", "no", "off"):
         return False
     if flag in ("1", "true", "yes", "on"):
@@ -48,7 +49,7 @@ def want_cuda() -> bool:
     if have_nvcc:  # e.g. a CPU-only torch on a machine with the CUDA toolkit
         why = f"torch {torch.__version__} has no CUDA"
     elif have_torch:
-        why = "nvcc was not found (set CUDA_HOME)"
+        why = f"nvcc was not found under CUDA_HOME={CUDA_HOME} (set CUDA_HOME to the CUDA toolkit)"
     else:
         why = None  # no CUDA anywhere: the CPU build is the only one, nothing to warn about
     if why:

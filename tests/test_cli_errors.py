@@ -151,3 +151,14 @@ def test_tokenizer_loads_silently():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "2", "568"]
     assert r.stderr.strip() == "", r.stderr
+
+
+def test_library_warns_when_the_context_cuts_the_budget():
+    """apd_ext.generate itself: no silent cut of max_new_tokens at the context."""
+    from apd_ext.tiny import tokenizer
+
+    d, a = paths()
+    dllm, ver = apd_ext.load_model(str(d)), apd_ext.load_model(str(a))
+    ids = tokenizer()(QUESTION, return_tensors="pt", add_special_tokens=False).input_ids  # [1, L]
+    with pytest.warns(UserWarning, match=r"leaves room for \d+ of the max_new_tokens=600"):
+        apd_ext.generate(dllm, ver, ids, R=0.7, W=16, M=8, max_new_tokens=600, seed=0, temperature=0.0)

@@ -4,6 +4,7 @@ before any forward (DESIGN.md §6, §7)."""
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, List, Optional, Sequence
@@ -245,6 +246,9 @@ def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: 
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= vocab:
             fail(name.format(b), f"token ids in [0, {vocab})", f"ids in [{lo}, {hi}]")
+        if plen + max_new_tokens > ctx:  # generation stops at the context: say so, never silently
+            warnings.warn(f"{name.format(b)}: a {plen}-token prompt leaves room for {ctx - plen} of the "
+                          f"max_new_tokens={max_new_tokens} in the context of {ctx} positions", stacklevel=3)
         totals.append(min(plen + max_new_tokens, ctx))
     return totals
 

@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW)
     ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
-    ap.add_argument("--verifier", "--ar", dest="verifier", default=None,
+    ap.add_argument("--ar", dest="verifier", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    ap.add_argument("--verifier", dest="verifier", default=None,
                     help="AR verifier folder (default: embedded)")
     ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded test set)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

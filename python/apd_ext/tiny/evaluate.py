@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m apd_ext.tiny.evaluate")
     ap.add_argument("--dllm", type=Path, default=paths()[0])
-    ap.add_argument("--verifier", "--ar", dest="ar", type=Path, default=paths()[1])
+    ap.add_argument("--ar", dest="ar", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    ap.add_argument("--verifier", dest="ar", type=Path, default=paths()[1])
     ap.add_argument("--tasks", type=Path, default=test_file())
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--max-new", type=int, default=56)

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="apd sweep", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
-    ap.add_argument("--verifier", "--ar", dest="verifier", default=None,
+    ap.add_argument("--ar", dest="verifier", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # old name
+    ap.add_argument("--verifier", dest="verifier", default=None,
                     help="AR verifier folder (default: embedded)")
     ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded 500 test problems)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only")
