@@ -10,6 +10,7 @@ kernels (backend "emu", tests/emu: launchers compiled as host code, every call
 run under three thread schedules that must agree bit for bit)."""
 import pytest
 import torch
+from skips import not_applicable
 from attention_utils import COMMON_CASES, assert_attention_close, attention_errors, make_case
 
 from apd_ext import ops
@@ -39,7 +40,7 @@ def backend(request, monkeypatch):
 
 def cuda_only(backend, why):
     if backend == "emu":
-        pytest.skip(f"needs a device: {why}")
+        not_applicable(f"needs a device: {why}")
 
 
 def emu_quick(backend, keep):
@@ -130,7 +131,7 @@ def _run(c, causal, **kw):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_against_reference(use, impl, name, causal, dtype, splits, backend, request):
     if impl == "mma" and (name not in MMA_CASES or dtype == torch.float32):
-        pytest.skip("the mma kernel does not apply: the simple kernel would run again")
+        not_applicable("the mma kernel does not apply: the simple kernel would run again")
     emu_quick(backend, name not in ("dream_b1", "sparse_cache") and (dtype == torch.bfloat16 or splits == "1"))
     if name == "d256" and dtype == torch.float32 and backend == "emu":
         # Found by the emulator (issue 11): err 8.6e-7 / 9.7e-7 against a bound of

@@ -368,14 +368,23 @@ def test_reference_noise_is_the_kernels():
     assert h == 0x037B1468C28B92A7
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=pytest.mark.cuda),
+                                     pytest.param("emu", marks=pytest.mark.emu)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_official_matches_cpu(dtype):
+def test_cuda_official_matches_cpu(dtype, backend):
     """CUDA and CPU kernels: the same official draws and targets. Rows of equal
     logits make the draw the argmax of the noise alone, so a noise bit that
-    differed between host and device would show as a different id."""
+    differed between host and device would show as a different id. backend
+    "cuda" runs the kernels on a device; "emu" runs the same CUDA sources on
+    the CPU execution harness (tests/emu), fewer rows."""
+    if backend == "emu":
+        import emu_backend
+
+        emu_backend.load()
+        kernels, move, B, M = emu_backend.ops(), (lambda t: t), 2, 3
+    else:
+        kernels, move, B, M = ops, (lambda t: t.cuda()), 4, 16
     gen = torch.Generator().manual_seed(17)
-    B, M = 4, 16
     for V, scale in ((V_D, 0.0), (V_D, 0.3), (1001, 0.05)):
         l = (10.0 + torch.round(torch.randn(B, M, V, generator=gen) * scale * 64) / 64).to(dtype)
         args = (torch.randint(0, 100, (B,), generator=gen), torch.full((B,), M),
@@ -383,12 +392,12 @@ def test_cuda_official_matches_cpu(dtype):
         for tau, top_p, top_k in ((1.0, 1.0, 0), (0.2, 0.95, 0), (0.7, 0.9, 7)):
             kw = dict(temperature=tau, top_k=top_k, top_p=top_p, compat="official")
             cpu = ops.sample_draft(l, *args, **kw)
-            dev = ops.sample_draft(l.cuda(), *(t.cuda() for t in args), **kw).cpu()
+            dev = kernels.sample_draft(move(l), *(move(t) for t in args), **kw).cpu()
             assert torch.equal(cpu, dev), (dtype, V, scale, tau)
     d = (torch.round(torch.randn(B, M, V_D, generator=gen) * 48) / 16).to(dtype)
     a = (torch.round(torch.randn(B, M, V_A, generator=gen) * 48) / 16).to(dtype)
     draft = released_target(d[..., :V_A], a, 0.7)
     cpu = ops.mixture_accept(d, a, draft, *args, R=0.7, compat="official")
-    dev = ops.mixture_accept(d.cuda(), a.cuda(), draft.cuda(), *(t.cuda() for t in args), R=0.7,
-                             compat="official")
+    dev = kernels.mixture_accept(move(d), move(a), move(draft), *(move(t) for t in args), R=0.7,
+                                 compat="official")
     assert all(torch.equal(x, y.cpu()) for x, y in zip(cpu, dev))

@@ -21,6 +21,7 @@ import pytest
 
 import apd_ext
 from apd_ext.tiny import paths
+from skips import not_applicable
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -35,6 +36,10 @@ SKIP = {
     "fetch_device_wheels.sh": "downloads wheels (network) for the GPU check, which needs a GPU",
     "apd bench --device cuda": "needs a GPU; tests/test_cli.py::test_bench_writes_csv_and_plot runs the CPU "
                                "bench at small settings",
+    "--tasks gsm8k": "lm-eval's gsm8k task downloads its data set (network) and the recipe needs the real "
+                     "checkpoints and a GPU; tests/test_lm_eval.py runs the lm-eval CLI on the tiny pair",
+    "apd serve --dllm DIR": "starts a server that runs until it is stopped; tests/test_serve.py starts "
+                            "`apd serve` on 127.0.0.1 and sends these requests",
 }
 
 _DLLM, _AR = (str(p) for p in paths())
@@ -104,7 +109,7 @@ def shims(tmp_path_factory):
 def test_readme_block_runs(line, lang, code, shims, tmp_path):
     why = skip_reason(code)
     if why:
-        pytest.skip(f"README.md:{line}: {why}")
+        not_applicable(f"README.md:{line}: {why}")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
                # the apd_ext this test imported (source tree with an in-place build, or installed)

@@ -319,6 +319,8 @@ inline int __float_as_int(float f) { int u; std::memcpy(&u, &f, 4); return u; }
 // The build uses -ffp-contract=off, so these are single IEEE operations (RNE).
 inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+// One rounding, as the device's FFMA (std::fmaf is exact with or without hardware FMA).
+inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
 // Round to nearest even; NaN -> 2^63, out of range saturates (as the device's cvt.rni.u64.f32).
 inline unsigned long long __float2ull_rn(float x) {
   if (x != x) return 1ull << 63;
