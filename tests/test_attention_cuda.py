@@ -133,14 +133,6 @@ def test_against_reference(use, impl, name, causal, dtype, splits, backend, requ
     if impl == "mma" and (name not in MMA_CASES or dtype == torch.float32):
         not_applicable("the mma kernel does not apply: the simple kernel would run again")
     emu_quick(backend, name not in ("dream_b1", "sparse_cache") and (dtype == torch.bfloat16 or splits == "1"))
-    if name == "d256" and dtype == torch.float32 and backend == "emu":
-        # Found by the emulator (issue 11): err 8.6e-7 / 9.7e-7 against a bound of
-        # 5.3e-7 / 6.9e-7. The CPU kernel gives the same errors on this case
-        # (it is CUDA-only in the matrix, so nothing ran it before): the shared
-        # formulation (q pre-multiplied by scale * log2(e) in fp32, exp2) loses
-        # to torch's sdpa, whose scale 1/16 is a power of two. Expected to fail on
-        # a device too; open until the formulation or the fp32 bound changes.
-        request.applymarker(pytest.mark.xfail(strict=splits == "1", reason="fp32 D=256 accuracy, see comment"))
     use(impl, splits)
     c = _case(name, dtype)
     out = _run(c, causal)

@@ -125,9 +125,13 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
     __syncthreads();
 
     // S = Q K^T for key kt + lane.
-    float sc[R];
+    // Two partial sums per row (even / odd dims), added at the end: one
+    // sequential chain of D fmas put fp32 at D = 256 outside the tolerance
+    // rule against SDPA (err 8.6e-7, bound 5.3e-7; found by the CPU execution
+    // harness, tests/emu); two chains halve the summation length: 3.5e-7.
+    float sc[R], sc2[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) sc[r] = 0.f;
+    for (int r = 0; r < R; ++r) sc[r] = sc2[r] = 0.f;
     const float* krow = Ks + lane * KS;
     for (int d = 0; d < D; d += 4) {
       const float k0 = krow[d], k1 = krow[d + 1], k2 = krow[d + 2], k3 = krow[d + 3];
@@ -135,11 +139,13 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
       for (int r = 0; r < R; ++r) {
         const float4 qv = *reinterpret_cast<const float4*>(Qs + (warp * R + r) * DP + d);
         sc[r] = fmaf(qv.x, k0, sc[r]);
-        sc[r] = fmaf(qv.y, k1, sc[r]);
+        sc2[r] = fmaf(qv.y, k1, sc2[r]);
         sc[r] = fmaf(qv.z, k2, sc[r]);
-        sc[r] = fmaf(qv.w, k3, sc[r]);
+        sc2[r] = fmaf(qv.w, k3, sc2[r]);
       }
     }
+#pragma unroll
+    for (int r = 0; r < R; ++r) sc[r] += sc2[r];
 
     // Online softmax (base 2). Masked scores are -inf and give p = 0; a row
     // that has seen no key yet keeps m = -inf and uses 0 as its reference.
