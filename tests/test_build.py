@@ -18,8 +18,11 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 
 
 def _make_n(cwd, *targets, **env):
-    e = dict(os.environ, **env)
-    r = subprocess.run(["make", "-n", *targets], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
+    # A fresh make, also when pytest itself runs under `make test` (CI): an
+    # inherited MAKELEVEL / MAKEFLAGS adds "Entering directory" lines.
+    e = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    e.update(env)
+    r = subprocess.run(["make", "--no-print-directory", "-n", *targets], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout
 
