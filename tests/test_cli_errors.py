@@ -162,3 +162,24 @@ def test_library_warns_when_the_context_cuts_the_budget():
     ids = tokenizer()(QUESTION, return_tensors="pt", add_special_tokens=False).input_ids  # [1, L]
     with pytest.warns(UserWarning, match=r"leaves room for \d+ of the max_new_tokens=600"):
         apd_ext.generate(dllm, ver, ids, R=0.7, W=16, M=8, max_new_tokens=600, seed=0, temperature=0.0)
+
+
+def test_library_pair_with_different_tokenizers_blames_the_pair(tmp_path):
+    # The same mismatch through the Python API: apd_ext.generate names the pair,
+    # not input_ids (ids < 500 still run; the verifier cannot embed 500 .. 567).
+    import torch
+
+    import apd_ext
+
+    make_tiny_qwen2(tmp_path / "v500", vocab=500, eos_token_id=0, bos_token_id=0, pad_token_id=1, seed=3)
+    dllm_dir, _ = apd_ext.tiny.paths()
+    dllm = apd_ext.load_model(str(dllm_dir))
+    verifier = apd_ext.load_model(str(tmp_path / "v500"))
+    with pytest.raises(ValueError, match=r"dllm / verifier: the prompt's token id 560 is in the dLLM's "
+                                         r"vocabulary \(568\) but not in the verifier's \(500\)"):
+        apd_ext.generate(dllm, verifier, [torch.tensor([3, 560, 7])], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 500\)"):
+        apd_ext.generate(dllm, verifier, [torch.tensor([3, 600])], max_new_tokens=4)  # outside both
+    engine = apd_ext.engine.Engine(dllm, verifier, max_batch=1)
+    with pytest.raises(ValueError, match=r"dllm / verifier: the prompt's token id 560"):
+        engine.add_request([3, 560, 7], None, request_id="r")

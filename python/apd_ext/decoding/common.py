@@ -244,6 +244,8 @@ def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: 
             fail(name.format(b), f"a prompt shorter than the context ({ctx} positions, one left to generate)",
                  f"{plen} tokens")
         lo, hi = int(p.min()), int(p.max())
+        if lo >= 0 and vocab <= hi < max(int(m.config.vocab_size) for m in models):
+            raise_pair_mismatch(models, hi)
         if lo < 0 or hi >= vocab:
             fail(name.format(b), f"token ids in [0, {vocab})", f"ids in [{lo}, {hi}]")
         if plen + max_new_tokens > ctx:  # generation stops at the context: say so, never silently
@@ -251,6 +253,19 @@ def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: 
                           f"max_new_tokens={max_new_tokens} in the context of {ctx} positions", stacklevel=3)
         totals.append(min(plen + max_new_tokens, ctx))
     return totals
+
+
+def raise_pair_mismatch(models: Sequence, token_id: int) -> None:
+    """A prompt id that one model of the pair embeds and the other cannot: the
+    prompt came from the larger model's tokenizer, so the pair is at fault."""
+    who = {"dllm": "dLLM", "ar": "verifier"}
+    fits = [m for m in models if token_id < int(m.config.vocab_size)]
+    short = [m for m in models if token_id >= int(m.config.vocab_size)]
+    raise ValueError(
+        f"dllm / verifier: the prompt's token id {token_id} is in the "
+        f"{who.get(getattr(fits[0], 'kind', ''), 'first model')}'s vocabulary ({int(fits[0].config.vocab_size)}) "
+        f"but not in the {who.get(getattr(short[0], 'kind', ''), 'second model')}'s "
+        f"({int(short[0].config.vocab_size)}): the two models do not share a tokenizer (APD needs one)")
 
 
 def stack_prompts(prompts: List[torch.Tensor], width: int, fill: int, device) -> torch.Tensor:

@@ -32,6 +32,7 @@ from apd_ext import ops
 from apd_ext._validate import fail
 from apd_ext.config import APDConfig
 from apd_ext.decoding.common import (
+    raise_pair_mismatch,
     check_progress,
     GenerationStats,
     PhaseTimer,
@@ -335,6 +336,9 @@ class Engine:
         if p.numel() == 0:
             fail("prompt_ids", "a prompt of at least one token", "an empty prompt")
         lo, hi = int(p.min()), int(p.max())
+        models = [self.dllm] if self.verifier is None else [self.dllm, self.verifier]
+        if lo >= 0 and self.vocab <= hi < max(int(m.config.vocab_size) for m in models):
+            raise_pair_mismatch(models, hi)
         if lo < 0 or hi >= self.vocab:
             fail("prompt_ids", f"token ids in [0, {self.vocab})", f"ids in [{lo}, {hi}]")
         return p.contiguous()
