@@ -9,14 +9,7 @@
 #include "apd/common.h"
 #include "apd/philox.h"
 
-static int failures = 0;
-#define EXPECT(cond)                                                             \
-  do {                                                                           \
-    if (!(cond)) {                                                               \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond);   \
-      ++failures;                                                                \
-    }                                                                            \
-  } while (0)
+#include "expect.h"
 
 // Distance in ulps of fp32 `got` from the exact value `want` (fp64 stands in
 // for exact: its error is 2^-29 fp32 ulps), measured in units of the fp32 ulp

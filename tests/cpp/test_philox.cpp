@@ -6,14 +6,7 @@
 #include "apd/common.h"
 #include "apd/philox.h"
 
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
+#include "expect.h"
 
 static void test_philox_known_answers() {
   // Random123 kat_vectors for philox4x32_10.

@@ -7,14 +7,7 @@
 
 #include "apd/sampling_row.h"
 
-static int failures = 0;
-#define EXPECT(cond)                                                           \
-  do {                                                                         \
-    if (!(cond)) {                                                             \
-      std::fprintf(stderr, "%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                              \
-    }                                                                          \
-  } while (0)
+#include "expect.h"
 
 static const float kInf = std::numeric_limits<float>::infinity();
 static const float kNaN = std::numeric_limits<float>::quiet_NaN();

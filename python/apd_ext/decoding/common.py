@@ -235,7 +235,6 @@ def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         fail("max_new_tokens", "an int >= 1", max_new_tokens)
     ctx = min(int(m.config.max_position_embeddings) for m in models)
-    vocab = min(int(m.config.vocab_size) for m in models)
     name = "input_ids" if len(prompts) == 1 else "input_ids[{}]"
     totals = []
     for b, p in enumerate(prompts):
@@ -243,16 +242,24 @@ def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: 
         if plen >= ctx:
             fail(name.format(b), f"a prompt shorter than the context ({ctx} positions, one left to generate)",
                  f"{plen} tokens")
-        lo, hi = int(p.min()), int(p.max())
-        if lo >= 0 and vocab <= hi < max(int(m.config.vocab_size) for m in models):
-            raise_pair_mismatch(models, hi)
-        if lo < 0 or hi >= vocab:
-            fail(name.format(b), f"token ids in [0, {vocab})", f"ids in [{lo}, {hi}]")
+        check_token_ids(name.format(b), p, models)
         if plen + max_new_tokens > ctx:  # generation stops at the context: say so, never silently
             warnings.warn(f"{name.format(b)}: a {plen}-token prompt leaves room for {ctx - plen} of the "
                           f"max_new_tokens={max_new_tokens} in the context of {ctx} positions", stacklevel=3)
         totals.append(min(plen + max_new_tokens, ctx))
     return totals
+
+
+def check_token_ids(name: str, prompt: torch.Tensor, models: Sequence) -> None:
+    """Every id of `prompt` (non-empty) embeddable by every model. An id that
+    one model of the pair embeds and the other cannot names the pair, not the
+    prompt (see raise_pair_mismatch)."""
+    vocabs = [int(m.config.vocab_size) for m in models]
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo >= 0 and min(vocabs) <= hi < max(vocabs):
+        raise_pair_mismatch(models, hi)
+    if lo < 0 or hi >= min(vocabs):
+        fail(name, f"token ids in [0, {min(vocabs)})", f"ids in [{lo}, {hi}]")
 
 
 def raise_pair_mismatch(models: Sequence, token_id: int) -> None:

@@ -32,7 +32,7 @@ from apd_ext import ops
 from apd_ext._validate import fail
 from apd_ext.config import APDConfig
 from apd_ext.decoding.common import (
-    raise_pair_mismatch,
+    check_token_ids,
     check_progress,
     GenerationStats,
     PhaseTimer,
@@ -109,7 +109,7 @@ class Engine:
             raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {self.device}")
         models = [dllm] if verifier is None else [dllm, verifier]
         self.context = min(int(m.config.max_position_embeddings) for m in models)
-        self.vocab = min(int(m.config.vocab_size) for m in models)
+        self.models = models  # the prompt ids must fit each one's vocabulary
         if max_len is None:
             max_len = min(self.context, 4096)
         _check_count("max_len", max_len)
@@ -335,12 +335,7 @@ class Engine:
             raise TypeError(f"prompt_ids: expected a 1-D LongTensor or a list of ints, got {type(p).__name__}")
         if p.numel() == 0:
             fail("prompt_ids", "a prompt of at least one token", "an empty prompt")
-        lo, hi = int(p.min()), int(p.max())
-        models = [self.dllm] if self.verifier is None else [self.dllm, self.verifier]
-        if lo >= 0 and self.vocab <= hi < max(int(m.config.vocab_size) for m in models):
-            raise_pair_mismatch(models, hi)
-        if lo < 0 or hi >= self.vocab:
-            fail("prompt_ids", f"token ids in [0, {self.vocab})", f"ids in [{lo}, {hi}]")
+        check_token_ids("prompt_ids", p, self.models)
         return p.contiguous()
 
     def _params(self, params):
