@@ -172,15 +172,18 @@ def test_sample_draft_ties(dtype, V, backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sample_draft_candidate_staging(dtype, backend):
     """Rows around the sampler's shared-memory staging of candidates
-    (kStageCap = 1536 in apd/cuda/sampling.cuh): a few large values (staged in
-    the first radix pass), a mildly peaked row (too many positive-mass entries
-    for the first pass, staged in the second), a flat row and blocks of 1535
+    (kStageCap = 1536 in apd/cuda/sampling.cuh): a few large values (staged
+    right after the max pass), a mildly peaked row (too many candidates for
+    that: staged by a radix pass, or not at all), a flat row and blocks of 1535
     to 2000 equal values at the top (at, just over and far over the capacity:
-    the kernel must fall back to global memory and keep the tie rule)."""
+    the kernel must fall back to global memory and keep the tie rule), and a
+    row whose bulk sits 17 below the max at tau = 1: outside the staged top
+    of the row (z >= zmax - 16) but holding ~2e-4 of the mass, so that a
+    top-p of 0.9999 cuts inside it and the staging must give up."""
     emu_quick(backend, dtype == torch.bfloat16)
     V = 4099
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(1, 7, V, generator=g)
+    x = torch.randn(1, 8, V, generator=g)
     x[0, 0] = torch.randn(V, generator=g) - 20.0
     x[0, 0, ::613] = 3.0 + torch.arange(7) * 0.25  # few candidates
     x[0, 1] = torch.randn(V, generator=g) * 0.5  # mildly peaked
@@ -188,11 +191,14 @@ def test_sample_draft_candidate_staging(dtype, backend):
     for r, n in ((3, 1535), (4, 1536), (5, 1537), (6, 2000)):
         x[0, r] = torch.randn(V, generator=g) - 30.0
         x[0, r, torch.randperm(V, generator=g)[:n]] = 1.0  # n exact ties at the top, scattered
+    x[0, 7] = -17.0 + 0.01 * torch.randn(V, generator=g)
+    x[0, 7, 2049] = 0.0
     logits = x.to(dtype).to(DEV)
-    seq = seq_inputs(1, 7, 5, full=True)
+    seq = seq_inputs(1, 8, 5, full=True)
     # official without top-p: top-k on z rounded to the dtype, which merges
     # neighbouring x into ties across the first-level bins of x.
     for sampler in SAMPLERS + [(1.0, 1500, 1.0, None), (1.0, 1600, 0.99, None), (1.0, 0, 0.999, None),
+                               (1.0, 0, 0.9999, None), (1.0, 0, 0.99999, None),
                                (1.0, 1536, 0.9, "official"), (0.7, 40, 1.0, "official"),
                                (3.0, 1000, 1.0, "official")]:
         check_sample_draft(logits, seq, sampler)

@@ -19,8 +19,11 @@
 //        shared memory as (z, v), where x_thr is the smallest x with
 //        z >= z0 (binary search, so ties in z stay together) and z0 bounds the
 //        candidates: top-k first (K <= 512) from the K-th largest thread
-//        maximum, top-p from z - zmax >= -30 (all nonzero masses). Per entry
-//        a load and a compare; the division only for the staged ones. When
+//        maximum; the default top-p from z - zmax >= -16, while the same
+//        pass sums the row's total fixed-point mass (z - zmax >= -30: every
+//        nonzero mass) and checks that the top-p cut falls inside the staged
+//        entries; the official top-p from z - zmax >= -30. Per entry a load
+//        and a compare; the division only for the few above the cutoffs. When
 //        more than kStageCap = 1536 qualify (flat rows, ties, K > 512), the
 //        row keeps the radix passes below on global memory instead, and
 //        stages the candidates as soon as a pass's counts say they fit;
@@ -54,8 +57,8 @@
 // sample_draft, B*M*(V_D + V_A)*sizeof(T) for mixture_accept. The unfiltered
 // and tau == 0 paths read each row once (the coupled mixture with 0 < R < 1
 // adds its lse pass: twice). The filtered path reads a row twice when its
-// candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95: ~800 of
-// 152064 entries): the max pass from HBM, the staging pass right after it
+// candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95 on
+// N(0, 3) logits: ~60 of 152064 entries): the max pass from HBM, the staging pass right after it
 // from L2 (the 132 rows in flight, 40 MB of bf16, fit the H200's 50 MB L2;
 // a mixture's 80 MB of row pairs partly do not). Rows that do not fit make
 // 3-4 global passes when a radix pass can stage them (the first count pass,
@@ -100,6 +103,12 @@ constexpr float kMassScale = 1099511627776.0f;          // 2^40: mass fixed poin
 // of expf (and so does the dtype-rounded official probability, whose row
 // total is >= 1): entries further below the max skip expf and the conversion.
 constexpr float kMassCutoff = -30.0f;
+// The default top-p stages only z >= zmax - 16 (N(0, 3) logits at tau 0.2:
+// ~60 entries; z >= zmax - 30 holds ~1100, over kStageCap in 3 rows of 10):
+// below it, each entry's mass is < e^-16 of the max's, so the V <= 152064
+// entries left out hold < 2% of the total, and the top-p cut falls inside
+// the staged ones whenever the check in stage_above says so.
+constexpr float kStageCutoff = -16.0f;
 // Candidates staged in shared memory, (z, index) each: 12 KB. Static shared
 // memory stops at 48 KB and the histograms and CUB storage take 33 KB.
 constexpr int kStageCap = 1536;
@@ -297,6 +306,7 @@ struct SampleSmem {
     typename cub::BlockReduce<MaxArg, kSampleThreads>::TempStorage maxarg;
     typename cub::BlockReduce<Lse64, kSampleThreads>::TempStorage lse;
     typename cub::BlockScan<CountMass, kSampleThreads>::TempStorage scan_cm;
+    typename cub::BlockReduce<CountMass, kSampleThreads>::TempStorage sum_cm;
     typename cub::BlockReduce<unsigned, kSampleThreads>::TempStorage min_u;
     typename cub::BlockScan<int, kSampleThreads>::TempStorage scan_i;
   } tmp;
@@ -432,6 +442,10 @@ class RowSampler {
   bool staged_ = false;
   int n_staged_ = 0;
   float xmax_ = -INFINITY;  // max_v x_v (row_zmax)
+  // The default top-p's row total of fixed-point masses, when stage_above
+  // computed it (the staged entries then hold only the top of the row).
+  unsigned long long mass_total_ = 0;
+  bool use_mass_total_ = false;
 
   // z of one entry: x / tau, or under compat="official" x / tau rounded to the
   // logits' dtype (SEMANTICS.md).
@@ -527,10 +541,19 @@ class RowSampler {
   // Stages (z, v) of every entry with x >= x_thr in one pass over the row (a
   // division only for those). A warp stops reading once the stage is
   // overfull; false, and nothing staged, when the entries do not fit.
-  APD_DEVICE bool stage_above(float x_thr) {
+  // With top_p > 0 (the default top-p over the whole row), the same pass sums
+  // the fixed-point mass of every entry with x >= x_mass (<= x_thr: all
+  // nonzero masses) and of the staged ones: the row total, which pass 0 of
+  // the mass select then uses (mass_total_), and the proof that the cut lies
+  // inside the staged prefix (staged mass >= top_p * total, the test of the
+  // select); otherwise nothing is staged.
+  APD_DEVICE bool stage_above(float x_thr, float x_mass = INFINITY, float zmax = 0.0f, float top_p = 0.0f) {
     if (threadIdx.x == 0) sm_.n_stage = 0;
     __syncthreads();
     const int V = ctx_.V;
+    const bool with_total = top_p > 0.0f;
+    const float x_lo = with_total ? x_mass : x_thr;
+    unsigned long long staged_mass = 0, total_mass = 0;
     constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;  // as row_zmax
     for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kU) {
       // Lane 0 has the smallest base of its warp, so it is active whenever
@@ -544,21 +567,44 @@ class RowSampler {
       for (int u = 0; u < kU; ++u) {
         const int v0 = base + u * kTile;
         if (v0 >= V) continue;
+        float z[kVec];
+        bool want[kVec];
         bool any = false;
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) any |= v0 + j < V && x[u][j] >= x_thr;
+        for (int j = 0; j < kVec; ++j) {
+          const bool valid = v0 + j < V;
+          want[j] = valid && x[u][j] >= x_thr;
+          z[j] = 0.0f;
+          if (valid && x[u][j] >= x_lo) {  // rare: the division, and the mass for the total
+            z[j] = zval(x[u][j]);
+            if (with_total) {
+              const unsigned long long m = mass_of(z[j], zmax);
+              total_mass += m;
+              if (want[j]) staged_mass += m;
+            }
+          }
+          any |= want[j];
+        }
         if (!__any_sync(__activemask(), any)) continue;  // the common case: one vote per 4 entries
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const bool want = v0 + j < V && x[u][j] >= x_thr;
-          stage_push(sm_, want, want ? zval(x[u][j]) : 0.0f, v0 + j);
-        }
+        for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
       }
     }
     __syncthreads();
     const unsigned n = sm_.n_stage;
-    __syncthreads();  // n_stage is reset by the next staging
-    if (n > unsigned(kStageCap)) return false;
+    bool ok = n <= unsigned(kStageCap);
+    if (with_total) {  // exact integer sums: the result does not depend on the order
+      const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
+                              .Reduce(CountMass{staged_mass, total_mass}, CountMassSum());
+      if (threadIdx.x == 0) sm_.sel.cnt_before = r.cnt, sm_.sel.mass_before = r.mass;
+      __syncthreads();
+      const unsigned long long st = sm_.sel.cnt_before, tot = sm_.sel.mass_before;
+      ok = ok && double(st) >= double(top_p) * double(tot);
+      mass_total_ = tot;
+      use_mass_total_ = ok;
+    }
+    __syncthreads();  // n_stage and sel are written again by the next staging / select
+    if (!ok) return false;
     staged_ = true;
     n_staged_ = int(n);
     return true;
@@ -587,8 +633,13 @@ class RowSampler {
       if (!(fabsf(x_lo) <= FLT_MAX)) return;  // the bins of +-inf and NaN: no threshold
       const float z_lo = zval(x_lo);
       x_thr = x_lower_bound(x_lo, [&](float z) { return z >= z_lo; });
-    } else {
+    } else if (cfg.official) {  // the official top-p: every nonzero official mass
       x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+    } else {  // the default top-p: the top of the row, proven to hold the cut
+      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
+      const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+      stage_above(x_thr, x_mass, zmax, cfg.top_p);
+      return;
     }
     stage_above(x_thr);
   }
@@ -778,7 +829,8 @@ class RowSampler {
       for (int k = 0; k < kBinsPerThread; ++k) item[k] = CountMass{sm_.hist_cnt[b0 + k], sm_.hist_mass[b0 + k]};
       cub::BlockScan<CountMass, kSampleThreads>(sm_.tmp.scan_cm).InclusiveScan(item, incl, CountMassSum(), total);
       __syncthreads();
-      if (by_mass && pass == 0 && target < 0.0) target = double(top_p) * double(total.mass);
+      if (by_mass && pass == 0 && target < 0.0)  // the row total: the staged entries may hold only part of it
+        target = double(top_p) * double(use_mass_total_ ? mass_total_ : total.mass);
       // The chosen bin is the first non-empty one whose inclusive prefix reaches
       // the need; if rounding leaves none, the last non-empty one. Encoded so
       // that one min-reduction finds it: hits as b, misses as 2*kBins - b.
