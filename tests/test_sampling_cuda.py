@@ -169,6 +169,59 @@ def test_sample_draft_ties(dtype, V, backend):
         check_sample_draft(logits, seq, sampler)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_draft_candidate_staging(dtype, backend):
+    """Rows around the sampler's shared-memory staging of candidates
+    (kStageCap = 1536 in apd/cuda/sampling.cuh): a few large values (staged
+    right after the max pass), a mildly peaked row (too many candidates for
+    that: staged by a radix pass, or not at all), a flat row and blocks of 1535
+    to 2000 equal values at the top (at, just over and far over the capacity:
+    the kernel must fall back to global memory and keep the tie rule), and a
+    row whose bulk sits 17 below the max at tau = 1: outside the staged top
+    of the row (z >= zmax - 16) but holding ~2e-4 of the mass, so that a
+    top-p of 0.9999 cuts inside it and the staging must give up."""
+    emu_quick(backend, dtype == torch.bfloat16)
+    V = 4099
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 8, V, generator=g)
+    x[0, 0] = torch.randn(V, generator=g) - 20.0
+    x[0, 0, ::613] = 3.0 + torch.arange(7) * 0.25  # few candidates
+    x[0, 1] = torch.randn(V, generator=g) * 0.5  # mildly peaked
+    x[0, 2] = 0.0  # flat
+    for r, n in ((3, 1535), (4, 1536), (5, 1537), (6, 2000)):
+        x[0, r] = torch.randn(V, generator=g) - 30.0
+        x[0, r, torch.randperm(V, generator=g)[:n]] = 1.0  # n exact ties at the top, scattered
+    x[0, 7] = -17.0 + 0.01 * torch.randn(V, generator=g)
+    x[0, 7, 2049] = 0.0
+    logits = x.to(dtype).to(DEV)
+    seq = seq_inputs(1, 8, 5, full=True)
+    # official without top-p: top-k on z rounded to the dtype, which merges
+    # neighbouring x into ties across the first-level bins of x.
+    for sampler in SAMPLERS + [(1.0, 1500, 1.0, None), (1.0, 1600, 0.99, None), (1.0, 0, 0.999, None),
+                               (1.0, 0, 0.9999, None), (1.0, 0, 0.99999, None),
+                               (1.0, 1536, 0.9, "official"), (0.7, 40, 1.0, "official"),
+                               (3.0, 1000, 1.0, "official")]:
+        check_sample_draft(logits, seq, sampler)
+
+
+def test_sample_draft_staging_threshold_ties(backend):
+    """The staging threshold of a top-k row sits on the smallest x of a
+    first-level bin (here 1.0: the 4th largest of the threads' maxima); at
+    tau = 1.7, x = nextafter(1.0, 0) divides to the same fp32 z, so those
+    entries tie with 1.0 and, at lower indices, are the ones the tie rule
+    keeps. Staging only x >= 1.0 would keep the wrong entry."""
+    V, M = 4099, 24
+    below = float(torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)))
+    assert torch.tensor(1.0) / 1.7 == torch.tensor(below) / 1.7  # fp32: the premise of the test
+    x = torch.full((1, M, V), -30.0)
+    x[..., [400, 800, 1200]] = 1.1  # threads 100, 200, 300 (4 entries per thread and tile)
+    x[..., 1600] = 1.0  # thread 400
+    x[..., [201, 241, 281]] = below  # threads 50, 60, 70: lower indices than 1600
+    seq = seq_inputs(1, M, 9, full=True)
+    for sampler in [(1.7, 4, 1.0, None), (1.7, 4, 0.99, None), (1.7, 5, 1.0, None)]:
+        check_sample_draft(x.to(DEV), seq, sampler)
+
+
 def bad_row_logits(V, dtype):
     x = torch.randn(1, 5, V).to(dtype)
     x[0, 0, V // 2] = float("nan")

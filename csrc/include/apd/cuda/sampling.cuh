@@ -12,38 +12,60 @@
 //   tau > 0, no filter                  : 1 pass, argmax of z + g (z = x / tau)
 //                                         and the row max for the bad-row test.
 //   tau > 0, top-k and/or top-p         :
-//     a. max pass: zmax (NaN-propagating) -> bad rows stop here with -1;
-//     b. radix select on the descending key dk = desc_key(z) (ascending dk is
-//        the sorted order), 11/11/10-bit digits, 3 passes per select. Each
-//        pass builds a block-wide histogram in shared memory of counts and of
-//        the probability mass exp(z - zmax) in 2^-40 fixed point (integer
-//        atomics: the sums do not depend on the order of the atomics, so the
-//        kernel is deterministic run to run). top-k selects by count, top-p by
-//        mass; top-p inside the top-k prefix selects only among dk < dk(k-th).
-//        The result is a threshold dk, the count / mass before it and of its
-//        ties; the count of ties to keep follows from ties_to_reach();
-//     c. when only some of the threshold's ties are kept, one more pass finds
-//        the index of the last kept tie (block scan of tie flags, index order);
-//     d. final pass: argmax of (score + Gumbel) over the kept set; noise is
-//        regenerated from Philox, never stored, and skipped for entries whose
-//        score + kGumbelMax cannot beat the thread's best.
+//     a. max pass (row_zmax): max of x, then zmax = z(xmax) (z is monotone in
+//        x: no division per entry), NaN-propagating -> bad rows stop here
+//        with -1; it also bins the 512 threads' own maxima;
+//     b. staging pass (stage_candidates): every entry with x >= x_thr goes to
+//        shared memory as (z, v), where x_thr is the smallest x with
+//        z >= z0 (a search over the keys of x, so ties in z stay together)
+//        and z0 bounds the candidates: top-k first (K <= 512) from the K-th largest thread
+//        maximum; the default top-p from z - zmax >= -16, while the same
+//        pass sums the row's total fixed-point mass (z - zmax >= -30: every
+//        nonzero mass) and checks that the top-p cut falls inside the staged
+//        entries; the official top-p from z - zmax >= -30. Per entry a load
+//        and a compare; the division only for the few above the cutoffs. When
+//        more than kStageCap = 1536 qualify (flat rows, ties, K > 512), the
+//        row keeps the radix passes below on global memory instead, and
+//        stages the candidates as soon as a pass's counts say they fit;
+//     c. radix select on the descending key dk = desc_key(z) (ascending dk is
+//        the sorted order), 11/11/10-bit digits, 3 passes per select, over
+//        the staged entries (or the row). Each pass builds a block-wide
+//        histogram in shared memory of counts and of the probability mass
+//        exp(z - zmax) in 2^-40 fixed point, the mass only for entries still
+//        in the candidate set; lanes with the same digit (match_any) sum
+//        counts and masses exactly in registers first, then one shared atomic
+//        per digit and warp (integer sums: the result does not depend on the
+//        order, so the kernel is deterministic run to run). top-k selects by
+//        count, top-p by mass; top-p inside the top-k prefix selects only
+//        among dk < dk(k-th). The result is a threshold dk, the count / mass
+//        before it and of its ties; the count of ties to keep follows from
+//        ties_to_reach();
+//     d. when only some of the threshold's ties are kept, one more pass over
+//        the row finds the index of the last kept tie (block scan of tie
+//        flags, index order);
+//     e. final pass over the staged entries (or the row): argmax of
+//        (score + Gumbel) over the kept set; noise is regenerated from
+//        Philox, never stored, and skipped for entries whose score +
+//        kGumbelMax cannot beat (staged, in no order: cannot tie) the
+//        thread's best.
 //   mixture_accept "coupled" with 0 < R < 1 adds one first pass for the two
 //   rows' log-sum-exp (fp64 sums, as the CPU kernels); m_v is then recomputed
-//   from both rows on every pass.
+//   from both rows on every pass that reads them.
 //   n_accept: a second tiny kernel (one thread per sequence) on the same stream.
 //
 // MEMORY TRAFFIC. The floor is one read of the logits: B*M*V*sizeof(T) for
 // sample_draft, B*M*(V_D + V_A)*sizeof(T) for mixture_accept. The unfiltered
 // and tau == 0 paths read each row once (the coupled mixture with 0 < R < 1
-// adds its lse pass: twice). The filtered path reads a row 5 times (max, 3
-// radix, final), +3 when top-k and top-p both act and the top-p cut falls
-// before the k-th value, +1 with a partial tie. Only the first read should come
-// from HBM: the kernel takes 128 registers, so one 512-thread CTA per SM is
-// resident, ~132 rows in flight: 40 MB of bf16 dLLM rows (V = 152064) fit the
-// H200's 50 MB L2, the 80 MB of a bf16 mixture's row pairs do not entirely.
-// The goal (within 1.5x of the floor) is measured by bench/bench_sampling.py
-// --device cuda, not assumed; candidate compaction into shared memory after
-// the first radix pass is the next step if the re-reads miss L2.
+// adds its lse pass: twice). The filtered path reads a row twice when its
+// candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95 on
+// N(0, 3) logits: ~60 of 152064 entries): the max pass from HBM, the staging pass right after it
+// from L2 (the 132 rows in flight, 40 MB of bf16, fit the H200's 50 MB L2;
+// a mixture's 80 MB of row pairs partly do not). Rows that do not fit make
+// 3-4 global passes when a radix pass can stage them (the first count pass,
+// then the pass that stages), up to 9 otherwise (flat rows), as before.
+// bench/NOTES.md has the passes, the instructions per entry from the SASS and
+// the predicted times against the floor; bench/bench_sampling.py --device
+// cuda measures them.
 //
 // Numbers: the kernel uses exactly the fp32 operations of sampling_row.h (its
 // mixtures are written with mul_rn/add_rn, so nvcc cannot contract them into
@@ -58,6 +80,7 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <type_traits>
 
 #include "apd/common.h"
 #include "apd/philox.h"
@@ -76,6 +99,19 @@ constexpr int kBins = 1 << kRadixBits;                  // histogram bins
 constexpr int kBinsPerThread = kBins / kSampleThreads;  // 4
 constexpr int kRadixPasses = 3;                         // 11 + 11 + 10 bits
 constexpr float kMassScale = 1099511627776.0f;          // 2^40: mass fixed point
+// exp(-30) * 2^40 ~= 0.10 rounds to a zero fixed-point mass whatever the ulps
+// of expf (and so does the dtype-rounded official probability, whose row
+// total is >= 1): entries further below the max skip expf and the conversion.
+constexpr float kMassCutoff = -30.0f;
+// The default top-p stages only z >= zmax - 16 (N(0, 3) logits at tau 0.2:
+// ~60 entries; z >= zmax - 30 holds ~1100, over kStageCap in 3 rows of 10):
+// below it, each entry's mass is < e^-16 of the max's, so the V <= 152064
+// entries left out hold < 2% of the total, and the top-p cut falls inside
+// the staged ones whenever the check in stage_above says so.
+constexpr float kStageCutoff = -16.0f;
+// Candidates staged in shared memory, (z, index) each: 12 KB. Static shared
+// memory stops at 48 KB and the histograms and CUB storage take 33 KB.
+constexpr int kStageCap = 1536;
 static_assert(kBins % kSampleThreads == 0, "bins must split evenly over threads");
 
 // Digit layout of the 32-bit key, most significant first.
@@ -89,6 +125,14 @@ APD_DEVICE int radix_width(int pass) { return pass == 2 ? 10 : 11; }
 APD_DEVICE float load_float(float x) { return x; }
 APD_DEVICE float load_float(bf16_t x) { return to_float(x); }
 APD_DEVICE float load_float(fp16_t x) { return __half2float(__ushort_as_half(x.bits)); }  // exact
+
+// The logits' dtype as a constant: compat="official" rounds to it (the
+// launchers pick T from the same dtype that SamplerConfig::dtype carries), so
+// the rounding in the per-entry code is one fixed conversion, not a switch.
+template <typename T>
+constexpr DType kDTypeOf = std::is_same<T, float>::value    ? DType::kFloat32
+                           : std::is_same<T, bf16_t>::value ? DType::kBFloat16
+                                                            : DType::kFloat16;
 
 template <typename T>
 struct alignas(kVec * sizeof(T)) Pack4 {
@@ -128,6 +172,8 @@ APD_DEVICE RowPtr<T> make_row(const void* base, int64_t offset, int64_t n) {
 // sample_draft: x = l.
 template <typename T>
 struct DraftSource {
+  static constexpr DType kDType = kDTypeOf<T>;
+  using value_type = T;
   RowPtr<T> l;
   APD_DEVICE void load4(int v0, float (&x)[kVec]) const { l.load4(v0, x); }
 };
@@ -135,6 +181,8 @@ struct DraftSource {
 // mixture_accept, acceptance="coupled": x = m (needs both rows' lse).
 template <typename T>
 struct CoupledSource {
+  static constexpr DType kDType = kDTypeOf<T>;
+  using value_type = T;
   RowPtr<T> d, a;
   MixtureRow mix;
   APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
@@ -150,17 +198,18 @@ struct CoupledSource {
 // (compat="official": each op rounded to the logits' dtype, official_target).
 template <typename T>
 struct ArgmaxSource {
+  static constexpr DType kDType = kDTypeOf<T>;
+  using value_type = T;
   RowPtr<T> d, a;
   float R, one_minus_R;
   bool official;
-  DType dtype;
   APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
     float dv[kVec], av[kVec];
     d.load4(v0, dv);
     a.load4(v0, av);
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      x[j] = official ? official_target(dv[j], av[j], R, one_minus_R, dtype)
+      x[j] = official ? official_target(dv[j], av[j], R, one_minus_R, kDType)
                       : mixture_argmax(dv[j], av[j], R, one_minus_R);
   }
 };
@@ -257,6 +306,7 @@ struct SampleSmem {
     typename cub::BlockReduce<MaxArg, kSampleThreads>::TempStorage maxarg;
     typename cub::BlockReduce<Lse64, kSampleThreads>::TempStorage lse;
     typename cub::BlockScan<CountMass, kSampleThreads>::TempStorage scan_cm;
+    typename cub::BlockReduce<CountMass, kSampleThreads>::TempStorage sum_cm;
     typename cub::BlockReduce<unsigned, kSampleThreads>::TempStorage min_u;
     typename cub::BlockScan<int, kSampleThreads>::TempStorage scan_i;
   } tmp;
@@ -266,6 +316,13 @@ struct SampleSmem {
   Selection sel;
   unsigned code;
   int tie_last;
+  float x_thr;
+  // Staged candidates: z and index of the entries every later pass needs, in
+  // no particular order (slots are taken by atomics); n_stage may exceed
+  // kStageCap, which means the staging failed.
+  unsigned n_stage;
+  float stage_z[kStageCap];
+  int stage_v[kStageCap];
 };
 
 APD_DEVICE unsigned long long fixed_mass(float z, float zmax) {
@@ -273,15 +330,64 @@ APD_DEVICE unsigned long long fixed_mass(float z, float zmax) {
   return __float2ull_rn(expf(z - zmax) * kMassScale);
 }
 
-// hist[digit] += 1 for every lane with `in`, one atomic per distinct digit and
-// warp: a row's entries crowd into a few first-level bins, and shared-memory
-// atomics on one address serialise. Called by all lanes that are active here.
-APD_DEVICE void hist_count(unsigned int* hist, uint32_t digit, bool in) {
+// Sum of x over the lanes of `peers` (the calling lane's match_any group),
+// returned in the group's lowest lane: a tree over the peers in
+// ceil(log2(group size)) rounds of shuffles (reduce_peers, E. Westphal,
+// "Voting and shuffling to optimize atomic operations", 2015). Integer sums:
+// exact, so the result does not depend on the order of the additions. Every
+// lane of `active` calls it (a lane alone in its group returns its own x).
+APD_DEVICE unsigned long long peer_sum(unsigned active, unsigned peers, unsigned long long x) {
+  const unsigned lane = threadIdx.x & 31u;
+  unsigned rel = __popc(peers & ((1u << lane) - 1u));  // peers below this lane
+  unsigned rest = peers & (0xfffffffeu << lane);        // peers above it, not yet summed
+  while (__any_sync(active, rest != 0u)) {              // uniform over `active`
+    const int next = __ffs(int(rest));                  // the next peer above, 1-based; 0: none
+    const unsigned long long t = __shfl_sync(active, x, next > 0 ? next - 1 : int(lane));
+    if (next > 0) x += t;
+    rest &= ~__ballot_sync(active, rel & 1u);  // lanes whose value was just taken are done
+    rel >>= 1;
+  }
+  return x;
+}
+
+// Histogram update of one entry per lane: hist_cnt[digit] += 1 and
+// hist_mass[digit] += m for every lane with `in` (m is 0 where !in), one
+// atomic of each kind per distinct digit and warp: a row's entries crowd into
+// a few first-level bins, shared-memory atomics on one address serialise, and
+// a 64-bit shared atomicAdd is a compare-and-swap retry loop on sm_90.
+// Called by all lanes that are active here; with_mass is uniform.
+APD_DEVICE void hist_add(unsigned int* hist_cnt, unsigned long long* hist_mass, uint32_t digit, bool in,
+                         unsigned long long m, bool with_mass) {
   const unsigned active = __activemask();
   if (!__any_sync(active, in)) return;  // common in the refining passes; uniform over `active`
-  const unsigned peers = __match_any_sync(active, in ? digit : 0xffffffffu);  // digits are < 2^11
   const unsigned lane = threadIdx.x & 31u;
-  if (in && lane == unsigned(__ffs(peers) - 1)) atomicAdd(&hist[digit], unsigned(__popc(peers)));
+  unsigned peers = __match_any_sync(active, in ? digit : 0xffffffffu);  // digits are < 2^11
+  if (!in) peers = 1u << lane;  // lanes not in the histogram sum alone (m == 0)
+  const bool leader = in && lane == unsigned(__ffs(int(peers)) - 1);
+  if (leader) atomicAdd(&hist_cnt[digit], unsigned(__popc(peers)));
+  if (with_mass && __any_sync(active, m != 0ull)) {
+    const unsigned long long sum = peer_sum(active, peers, m);
+    if (leader && sum != 0ull) atomicAdd(&hist_mass[digit], sum);
+  }
+}
+
+// Appends (z, v) to the staged candidates for every lane with `want`: one
+// shared atomic per warp for the slots. Slots past kStageCap are counted, not
+// written (the caller then gives up staging). Called by all active lanes.
+APD_DEVICE void stage_push(SampleSmem& sm, bool want, float z, int v) {
+  const unsigned active = __activemask();
+  const unsigned wants = __ballot_sync(active, want);
+  if (wants == 0u) return;
+  const unsigned lane = threadIdx.x & 31u;
+  const int first = __ffs(int(wants)) - 1;
+  unsigned base = 0;
+  if (int(lane) == first) base = atomicAdd(&sm.n_stage, unsigned(__popc(wants)));
+  base = __shfl_sync(active, base, first);
+  const unsigned slot = base + unsigned(__popc(wants & ((1u << lane) - 1u)));
+  if (want && slot < unsigned(kStageCap)) {
+    sm.stage_z[slot] = z;
+    sm.stage_v[slot] = v;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -295,7 +401,6 @@ struct RowContext {
   bool official;      // z = official_temper (rounded to dtype), score = z / tau
   uint64_t seed, step;
   int64_t pos;
-  DType dtype;        // the logits' dtype (compat="official" rounds to it)
 };
 
 template <class Src>
@@ -317,8 +422,9 @@ class RowSampler {
       const MaxArg r = scan_row<true, true>(keep_all());
       return row_is_bad(r.zmax) ? -1 : r.idx;
     }
-    const float zmax = scan_row<true, false>(keep_all()).zmax;
+    const float zmax = row_zmax();
     if (row_is_bad(zmax)) return -1;
+    stage_candidates(cfg, zmax);
     const KeptSet kept = cfg.official ? kept_official(cfg, zmax) : kept_default(cfg, zmax);
     return scan_row<true, true>(kept).idx;
   }
@@ -332,18 +438,29 @@ class RowSampler {
   // 0 selects the default mass exp(z - zmax).
   float official_total_ = 0.0f;
 
+  // Whether the candidates sit in sm_.stage_* (n_staged_ of them): every
+  // later radix pass and the final pass then read shared memory only.
+  bool staged_ = false;
+  int n_staged_ = 0;
+  float xmax_ = -INFINITY;  // max_v x_v (row_zmax)
+  // The default top-p's row total of fixed-point masses, when stage_above
+  // computed it (the staged entries then hold only the top of the row).
+  unsigned long long mass_total_ = 0;
+  bool use_mass_total_ = false;
+
   // z of one entry: x / tau, or under compat="official" x / tau rounded to the
   // logits' dtype (SEMANTICS.md).
   APD_DEVICE float zval(float x) const {
-    return ctx_.official ? official_temper(x, ctx_.tau, ctx_.dtype) : temper(x, ctx_.tau);
+    return ctx_.official ? official_temper(x, ctx_.tau, Src::kDType) : temper(x, ctx_.tau);
   }
   APD_DEVICE float temper_if(float x, bool t) const { return t ? zval(x) : x; }
 
   // Fixed-point mass of one entry: exp(z - zmax), or the dtype-rounded softmax
   // probability of compat="official" once official_total_ is set.
   APD_DEVICE unsigned long long mass_of(float z, float zmax) const {
+    if (!(z - zmax >= kMassCutoff)) return 0ull;  // rounds to 0 anyway: skip the exp
     if (official_total_ > 0.0f)
-      return __float2ull_rn(official_prob(expf(z - zmax), official_total_, ctx_.dtype) * kMassScale);
+      return __float2ull_rn(official_prob(expf(z - zmax), official_total_, Src::kDType) * kMassScale);
     return fixed_mass(z, zmax);
   }
 
@@ -363,19 +480,200 @@ class RowSampler {
     return total;
   }
 
+  // max_v z_v (NaN-propagating) without a division per entry: z = x / tau
+  // and the official dtype-rounded x / tau are monotone (non-decreasing) in x
+  // and keep NaN, so max_v z(x_v) == z(max_v x_v) bit for bit. This is the
+  // pass that reads the row from HBM: twice the usual loads in flight (bf16:
+  // 32 KB per CTA). It also counts the threads' own maxima per first-level
+  // bin of the key of x (sm_.hist_cnt), for stage_candidates.
+  APD_DEVICE float row_zmax() {
+    for (int b = threadIdx.x; b < kBins; b += kSampleThreads) sm_.hist_cnt[b] = 0;
+    MaxArg acc{-INFINITY, -INFINITY, INT32_MAX};
+    constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;
+    for_each_group<kU>([&](int v0, const float (&x)[kVec]) {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)  // entries past V are not -inf in a mixture with R = 0 or 1
+        if (v0 + j < ctx_.V) acc.zmax = nan_max(acc.zmax, x[j]);
+    });
+    const float mine = acc.zmax;
+    const MaxArg r = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg).Reduce(acc, MaxArgOp());
+    if (threadIdx.x == 0) sm_.maxarg = r;
+    __syncthreads();  // also orders the zeroing of hist_cnt before the counts
+    atomicAdd(&sm_.hist_cnt[desc_key(mine) >> radix_shift(0)], 1u);
+    xmax_ = sm_.maxarg.zmax;
+    __syncthreads();  // sm_.maxarg / tmp may be reused right after
+    return zval(xmax_);
+  }
+
+  // The smallest x whose z satisfies `pred`, a predicate on z(x) that is
+  // monotone in x and true at x = xmax, so that {x >= result} is exactly the
+  // set where pred holds, ties in z included. A search over the order keys of
+  // x by warp 0, 32 probes per step (7 steps instead of 32 halvings in every
+  // warp); the block waits at the barrier. Block-wide; the result is uniform.
+  template <class Pred>
+  APD_DEVICE float x_lower_bound(float xmax, Pred&& pred) {
+    if (threadIdx.x < 32u) {
+      const unsigned lane = threadIdx.x;
+      uint32_t lo = order_key(-INFINITY), hi = order_key(xmax);
+      float r = -INFINITY;
+      if (!pred(zval(-INFINITY))) {
+        while (hi - lo > 1u) {  // pred(lo) is false, pred(hi) is true; uniform over the warp
+          const uint64_t step = (uint64_t(hi - lo) + 31u) / 32u;
+          const uint64_t k64 = uint64_t(lo) + uint64_t(lane + 1u) * step;
+          const uint32_t k = k64 < uint64_t(hi) ? uint32_t(k64) : hi;  // lane 31 probes hi
+          const unsigned t = __ballot_sync(0xffffffffu, pred(zval(key_to_float(k))));
+          const int i = __ffs(int(t)) - 1;  // the first probe where pred holds (>= 0)
+          const uint32_t below = __shfl_sync(0xffffffffu, k, i > 0 ? i - 1 : 0);
+          hi = __shfl_sync(0xffffffffu, k, i);
+          if (i > 0) lo = below;
+        }
+        r = key_to_float(hi);
+      }
+      if (lane == 0) sm_.x_thr = r;
+    }
+    __syncthreads();
+    const float r = sm_.x_thr;
+    __syncthreads();  // x_thr is written again by the next search
+    return r;
+  }
+
+  // The first-level bin (of the key of x) where the count of the threads'
+  // maxima counted by row_zmax, in sorted order, reaches K (1 <= K <=
+  // kSampleThreads). Block-wide; the result is uniform.
+  APD_DEVICE unsigned thread_max_bin(unsigned long long K) {
+    CountMass item[kBinsPerThread], incl[kBinsPerThread], total;
+    const int b0 = int(threadIdx.x) * kBinsPerThread;
+#pragma unroll
+    for (int k = 0; k < kBinsPerThread; ++k) item[k] = CountMass{sm_.hist_cnt[b0 + k], 0ull};
+    cub::BlockScan<CountMass, kSampleThreads>(sm_.tmp.scan_cm).InclusiveScan(item, incl, CountMassSum(), total);
+#pragma unroll
+    for (int k = 0; k < kBinsPerThread; ++k)  // exactly one bin crosses K
+      if (incl[k].cnt >= K && incl[k].cnt - item[k].cnt < K) sm_.code = unsigned(b0 + k);
+    __syncthreads();
+    const unsigned bin = sm_.code;
+    __syncthreads();
+    return bin;
+  }
+
+  // Stages (z, v) of every entry with x >= x_thr in one pass over the row (a
+  // division only for those). A warp stops reading once the stage is
+  // overfull; false, and nothing staged, when the entries do not fit.
+  // With top_p > 0 (the default top-p over the whole row), the same pass sums
+  // the fixed-point mass of every entry with x >= x_mass (<= x_thr: all
+  // nonzero masses) and of the staged ones: the row total, which pass 0 of
+  // the mass select then uses (mass_total_), and the proof that the cut lies
+  // inside the staged prefix (staged mass >= top_p * total, the test of the
+  // select); otherwise nothing is staged.
+  APD_DEVICE bool stage_above(float x_thr, float x_mass = INFINITY, float zmax = 0.0f, float top_p = 0.0f) {
+    if (threadIdx.x == 0) sm_.n_stage = 0;
+    __syncthreads();
+    const int V = ctx_.V;
+    const bool with_total = top_p > 0.0f;
+    const float x_lo = with_total ? x_mass : x_thr;
+    unsigned long long staged_mass = 0, total_mass = 0;
+    constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;  // as row_zmax
+    for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kU) {
+      // Lane 0 has the smallest base of its warp, so it is active whenever
+      // another lane is: the stop is uniform over the warp.
+      if (__shfl_sync(__activemask(), sm_.n_stage, 0) > unsigned(kStageCap)) break;
+      float x[kU][kVec];
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+        if (base + u * kTile < V) src_.load4(base + u * kTile, x[u]);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int v0 = base + u * kTile;
+        if (v0 >= V) continue;
+        float z[kVec];
+        bool want[kVec];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const bool valid = v0 + j < V;
+          want[j] = valid && x[u][j] >= x_thr;
+          z[j] = 0.0f;
+          if (valid && x[u][j] >= x_lo) {  // rare: the division, and the mass for the total
+            z[j] = zval(x[u][j]);
+            if (with_total) {
+              const unsigned long long m = mass_of(z[j], zmax);
+              total_mass += m;
+              if (want[j]) staged_mass += m;
+            }
+          }
+          any |= want[j];
+        }
+        if (!__any_sync(__activemask(), any)) continue;  // the common case: one vote per 4 entries
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
+      }
+    }
+    __syncthreads();
+    const unsigned n = sm_.n_stage;
+    bool ok = n <= unsigned(kStageCap);
+    if (with_total) {  // exact integer sums: the result does not depend on the order
+      const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
+                              .Reduce(CountMass{staged_mass, total_mass}, CountMassSum());
+      if (threadIdx.x == 0) sm_.sel.cnt_before = r.cnt, sm_.sel.mass_before = r.mass;
+      __syncthreads();
+      const unsigned long long st = sm_.sel.cnt_before, tot = sm_.sel.mass_before;
+      ok = ok && double(st) >= double(top_p) * double(tot);
+      mass_total_ = tot;
+      use_mass_total_ = ok;
+    }
+    __syncthreads();  // n_stage and sel are written again by the next staging / select
+    if (!ok) return false;
+    staged_ = true;
+    n_staged_ = int(n);
+    return true;
+  }
+
+  // Stages the candidates right after the max pass, so that all radix passes
+  // and the final pass read shared memory: one more pass over the row, in
+  // which an entry costs a load and a compare with a threshold x_thr (the
+  // division only for the few above it). The staged set {x >= x_thr} is
+  // {z >= z0} for some z0 (x_lower_bound), a prefix of the sorted order with
+  // all its ties, that holds
+  //   top-k first (the default filter, official without top-p), K <= 512:
+  //     the K largest: x_thr is at most the K-th largest of the 512 threads'
+  //     maxima (distinct entries), found from their first-level bins;
+  //   top-p over the whole row: every entry with a nonzero fixed-point mass
+  //     (z - zmax >= kMassCutoff), which the mass select needs for its total.
+  // When they do not fit (flat rows, large K) the row takes the radix path
+  // on global memory, which stages later if it can.
+  APD_DEVICE void stage_candidates(const SamplerConfig& cfg, float zmax) {
+    const int64_t K = effective_top_k(cfg.top_k, ctx_.V);
+    float x_thr;
+    if (K < ctx_.V && !(cfg.official && cfg.top_p < 1.0f)) {
+      if (K > kSampleThreads) return;
+      const unsigned bin = thread_max_bin((unsigned long long)K);
+      const float x_lo = desc_key_to_float((bin << radix_shift(0)) | ((1u << radix_shift(0)) - 1u));
+      if (!(fabsf(x_lo) <= FLT_MAX)) return;  // the bins of +-inf and NaN: no threshold
+      const float z_lo = zval(x_lo);
+      x_thr = x_lower_bound(x_lo, [&](float z) { return z >= z_lo; });
+    } else if (cfg.official) {  // the official top-p: every nonzero official mass
+      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+    } else {  // the default top-p: the top of the row, proven to hold the cut
+      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
+      const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+      stage_above(x_thr, x_mass, zmax, cfg.top_p);
+      return;
+    }
+    stage_above(x_thr);
+  }
+
   // Calls f(v0, x) for each group of kVec entries [v0, v0 + kVec) of this
   // thread, in increasing index order (x past V reads as -inf). The loads of
   // kUnroll groups are issued before any is used: more bytes in flight.
-  template <class F>
+  template <int kU = kUnroll, class F>
   APD_DEVICE void for_each_group(F&& f) const {
     const int V = ctx_.V;
-    for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kUnroll) {
-      float x[kUnroll][kVec];
+    for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kU) {
+      float x[kU][kVec];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kU; ++u)
         if (base + u * kTile < V) src_.load4(base + u * kTile, x[u]);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
+      for (int u = 0; u < kU; ++u)
         if (base + u * kTile < V) f(base + u * kTile, x[u]);
     }
   }
@@ -385,6 +683,7 @@ class RowSampler {
   // argmax is over z itself (plain argmax).
   template <bool kTemper, bool kNoise>
   APD_DEVICE MaxArg scan_row(const KeptSet kept) {
+    if (kNoise && staged_) return scan_staged(kept);
     const int V = ctx_.V;
     const bool all = kept.thr_dk == 0xffffffffu;
     MaxArg acc{-INFINITY, -INFINITY, INT32_MAX};
@@ -435,6 +734,33 @@ class RowSampler {
     return out;
   }
 
+  // The final pass over the staged candidates (they hold the whole kept set):
+  // argmax of score + g. The staged order is arbitrary, so an entry is
+  // skipped only when it cannot even tie the thread's best (fl(sb + max g) <
+  // best), which makes the result independent of the order.
+  APD_DEVICE MaxArg scan_staged(const KeptSet kept) {
+    MaxArg acc{-INFINITY, -INFINITY, INT32_MAX};
+    for (int k = int(threadIdx.x); k < n_staged_; k += kSampleThreads) {
+      const float z = sm_.stage_z[k];
+      const int v = sm_.stage_v[k];
+      if (!in_kept_set(desc_key(z), v, kept)) continue;
+      const float sb = ctx_.official ? temper(z, ctx_.tau) : z;  // official: tau applied again
+      if (acc.idx != INT32_MAX && sb + kGumbelMax < acc.score) continue;
+      const Philox4 blk = noise_block(ctx_.seed, ctx_.step, ctx_.pos, v & ~3);
+      const float s = perturbed_score(sb, blk, v);
+      if (better(s, v, acc.score, acc.idx)) {
+        acc.score = s;
+        acc.idx = v;
+      }
+    }
+    const MaxArg r = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg).Reduce(acc, MaxArgOp());
+    if (threadIdx.x == 0) sm_.maxarg = r;
+    __syncthreads();
+    const MaxArg out = sm_.maxarg;
+    __syncthreads();
+    return out;
+  }
+
   // Radix select of the threshold dk among the entries with dk < dk_end.
   // by_mass: the first dk whose cumulative mass reaches `target` (or
   // top_p * total when target < 0); otherwise the need-th entry by count.
@@ -447,27 +773,71 @@ class RowSampler {
     for (int pass = 0; pass < kRadixPasses; ++pass) {
       const int shift = radix_shift(pass);
       const uint32_t digit_mask = (1u << radix_width(pass)) - 1u;
+      // Staging (once per row, in a pass that reads global memory): pass 0
+      // of a mass select stages its whole candidate set (the positive-mass
+      // entries: a few hundred at tau 0.2) and finds out whether it fits;
+      // a later pass stages the entries in or before the bin chosen so far,
+      // whose number the previous pass counted. Either set is a prefix of the
+      // sorted order that holds every entry this select and the later ones
+      // (the top-p inside the top-k, the official top-k inside the top-p) and
+      // the final pass can need, so their histograms and the kept set come
+      // out the same from the staged entries. Rows with more candidates
+      // (flat rows, ties) stay on global memory.
+      const bool stage_now = !staged_ && (pass == 0 ? by_mass : cnt_before + res.cnt_eq <= kStageCap);
+      if (threadIdx.x == 0) sm_.n_stage = 0;
       for (int b = threadIdx.x; b < kBins; b += kSampleThreads) {
         sm_.hist_cnt[b] = 0;
         sm_.hist_mass[b] = 0;
       }
       __syncthreads();
-      for_each_group([&](int v0, const float (&x)[kVec]) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {  // no early exit: hist_count is warp-collective
-          const float z = zval(x[j]);
+      // One entry (no early exit: hist_add and stage_push are warp-collective).
+      auto visit = [&](float z, uint32_t dk, bool in_range, int v) {
+        const bool match = in_range && (dk & hi_mask) == prefix;
+        // The mass only for entries still in the candidate set. A mass select
+        // can skip zero-mass entries: the cumulative mass only grows at
+        // positive-mass entries, so the cut (target > 0) and every entry
+        // before it in sorted order (larger z) have positive mass.
+        const unsigned long long m = with_mass && match ? mass_of(z, zmax) : 0ull;
+        const bool in = match && (!by_mass || m != 0);
+        hist_add(sm_.hist_cnt, sm_.hist_mass, (dk >> shift) & digit_mask, in, m, with_mass);
+        // Entries before the chosen prefix are candidates too (positive mass
+        // in a mass select: their z is above that of an in-set entry).
+        if (stage_now) stage_push(sm_, in || (in_range && (dk & hi_mask) < prefix), z, v);
+      };
+      if (staged_) {
+        for (int k0 = 0; k0 < n_staged_; k0 += kSampleThreads) {  // same trip count in every lane
+          const int k = k0 + int(threadIdx.x);
+          const bool valid = k < n_staged_;
+          const float z = valid ? sm_.stage_z[k] : -INFINITY;
           const uint32_t dk = desc_key(z);
-          const unsigned long long m = with_mass ? mass_of(z, zmax) : 0ull;
-          // A mass select can skip zero-mass entries: the cumulative mass only
-          // grows at positive-mass entries, so the cut (target > 0) and every
-          // entry before it in sorted order (larger z) have positive mass.
-          const bool in = v0 + j < ctx_.V && dk < dk_end && (dk & hi_mask) == prefix && (!by_mass || m != 0);
-          const uint32_t digit = (dk >> shift) & digit_mask;
-          hist_count(sm_.hist_cnt, digit, in);
-          if (in && m != 0) atomicAdd(&sm_.hist_mass[digit], m);
+          visit(z, dk, valid && dk < dk_end, valid ? sm_.stage_v[k] : 0);
         }
-      });
+      } else {
+        for_each_group([&](int v0, const float (&x)[kVec]) {
+          float z[kVec];
+          uint32_t dk[kVec];
+          bool in_range[kVec];
+          bool need = false;  // some entry of the group may touch the histogram or the stage
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) {
+            z[j] = zval(x[j]);
+            dk[j] = desc_key(z[j]);
+            in_range[j] = v0 + j < ctx_.V && dk[j] < dk_end;
+            need |= in_range[j] && (dk[j] & hi_mask) == prefix && (!by_mass || z[j] - zmax >= kMassCutoff);
+            need |= stage_now && in_range[j] && (dk[j] & hi_mask) < prefix;
+          }
+          // After the first pass almost no entry is a candidate: one vote per
+          // group skips the per-entry collectives (uniform over the lanes here).
+          if (!__any_sync(__activemask(), need)) return;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) visit(z[j], dk[j], in_range[j], v0 + j);
+        });
+      }
       __syncthreads();
+      if (stage_now && sm_.n_stage <= unsigned(kStageCap)) {  // uniform
+        staged_ = true;
+        n_staged_ = int(sm_.n_stage);
+      }
 
       // Inclusive prefix over bins in ascending digit (= sorted) order.
       CountMass item[kBinsPerThread], incl[kBinsPerThread], total;
@@ -476,7 +846,8 @@ class RowSampler {
       for (int k = 0; k < kBinsPerThread; ++k) item[k] = CountMass{sm_.hist_cnt[b0 + k], sm_.hist_mass[b0 + k]};
       cub::BlockScan<CountMass, kSampleThreads>(sm_.tmp.scan_cm).InclusiveScan(item, incl, CountMassSum(), total);
       __syncthreads();
-      if (by_mass && pass == 0 && target < 0.0) target = double(top_p) * double(total.mass);
+      if (by_mass && pass == 0 && target < 0.0)  // the row total: the staged entries may hold only part of it
+        target = double(top_p) * double(use_mass_total_ ? mass_total_ : total.mass);
       // The chosen bin is the first non-empty one whose inclusive prefix reaches
       // the need; if rounding leaves none, the last non-empty one. Encoded so
       // that one min-reduction finds it: hits as b, misses as 2*kBins - b.
@@ -603,7 +974,7 @@ class RowSampler {
     int64_t c = 0, n_p = V;
     if (topp) {
       official_total_ = row_mass_total();
-      const double target = official_top_p_threshold(cfg.top_p, ctx_.dtype) * double(kMassScale);
+      const double target = official_top_p_threshold(cfg.top_p, Src::kDType) * double(kMassScale);
       sp = select(zmax, 0xffffffffu, true, true, 0, target, cfg.top_p);
       c = ties_to_reach(double(sp.mass_before), double(each_mass(sp)), int64_t(sp.cnt_eq), sp.target);
       n_p = int64_t(sp.cnt_before) + c;
@@ -634,7 +1005,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
   }
   const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V)};
   const RowContext ctx{int(p.V), p.cfg.temperature, p.cfg.official, uint64_t(p.seeds[b]),
-                       uint64_t(p.steps[b]), p.pos_start[b] + i, p.cfg.dtype};
+                       uint64_t(p.steps[b]), p.pos_start[b] + i};
   RowSampler<DraftSource<T>> sampler(src, ctx, sm);
   const int64_t id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
   if (threadIdx.x == 0) *out = id;
@@ -694,10 +1065,10 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
   const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D);
   const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A);
   const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), p.cfg.temperature, p.cfg.official,
-                       uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, p.cfg.dtype};
+                       uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i};
   int64_t id;
   if (p.acceptance == Acceptance::kArgmax) {
-    const ArgmaxSource<T> src{d, a, p.R, p.one_minus_R, p.cfg.official, p.cfg.dtype};
+    const ArgmaxSource<T> src{d, a, p.R, p.one_minus_R, p.cfg.official};
     id = RowSampler<ArgmaxSource<T>>(src, ctx, sm).argmax();
   } else {
     float lse_d = 0.0f, lse_a = 0.0f;  // unused by mixture_coupled when R is 0 or 1
