@@ -229,15 +229,18 @@ def normalize_prompts(input_ids, attention_mask=None) -> List[torch.Tensor]:
     return [r.contiguous() for r in rows]
 
 
-def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: int) -> List[int]:
+def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens) -> List[int]:
     """Token ids in range, prompts shorter than every model's context. Returns,
-    per prompt, its total length (prompt + budget) capped at the smallest context."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    per prompt, its total length (prompt + budget) capped at the smallest context.
+    max_new_tokens: one budget for all, or a list of one per prompt (checked by the caller)."""
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, list)) or \
+            (isinstance(max_new_tokens, int) and max_new_tokens < 1):
         fail("max_new_tokens", "an int >= 1", max_new_tokens)
     ctx = min(int(m.config.max_position_embeddings) for m in models)
     name = "input_ids" if len(prompts) == 1 else "input_ids[{}]"
     totals = []
-    for b, p in enumerate(prompts):
+    for b, (p, max_new_tokens) in enumerate(zip(prompts, budgets)):
         plen = p.numel()
         if plen >= ctx:
             fail(name.format(b), f"a prompt shorter than the context ({ctx} positions, one left to generate)",
