@@ -299,12 +299,18 @@ def cache_prefix(cache, n: int):
     return view
 
 
-def compact_cache_(cache, keep: torch.Tensor) -> None:
+def compact_cache_(cache, keep: torch.Tensor, upto: Optional[int] = None) -> None:
     """Batch compaction in place: sequences `keep` ([n] int64, ascending, on
-    the cache's device) move to rows 0 .. n-1 (one gather of K and V)."""
+    the cache's device) move to rows 0 .. n-1 (one gather of K and V).
+    upto: a host bound on every kept sequence's length (its prompt + budget):
+    only positions [0, upto) move, since nothing past a sequence's length is
+    ever read before it is written. The Engine's caches are max_len wide
+    (4096 by default) and compaction runs whenever a request leaves, so moving
+    the whole width would cost in proportion to max_len, not to what is used."""
     n = keep.numel()
-    cache._k[:, :n] = cache._k.index_select(1, keep)
-    cache._v[:, :n] = cache._v.index_select(1, keep)
+    w = cache._k.shape[2] if upto is None else min(int(upto), cache._k.shape[2])
+    cache._k[:, :n, :w] = cache._k[:, :, :w].index_select(1, keep)
+    cache._v[:, :n, :w] = cache._v[:, :, :w].index_select(1, keep)
     cache.lengths[:n] = cache.lengths.index_select(0, keep)
 
 

@@ -416,9 +416,10 @@ class Engine:
         stay_d = stay.to(self.device)
         self.tokens, self.seeds = self.tokens[stay_d], self.seeds[stay_d]
         if n:
-            compact_cache_(self.window.base, stay_d)
+            upto = int(self.total.max())  # no cache row extends past its request's total (DESIGN §6 windows)
+            compact_cache_(self.window.base, stay_d, upto)
             if self.ver is not None:
-                compact_cache_(self.ver.base, stay_d)
+                compact_cache_(self.ver.base, stay_d, upto)
         self.window.live(max(n, 1))
         if self.ver is not None:
             self.ver.live(max(n, 1))
