@@ -332,12 +332,15 @@ def main(argv=None):
         print(f"| {r['mode']} | {r['concurrency']} | {n} | {r['req_per_s']}{rng} | {r['tok_per_s']} | "
               f"{r['p50_s']} | {r['p99_s']} | {r['ttfb_p50_s']} | {r.get('cpu_ms_per_req', '-')} | "
               f"{r['lost']} | {r['wrong']} |")
-    by = {(r["mode"], r["concurrency"]): r for r in rows}
-    for c in levels:
-        e, st = by.get(("engine continuous", c)), by.get(("static batch", c))
-        if e and st:
-            print(f"c={c}: engine / static req/s (medians) = {e['req_per_s'] / st['req_per_s']:.2f}; "
-                  f"CPU ms per request {e['cpu_ms_per_req']} / {st['cpu_ms_per_req']}")
+    import statistics
+
+    for c in levels:  # each engine run against the static run of its own pair (adjacent in time)
+        pairs = list(zip(runs[f"engine c={c}"], runs[f"static c={c}"]))
+        rq = [e["req_per_s"] / st["req_per_s"] for e, st in pairs]
+        cpu = [e["cpu_ms_per_req"] / st["cpu_ms_per_req"] for e, st in pairs]
+        print(f"c={c}: engine / static per pair, median (range) over {len(pairs)}: req/s {statistics.median(rq):.2f} "
+              f"({min(rq):.2f}-{max(rq):.2f}), CPU per request {statistics.median(cpu):.2f} "
+              f"({min(cpu):.2f}-{max(cpu):.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
