@@ -6,12 +6,18 @@
    request's solo output (lost = no answer, wrong = different text).
 2. In process, the same closed loop on the Engine (continuous batching) and on
    a static-batch baseline (one batched `generate` per group of waiting
-   requests: a request that arrives mid-batch waits for the whole batch);
-   then open-loop Poisson arrivals (--rate) on both, batch up to 16.
-   Same knobs for all requests here (the baseline takes one config per call);
-   seeds differ, lengths differ through EOS.
+   requests, each with its own budget through max_new_tokens_per_row: a
+   request that arrives mid-batch waits for the whole group, whose finished
+   rows leave it as they end); then open-loop Poisson arrivals (--rate) on
+   both, batch up to 16. Equal sampling knobs for all requests here (a
+   `generate` call takes one config); seeds differ, and so do the budgets
+   (max_tokens drawn per request from 16 / 32 / 64 / 96, fixed seed) and the
+   EOS times. --reps runs each (level, mode) that many times, engine and
+   static interleaved in alternating order (the machine is shared: noisy);
+   the table gives medians, req/s with its range.
+3. --step-cost: the Engine's step time against the number of live rows.
 
-    python bench/bench_serve.py [--requests 32] [--levels 1,4,16] [--time-limit 600] [--skip-http]
+    python bench/bench_serve.py [--requests 32] [--levels 1,4,16] [--reps 1] [--time-limit 600] [--skip-http]
 """
 from __future__ import annotations
 
@@ -29,10 +35,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import serve_common as sc  # noqa: E402
 
 
-def row(name, c, n, wall, tokens, lat, ttfb, lost, wrong):
-    return dict(mode=name, concurrency=c, requests=n, req_per_s=round(n / wall, 2), tok_per_s=round(tokens / wall, 1),
-                p50_s=round(sc.pct(lat, 50), 3), p99_s=round(sc.pct(lat, 99), 3),
-                ttfb_p50_s=round(sc.pct(ttfb, 50), 3), lost=lost, wrong=wrong)
+def row(name, c, n, wall, tokens, lat, ttfb, lost, wrong, cpu=None):
+    """cpu: this process's CPU seconds for the run (in-process modes, 1 thread): the
+    work per request, much less sensitive than wall time to other load on the machine."""
+    out = dict(mode=name, concurrency=c, requests=n, req_per_s=round(n / wall, 2), tok_per_s=round(tokens / wall, 1),
+               p50_s=round(sc.pct(lat, 50), 3), p99_s=round(sc.pct(lat, 99), 3),
+               ttfb_p50_s=round(sc.pct(ttfb, 50), 3), lost=lost, wrong=wrong)
+    if cpu is not None:
+        out["cpu_ms_per_req"] = round(cpu / max(n, 1) * 1e3, 2)
+    return out
 
 
 async def http_level(base, bodies, want, c, deadline):
@@ -82,7 +93,7 @@ def engine_level(solo, bodies, want, c):
     engine = Engine(solo.dllm, solo.ver, APDConfig(M=32), max_batch=c, max_len=256)
     todo = deque(range(len(bodies)))
     start, first, toks, lat, ttfb = {}, {}, {}, [], []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
 
     def submit():
         i = todo.popleft()
@@ -103,18 +114,26 @@ def engine_level(solo, bodies, want, c):
                 ttfb.append(first[o.request_id])
                 if todo:
                     submit()  # the client's next request arrives now
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     wrong = sum(solo.text(toks[i]) != want[i][0] for i in toks)
     return row("engine continuous", c, len(toks), wall, sum(map(len, toks.values())), lat, ttfb,
-               len(bodies) - len(toks), wrong)
+               len(bodies) - len(toks), wrong, cpu)
+
+
+def static_generate(solo, bodies, group, cb):
+    """The baseline's one batched call: the group's shared knobs, each request's own seed and budget."""
+    import apd_ext
+
+    budgets = [bodies[i]["max_tokens"] for i in group]
+    cfg = solo.config(bodies[group[0]]).replace(max_new_tokens=max(budgets))
+    return apd_ext.generate(solo.dllm, solo.ver, [solo.ids(bodies[i]) for i in group], cfg,
+                            seeds=[bodies[i]["seed"] for i in group], max_new_tokens_per_row=budgets, callback=cb)
 
 
 def static_level(solo, bodies, want, c):
-    import apd_ext
-
     todo = deque(range(len(bodies)))
     lat, ttfb, tokens, wrong, done = [], [], 0, 0, 0
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     while todo:
         group = [todo.popleft() for _ in range(min(c, len(todo)))]  # closed loop: all c wait at a boundary
         start = time.perf_counter()
@@ -126,9 +145,7 @@ def static_level(solo, bodies, want, c):
                 if blk:
                     firsts.setdefault(b, now - start)
 
-        cfg = solo.config(bodies[group[0]])
-        out = apd_ext.generate(solo.dllm, solo.ver, [solo.ids(bodies[i]) for i in group], cfg,
-                               seeds=[bodies[i]["seed"] for i in group], callback=cb)
+        out = static_generate(solo, bodies, group, cb)
         end = time.perf_counter() - start
         for b, i in enumerate(group):
             lat.append(end)  # the batch returns as a whole
@@ -136,8 +153,8 @@ def static_level(solo, bodies, want, c):
             tokens += int(out.num_generated[b])
             wrong += solo.text(out.generated(b).tolist()) != want[i][0]
             done += 1
-    wall = time.perf_counter() - t0
-    return row("static batch", c, done, wall, tokens, lat, ttfb, len(bodies) - done, wrong)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    return row("static batch", c, done, wall, tokens, lat, ttfb, len(bodies) - done, wrong, cpu)
 
 
 def arrivals(n, rate, seed=5):
@@ -184,8 +201,6 @@ def engine_open(solo, bodies, want, c, times):
 
 def static_open(solo, bodies, want, c, times):
     """When idle, one batched generate over every arrived request (up to c); later arrivals wait for it."""
-    import apd_ext
-
     nxt, lat, ttfb, tokens, wrong, done = 0, [], [], 0, 0, 0
     t0 = time.perf_counter()
     while nxt < len(bodies):
@@ -205,8 +220,7 @@ def static_open(solo, bodies, want, c, times):
                 if blk:
                     firsts.setdefault(b, t)
 
-        out = apd_ext.generate(solo.dllm, solo.ver, [solo.ids(bodies[i]) for i in group], solo.config(bodies[group[0]]),
-                               seeds=[bodies[i]["seed"] for i in group], callback=cb)
+        out = static_generate(solo, bodies, group, cb)
         end = time.perf_counter() - t0
         for b, i in enumerate(group):
             lat.append(end - times[i])
@@ -218,31 +232,88 @@ def static_open(solo, bodies, want, c, times):
     return row("static open-loop", c, done, wall, tokens, lat, ttfb, len(bodies) - done, wrong)
 
 
+def step_cost(solo, sizes=(1, 2, 4, 8, 16), steps=8, reps=3):
+    """Median ms per Engine step with n rows live (equal knobs, budgets long
+    enough and no stop id, so all n stay live), measured after the joining step."""
+    import statistics
+
+    from apd_ext.config import APDConfig
+    from apd_ext.engine import Engine
+
+    bodies = sc.workload(max(sizes), seed=1)
+    times = {n: [] for n in sizes}
+    for _ in range(reps):
+        for n in sizes:
+            engine = Engine(solo.dllm, solo.ver, APDConfig(M=32), max_batch=max(sizes), max_len=256)
+            for i in range(n):
+                engine.add_request(solo.ids(bodies[i]), dict(R=0.7, W=16, M=32, temperature=0.2, seed=bodies[i]["seed"],
+                                                             max_new_tokens=160, stop_token_ids=[]), i)
+            engine.step()  # the joining step (first windows from position 0, the verifier's prefill)
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                engine.step()
+                times[n].append(time.perf_counter() - t0)
+                assert engine.num_live == n
+    out = []
+    for n in sizes:
+        ms = statistics.median(times[n]) * 1e3
+        out.append(dict(rows=n, step_ms=round(ms, 2), ms_per_row=round(ms / n, 2),
+                        min_ms=round(min(times[n]) * 1e3, 2), max_ms=round(max(times[n]) * 1e3, 2)))
+    return out
+
+
+def summarize(runs):
+    """runs: the rows of one (mode, concurrency) over the repetitions -> one row of medians."""
+    import statistics
+
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    out = dict(runs[0], reps=len(runs), req_per_s=round(med("req_per_s"), 2), tok_per_s=round(med("tok_per_s"), 1),
+               p50_s=round(med("p50_s"), 3), p99_s=round(med("p99_s"), 3), ttfb_p50_s=round(med("ttfb_p50_s"), 3),
+               req_per_s_min=min(r["req_per_s"] for r in runs), req_per_s_max=max(r["req_per_s"] for r in runs),
+               lost=sum(r["lost"] for r in runs), wrong=sum(r["wrong"] for r in runs))
+    if "cpu_ms_per_req" in runs[0]:
+        out["cpu_ms_per_req"] = round(med("cpu_ms_per_req"), 2)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--levels", default="1,4,16")
+    ap.add_argument("--reps", type=int, default=1, help="repetitions of each in-process (level, mode), interleaved")
     ap.add_argument("--time-limit", type=float, default=600, help="seconds for the HTTP part (all levels)")
     ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--step-cost", action="store_true", help="also time Engine steps against the live rows")
     ap.add_argument("--rate", type=float, default=8.0, help="open-loop arrivals per second (in process)")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
     solo = sc.Solo()
     rows = []
+    print(f"load average at start: {os.getloadavg()}", flush=True)
+    if args.step_cost:
+        for r in step_cost(solo):
+            print(json.dumps(r), flush=True)
 
-    # In process: Engine vs static batches, uniform knobs (one config per static call).
-    uni = [dict(b, R=0.7, W=16, M=32, temperature=0.2, max_tokens=64) for b in sc.workload(args.requests, seed=1)]
+    # In process: Engine vs static batches; equal knobs, per-request seeds and budgets.
+    uni = [dict(b, R=0.7, W=16, M=32, temperature=0.2) for b in sc.workload(args.requests, seed=1)]
     want_uni = [solo(b) for b in uni]
-    for c in levels:
-        rows.append(engine_level(solo, uni, want_uni, c))
-        rows.append(static_level(solo, uni, want_uni, c))
-        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
     times = arrivals(len(uni), args.rate)
-    for c in (max(levels),):
-        rows.append(engine_open(solo, uni, want_uni, c, times))
-        rows.append(static_open(solo, uni, want_uni, c, times))
-        print(json.dumps(rows[-2]), json.dumps(rows[-1]), sep="\n", flush=True)
+    cases = [(f"{m} c={c}", lambda m=m, c=c: (engine_level if m == "engine" else static_level)(solo, uni, want_uni, c))
+             for c in levels for m in ("engine", "static")]
+    c_open = max(levels)
+    cases += [(f"{m} open c={c_open}", lambda m=m: (engine_open if m == "engine" else static_open)(
+        solo, uni, want_uni, c_open, times)) for m in ("engine", "static")]
+    runs = {}
+    for rep in range(args.reps):
+        for j in range(0, len(cases), 2):  # each engine / static pair back to back, order alternating
+            pair = cases[j:j + 2] if rep % 2 == 0 else cases[j:j + 2][::-1]
+            for key, run in pair:
+                r = run()
+                runs.setdefault(key, []).append(r)
+                print(json.dumps(r), flush=True)
+    rows += [summarize(v) for v in runs.values()]
+    print(f"load average after the in-process part: {os.getloadavg()}", flush=True)
 
     if not args.skip_http:
         mixed = sc.workload(args.requests, seed=2)
@@ -253,11 +324,23 @@ def main(argv=None):
                 rows.append(asyncio.run(http_level(base, mixed, want, c, deadline)))
                 print(json.dumps(rows[-1]), flush=True)
 
-    print("\n| mode | conc | req | req/s | tok/s | p50 s | p99 s | first block p50 s | lost | wrong |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| mode | conc | req | req/s (range) | tok/s | p50 s | p99 s | first block p50 s | CPU ms/req | lost | wrong |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['req_per_s']} | {r['tok_per_s']} | "
-              f"{r['p50_s']} | {r['p99_s']} | {r['ttfb_p50_s']} | {r['lost']} | {r['wrong']} |")
+        rng = f" ({r['req_per_s_min']}-{r['req_per_s_max']})" if r.get("reps", 1) > 1 else ""
+        n = f"{r['reps']} x {r['requests']}" if r.get("reps", 1) > 1 else r["requests"]
+        print(f"| {r['mode']} | {r['concurrency']} | {n} | {r['req_per_s']}{rng} | {r['tok_per_s']} | "
+              f"{r['p50_s']} | {r['p99_s']} | {r['ttfb_p50_s']} | {r.get('cpu_ms_per_req', '-')} | "
+              f"{r['lost']} | {r['wrong']} |")
+    import statistics
+
+    for c in levels:  # each engine run against the static run of its own pair (adjacent in time)
+        pairs = list(zip(runs[f"engine c={c}"], runs[f"static c={c}"]))
+        rq = [e["req_per_s"] / st["req_per_s"] for e, st in pairs]
+        cpu = [e["cpu_ms_per_req"] / st["cpu_ms_per_req"] for e, st in pairs]
+        print(f"c={c}: engine / static per pair, median (range) over {len(pairs)}: req/s {statistics.median(rq):.2f} "
+              f"({min(rq):.2f}-{max(rq):.2f}), CPU per request {statistics.median(cpu):.2f} "
+              f"({min(cpu):.2f}-{max(cpu):.2f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

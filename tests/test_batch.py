@@ -98,6 +98,25 @@ def test_one_finishes_at_step_one_another_runs_to_the_budget(pair, monkeypatch):
     assert seen[1][1] == []
 
 
+@pytest.mark.parametrize("W,M", [(4, 8), (None, 32)])
+def test_per_row_budgets_equal_alone_with_that_budget(pair, W, M):
+    # Each sequence's own max_new_tokens: what it gets alone with that budget
+    # (windows clipped at its own end), in one batched call.
+    budgets = [5, 20, 1, 12, 9]
+    kw = dict(R=0.7, W=W, M=M, temperature=0.7, top_p=0.95, max_new_tokens=NEW)
+    out = _apd(pair, PROMPTS, SEEDS, eos_token_ids=[], max_new_tokens_per_row=budgets, **kw)
+    assert out.num_generated.tolist() == budgets  # no EOS: each runs to its own budget
+    assert out.sequences.shape[1] == max(map(len, PROMPTS)) + max(budgets)
+    for b, n in enumerate(budgets):
+        alone = _apd(pair, [PROMPTS[b]], [SEEDS[b]], eos_token_ids=[], **dict(kw, max_new_tokens=n))
+        assert out.generated(b).tolist() == alone.generated(0).tolist(), f"sequence {b}"
+        assert out.accepted_per_step[b] == alone.accepted_per_step[0], f"sequence {b}"
+    for bad, what in (([5, 20], "expected 5 budgets"), ([5, 0, 1, 1, 1], r"max_new_tokens_per_row\[1\]"),
+                      ([5, 2.0, 1, 1, 1], r"max_new_tokens_per_row\[1\]")):
+        with pytest.raises(ValueError, match=what):
+            _apd(pair, PROMPTS, SEEDS, max_new_tokens_per_row=bad, **kw)
+
+
 def test_leftright_batch_equals_alone(pair):
     kw = dict(K=3, W=4, M=8, temperature=0.7, max_new_tokens=NEW)
     free = [generate_leftright(pair.dllm, [p], seeds=[s], eos_token_ids=[], **kw) for p, s in zip(PROMPTS, SEEDS)]

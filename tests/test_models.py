@@ -168,7 +168,10 @@ def test_rollback_equals_never_going_ahead(qwen):
     model.forward(ids[1:, 8:10].expand(2, 2).clone(), cache, i64(10, 8), i64(0, 2))  # seq 1 re-decodes
     assert cache.lengths.tolist() == [10, 10]
     got = model.forward(ids[:, 10:14], cache, i64(10, 10), i64(4, 4))
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # Rounding only: on the CPU the re-decode's 2 valid rows run packed (a
+    # 2-row GEMM, not the 4-row one that wrote `clean`), ~1 ulp apart; a stale
+    # K/V of the junk draft would be off by orders of magnitude more.
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     cache.reset()
     assert cache.lengths.tolist() == [0, 0]
 

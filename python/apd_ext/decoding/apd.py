@@ -33,7 +33,8 @@ def _graphs_supported(device: torch.device) -> bool:
 def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_token_ids,
          callback: Optional[Callback], n_accept_override: Optional[int],
          cuda_graphs: bool = False, stop_after_steps: Optional[int] = None,
-         attention_mask=None, seeds=None, trace: Optional[list] = None) -> APDOutput:
+         attention_mask=None, seeds=None, trace: Optional[list] = None,
+         max_new_tokens_per_row=None) -> APDOutput:
     """One static batch through the Engine: every prompt is queued at once
     (max_batch = B, max_len = the longest prompt + budget), then the loop steps
     until all have finished. APD (verifier given, K None) and leftright
@@ -45,9 +46,10 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     device = model_device(dllm)
     prompts = normalize_prompts(input_ids, attention_mask)
     models = [dllm] if verifier is None else [dllm, verifier]
-    totals = check_prompt(prompts, models, cfg.max_new_tokens)
-    eos = resolve_eos(dllm, eos_token_ids)
     B = len(prompts)
+    budgets = _row_budgets(cfg.max_new_tokens, B, max_new_tokens_per_row)
+    totals = check_prompt(prompts, models, cfg.max_new_tokens if max_new_tokens_per_row is None else budgets)
+    eos = resolve_eos(dllm, eos_token_ids)
     seed_bits = seed_tensor(cfg.seed, B, torch.device("cpu"), seeds).tolist()  # int64 bit patterns
     if cuda_graphs and not _graphs_supported(device):
         raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
@@ -58,7 +60,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     engine._trace = trace
     for b, p in enumerate(prompts):
         seed = seed_bits[b] + 2**64 if seed_bits[b] < 0 else seed_bits[b]
-        engine.add_request(p, dict(seed=seed, stop_token_ids=eos), request_id=b)
+        engine.add_request(p, dict(seed=seed, stop_token_ids=eos, max_new_tokens=budgets[b]), request_id=b)
 
     accepted = [[] for _ in range(B)]
     generated = [[] for _ in range(B)]
@@ -82,15 +84,34 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     for b, (p, g) in enumerate(zip(prompts, generated)):
         rows[b, : p.numel()] = p
         rows[b, p.numel() : p.numel() + len(g)] = torch.tensor(g, dtype=torch.int64)
-    out = finish_output(prompts, rows.to(device), [len(g) for g in generated], cfg.max_new_tokens,
+    out = finish_output(prompts, rows.to(device), [len(g) for g in generated], max(budgets),
                         getattr(dllm.config, "pad_token_id", None), accepted, engine.stats)
     engine.timer.fill(out.stats, seconds)
     return out
 
 
+def _row_budgets(default: int, batch: int, per_row) -> list:
+    """[B] max_new_tokens: `default` each, or per_row (B ints >= 1)."""
+    if per_row is None:
+        return [default] * batch
+    if isinstance(per_row, torch.Tensor):
+        per_row = per_row.tolist()
+    try:
+        vals = list(per_row)
+    except TypeError:
+        raise TypeError(f"max_new_tokens_per_row: expected None or a list of {batch} ints, "
+                        f"got {type(per_row).__name__}") from None
+    if len(vals) != batch:
+        raise ValueError(f"max_new_tokens_per_row: expected {batch} budgets (one per prompt), got {len(vals)}")
+    for i, v in enumerate(vals):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"max_new_tokens_per_row[{i}]: expected an int >= 1, got {v!r}")
+    return vals
+
+
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
-             attention_mask=None, seeds=None,
+             attention_mask=None, seeds=None, max_new_tokens_per_row=None,
              _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
              _trace: Optional[list] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
@@ -102,6 +123,10 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     padding: each row one run of ones touching an end).
     seeds: None (every sequence uses config.seed) or B uint64 seeds. Each
     sequence's tokens are those it gets alone with its seed (batch invariance).
+    max_new_tokens_per_row: None (every sequence gets config.max_new_tokens) or
+    B ints >= 1, each sequence's own budget: its tokens are those it gets alone
+    with that max_new_tokens (the budget also clips its windows, so a longer
+    budget's output cut short need not be the same).
     config: APDConfig (default APDConfig()); keyword overrides replace fields.
     eos_token_ids: default the dLLM checkpoint's. callback(step, tokens_accepted):
     tokens_accepted[b] is [] for sequences already finished.
@@ -123,7 +148,7 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
                 callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
                 stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
-                trace=_trace)
+                trace=_trace, max_new_tokens_per_row=max_new_tokens_per_row)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,

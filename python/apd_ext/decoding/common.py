@@ -229,15 +229,18 @@ def normalize_prompts(input_ids, attention_mask=None) -> List[torch.Tensor]:
     return [r.contiguous() for r in rows]
 
 
-def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens: int) -> List[int]:
+def check_prompt(prompts: List[torch.Tensor], models: Sequence, max_new_tokens) -> List[int]:
     """Token ids in range, prompts shorter than every model's context. Returns,
-    per prompt, its total length (prompt + budget) capped at the smallest context."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    per prompt, its total length (prompt + budget) capped at the smallest context.
+    max_new_tokens: one budget for all, or a list of one per prompt (checked by the caller)."""
+    budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, list)) or \
+            (isinstance(max_new_tokens, int) and max_new_tokens < 1):
         fail("max_new_tokens", "an int >= 1", max_new_tokens)
     ctx = min(int(m.config.max_position_embeddings) for m in models)
     name = "input_ids" if len(prompts) == 1 else "input_ids[{}]"
     totals = []
-    for b, p in enumerate(prompts):
+    for b, (p, max_new_tokens) in enumerate(zip(prompts, budgets)):
         plen = p.numel()
         if plen >= ctx:
             fail(name.format(b), f"a prompt shorter than the context ({ctx} positions, one left to generate)",
@@ -296,12 +299,18 @@ def cache_prefix(cache, n: int):
     return view
 
 
-def compact_cache_(cache, keep: torch.Tensor) -> None:
+def compact_cache_(cache, keep: torch.Tensor, upto: Optional[int] = None) -> None:
     """Batch compaction in place: sequences `keep` ([n] int64, ascending, on
-    the cache's device) move to rows 0 .. n-1 (one gather of K and V)."""
+    the cache's device) move to rows 0 .. n-1 (one gather of K and V).
+    upto: a host bound on every kept sequence's length (its prompt + budget):
+    only positions [0, upto) move, since nothing past a sequence's length is
+    ever read before it is written. The Engine's caches are max_len wide
+    (4096 by default) and compaction runs whenever a request leaves, so moving
+    the whole width would cost in proportion to max_len, not to what is used."""
     n = keep.numel()
-    cache._k[:, :n] = cache._k.index_select(1, keep)
-    cache._v[:, :n] = cache._v.index_select(1, keep)
+    w = cache._k.shape[2] if upto is None else min(int(upto), cache._k.shape[2])
+    cache._k[:, :n, :w] = cache._k[:, :, :w].index_select(1, keep)
+    cache._v[:, :n, :w] = cache._v[:, :, :w].index_select(1, keep)
     cache.lengths[:n] = cache.lengths.index_select(0, keep)
 
 

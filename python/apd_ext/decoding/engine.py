@@ -69,6 +69,9 @@ class _Request:
     total: int  # prompt + budget, capped at the context: the KV positions it reserves
     signature: tuple  # the scalar knobs of the ops (rows with equal signatures share a call)
 
+    def __post_init__(self):
+        self.stop_set = frozenset(self.stop)  # the step's stop test, without a Python loop over tokens
+
 
 class Engine:
     """Step-level scheduler over one dLLM (+ one verifier) on one device.
@@ -287,7 +290,7 @@ class Engine:
             bad_row(int(steps[i]), int(t[i]), d_host[i], int(rows_t[i]))
             new = d_host[i, : int(n_h[i])].tolist()
             out = StepOutput(req.request_id, new, int(steps[i]) + 1)
-            if any(v in req.stop for v in new):
+            if not req.stop_set.isdisjoint(new):
                 out.finished, out.finish_reason = True, "stop"
             elif int(t[i]) + len(new) >= int(self.total[i]):
                 out.finished, out.finish_reason = True, "length"
@@ -380,7 +383,8 @@ class Engine:
         plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)  # [k]
         rows = stack_prompts(prompts, 2 * self.max_len, self.mask_id, dev)  # [k, 2L]
         self.tokens = torch.cat([self.tokens, rows])
-        self.seeds = torch.cat([self.seeds, torch.cat([seed_tensor(r.cfg.seed, 1, dev) for r in new])])
+        cpu = torch.device("cpu")  # the joiners' seeds cross to the device in one copy
+        self.seeds = torch.cat([self.seeds, torch.cat([seed_tensor(r.cfg.seed, 1, cpu) for r in new]).to(dev)])
         self.live.extend(new)
         z = torch.zeros(k, dtype=torch.int64)
         self.t = torch.cat([self.t, plens])
@@ -416,9 +420,10 @@ class Engine:
         stay_d = stay.to(self.device)
         self.tokens, self.seeds = self.tokens[stay_d], self.seeds[stay_d]
         if n:
-            compact_cache_(self.window.base, stay_d)
+            upto = int(self.total.max())  # no cache row extends past its request's total (DESIGN §6 windows)
+            compact_cache_(self.window.base, stay_d, upto)
             if self.ver is not None:
-                compact_cache_(self.ver.base, stay_d)
+                compact_cache_(self.ver.base, stay_d, upto)
         self.window.live(max(n, 1))
         if self.ver is not None:
             self.ver.live(max(n, 1))

@@ -27,6 +27,9 @@ from apd_ext.models.config import ModelConfig
 # Internal switch for debugging only: "ops" calls the apd kernel (the one
 # production path, and what the tests run); "reference" calls the fp64 oracle.
 _ATTENTION = "ops"
+# Internal switch for benchmarking only: False runs CPU forwards over the padded
+# [B, Lw] rows as CUDA does (the A/B of the packing in forward).
+_PACK_CPU = True
 
 
 def _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal):
@@ -219,24 +222,43 @@ class Qwen2Runtime:
         valid = (j < q_len[:, None]) & (pos < cache.max_len)  # [B, Lw]
         slot = torch.where(valid, pos, cache.max_len)  # [B, Lw] cache row to write (scratch if padding)
         bidx = torch.arange(B, device=dev)[:, None].expand(B, Lw)  # [B, Lw]
+        ids = torch.where(valid, input_ids, 0)  # [B, Lw]
+
+        # Ragged windows on the CPU: every row-wise op (the GEMMs, norms, RoPE,
+        # cache writes) runs on the N valid rows only, packed; just the attention
+        # kernel sees the padded [B, Lw] layout (its padding queries are zeros).
+        # A CPU forward costs in proportion to its rows (tiny pair: ~10 ms per
+        # sequence-step at 1..16 sequences), so padding rows were pure waste:
+        # 20 % of the dLLM's rows in the Engine's closed loop at 16 clients
+        # (bench/bench_serve.py). On CUDA the dense shape stays: N would need a
+        # host sync, and the graphs need fixed shapes.
+        pack = None
+        if _PACK_CPU and dev.type == "cpu" and 0 < int(valid.sum()) < B * Lw:  # (no valid row: a graph capture)
+            pack = valid.view(-1).nonzero().flatten()  # [N] rows of the flattened [B * Lw]
+            pos, slot, bidx, ids = (t.reshape(-1)[pack] for t in (pos, slot, bidx, ids))  # [N] each
 
         # RoPE as Qwen2RotaryEmbedding: fp32 angles, cos/sin rounded to the model dtype.
-        freqs = pos.float()[..., None] * self.inv_freq  # [B, Lw, D/2]
+        freqs = pos.float()[..., None] * self.inv_freq  # [B, Lw, D/2] (packed: [N, D/2])
         cos_h, sin_h = freqs.cos().to(self.dtype), freqs.sin().to(self.dtype)
-        cos = torch.cat((cos_h, cos_h), dim=-1)[:, :, None, :]  # [B, Lw, 1, D]
-        sin_signed = torch.cat((-sin_h, sin_h), dim=-1)[:, :, None, :]  # [B, Lw, 1, D]
+        cos = torch.cat((cos_h, cos_h), dim=-1)[..., None, :]  # [B, Lw, 1, D]
+        sin_signed = torch.cat((-sin_h, sin_h), dim=-1)[..., None, :]  # [B, Lw, 1, D]
 
-        x = F.embedding(torch.where(valid, input_ids, 0), self.embed)  # [B, Lw, H]
+        x = F.embedding(ids, self.embed)  # [B, Lw, H] (packed: [N, H])
+        lead = x.shape[:-1]
         for i, L in enumerate(self.layers):
             h = _rms_norm(x, L.ln_attn, c.rms_norm_eps)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv).view(B, Lw, Hq + 2 * Hkv, D)
-            qk = qkv[:, :, : Hq + Hkv]  # q and k heads rotate together
+            qkv = F.linear(h, L.w_qkv, L.b_qkv).view(*lead, Hq + 2 * Hkv, D)
+            qk = qkv[..., : Hq + Hkv, :]  # q and k heads rotate together
             qk = _rope(qk, cos, sin_signed)  # [B, Lw, Hq + Hkv, D]
-            q = qk[:, :, :Hq]  # [B, Lw, Hq, D]
+            q = qk[..., :Hq, :]  # [B, Lw, Hq, D]
             k_cache, v_cache = cache.layer(i)  # [B, max_len + 1, Hkv, D] each
-            k_cache.index_put_((bidx, slot), qk[:, :, Hq:])
-            v_cache.index_put_((bidx, slot), qkv[:, :, Hq + Hkv :])
+            k_cache.index_put_((bidx, slot), qk[..., Hq:, :])
+            v_cache.index_put_((bidx, slot), qkv[..., Hq + Hkv :, :])
+            if pack is not None:
+                q = q.new_zeros(B * Lw, Hq, D).index_copy_(0, pack, q).view(B, Lw, Hq, D)
             attn = _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, self.causal)  # [B, Lw, Hq, D]
+            if pack is not None:
+                attn = attn.reshape(B * Lw, Hq * D).index_select(0, pack)  # [N, Hq D]
             x = _add_linear_(x, attn, L.w_o)  # attn [B, Lw, Hq, D] -> rows of Hq D
             h = _rms_norm(x, L.ln_mlp, c.rms_norm_eps)
             if L.w_gate_up is not None:
@@ -245,6 +267,8 @@ class Qwen2Runtime:
                 gate, up = F.linear(h, L.w_gate), F.linear(h, L.w_up)
             x = _add_linear_(x, F.silu(gate) * up, L.w_down)
         cache.lengths.copy_(kv_len)
+        if pack is not None:  # back to [B, Lw, H]; padding rows are zeros (finite, meaningless logits)
+            x = x.new_zeros(B * Lw, x.shape[-1]).index_copy_(0, pack, x).view(B, Lw, -1)
 
         if logit_rows is not None:
             row_start, n_rows = logit_rows
