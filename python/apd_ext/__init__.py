@@ -16,6 +16,7 @@ from apd_ext.generate import (  # noqa: F401,E402  (APD loop and baselines)
     generate_diffusion,
     generate_leftright,
 )
+from apd_ext import engine  # noqa: F401,E402  (continuous-batching Engine: apd_ext.engine.Engine)
 
 
 def build_info() -> dict:
