@@ -128,3 +128,16 @@ def test_execution_model_selftest(tmp_path):
                    check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "SELFTEST OK" in run.stdout, run.stdout + run.stderr
+
+
+def test_emulated_cute_atoms(tmp_path):
+    """The emulated CuTe atoms (tests/emu/include/apd/cuda/cute_atoms.cuh) driven
+    through CuTe's TiledMMA / TiledCopy as the mma attention kernel drives them:
+    A B^T (ldmatrix) and A V (ldmatrix.trans) from cp.async zero-fill loads,
+    exact on integer inputs, bf16 and fp16, under the three schedules."""
+    exe = tmp_path / "cute_atoms_test"
+    subprocess.run([CXX, *FLAGS, "-I", str(EMU / "include"), "-I", str(ROOT / "csrc" / "include"),
+                    "-I", emu_backend.cutlass_include(), str(EMU / "cute_atoms_test.cpp"), *_runtime_objects(),
+                    "-rdynamic", "-o", str(exe)], check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "CUTE ATOMS OK" in run.stdout, run.stdout + run.stderr
