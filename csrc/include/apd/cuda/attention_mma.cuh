@@ -78,6 +78,12 @@ struct MmaCfg {
   using LayoutK = cute::Layout<cute::Shape<cute::Int<kBlockN>, cute::Int<D>>, cute::Stride<cute::Int<kStride>, cute::_1>>;
   // V^T: (dim, key) over V's key-major rows: the B operand of O += P V.
   using LayoutVt = cute::Layout<cute::Shape<cute::Int<D>, cute::Int<kBlockN>>, cute::Stride<cute::_1, cute::Int<kStride>>>;
+  // gmem -> smem for K and V: 16-byte cp.async (zero fill) per thread, a row
+  // of D / 8 threads, 128 / (D / 8) rows per pass over the 64-key tile.
+  using GmemCopyKV = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<atoms::CpAsync, E>{},
+      cute::Layout<cute::Shape<cute::Int<kWarps * 32 / kChunks>, cute::Int<kChunks>>, cute::Stride<cute::Int<kChunks>, cute::_1>>{},
+      cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
 };
 
 // Accumulator layout ((2, 2), M, N) of m16n8k16 -> A-operand layout
@@ -97,6 +103,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   using Cfg = MmaCfg<T, D>;
   using E = typename Cfg::E;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStride, CH = Cfg::kChunks;
+  static_assert(BN % (Cfg::kWarps * 32 / CH) == 0, "K/V copy passes");
   constexpr int NT = Cfg::kWarps * 32;
 
   extern __shared__ __align__(16) uint16_t smem16[];
@@ -120,22 +127,35 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   const T* kg = static_cast<const T*>(a.k);
   const T* vg = static_cast<const T*>(a.v);
 
-  // gmem -> smem: one cp.async atom per 16-byte chunk, addressed by hand:
-  // packed Q rows (position r / G, head r % G) are not an affine layout.
+  // gmem -> smem for Q: one cp.async atom per 16-byte chunk, addressed by
+  // hand: packed Q rows (position r / G, head r % G) are not an affine layout.
   auto chunk = [](uint16_t* dst, const T* src, bool ok) {
     atoms::CpAsync::copy(*reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(dst), ok);
   };
-  // Async load of one K/V tile into buffer `buf`; keys >= ke are zero-filled.
-  auto load_kv = [&](int kt, int buf) {
-    uint16_t* kd = Ks + buf * Cfg::kTile;
-    uint16_t* vd = Vs + buf * Cfg::kTile;
-    for (int c = tid; c < BN * CH; c += NT) {
-      const int j = c / CH, d0 = (c % CH) * 8;
-      const int key = kt + j;
-      const bool ok = key < ke;
-      chunk(kd + j * S + d0, ok ? kg + int64_t(b) * a.k_sb + int64_t(key) * a.k_sl + int64_t(kvh) * a.k_sh + d0 : kg, ok);
-      chunk(vd + j * S + d0, ok ? vg + int64_t(b) * a.v_sb + int64_t(key) * a.v_sl + int64_t(kvh) * a.v_sh + d0 : vg, ok);
+  // K and V tiles are (key, dim) with strides (k_sl, 1): a TiledCopy of the
+  // same atom, predicated per key row (keys >= ke are zero-filled; their
+  // source is redirected to the tile's first key, which is always < ke).
+  typename Cfg::GmemCopyKV gmem_copy;
+  auto thr_gmem = gmem_copy.get_thread_slice(tid);
+  Tensor tKVc = thr_gmem.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));  // (CPY, rows, 1): (key, dim)
+  auto load_tile = [&](const T* base, int64_t sl, uint16_t* dst, int kt) {
+    Tensor g = make_tensor(make_gmem_ptr(reinterpret_cast<const E*>(base + int64_t(kt) * sl)),
+                           make_layout(Shape<Int<BN>, Int<D>>{}, make_stride(sl, _1{})));
+    Tensor sm = make_tensor(make_smem_ptr(reinterpret_cast<E*>(dst)), typename Cfg::LayoutK{});
+    Tensor src = thr_gmem.partition_S(g);
+    Tensor dsm = thr_gmem.partition_D(sm);
+#pragma unroll
+    for (int r = 0; r < size<1>(dsm); ++r) {
+      const bool ok = kt + get<0>(tKVc(0, r, 0)) < ke;
+#pragma unroll
+      for (int c = 0; c < size<2>(dsm); ++c) copy(gmem_copy.with(ok), src(_, ok ? r : 0, c), dsm(_, r, c));
     }
+  };
+  const T* kbase = kg + int64_t(b) * a.k_sb + int64_t(kvh) * a.k_sh;
+  const T* vbase = vg + int64_t(b) * a.v_sb + int64_t(kvh) * a.v_sh;
+  auto load_kv = [&](int kt, int buf) {
+    load_tile(kbase, a.k_sl, Ks + buf * Cfg::kTile, kt);
+    load_tile(vbase, a.v_sl, Vs + buf * Cfg::kTile, kt);
   };
 
   if (ntiles > 0) {

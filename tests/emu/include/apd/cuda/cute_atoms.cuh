@@ -80,6 +80,29 @@ template <>
 struct Copy_Traits<apd_emu::cute_atoms::Ldsm4<false>> : Copy_Traits<SM75_U32x4_LDSM_N> {};
 template <>
 struct Copy_Traits<apd_emu::cute_atoms::Ldsm4<true>> : Copy_Traits<SM75_U16x8_LDSM_T> {};
+
+// As Copy_Traits<SM80_CP_ASYNC_CACHEGLOBAL_ZFILL<uint128_t>> (copy_traits_sm80.hpp),
+// which cannot be inherited: its with() and copy_unpack name the real op.
+template <>
+struct Copy_Traits<apd_emu::cute_atoms::CpAsyncZfill> {
+  using ThrID = Layout<_1>;
+  using SrcLayout = Layout<Shape<_1, Int<128>>>;
+  using DstLayout = Layout<Shape<_1, Int<128>>>;
+  using RefLayout = SrcLayout;
+  bool pred = true;  // true = load, false = zero fill
+  constexpr Copy_Traits<apd_emu::cute_atoms::CpAsyncZfill> with(bool p) const { return {p}; }
+  template <class TS, class SLayout, class TD, class DLayout>
+  friend constexpr void copy_unpack(Copy_Traits const& traits, Tensor<TS, SLayout> const& src,
+                                    Tensor<TD, DLayout>& dst) {
+    static_assert(is_gmem<TS>::value, "Expected gmem source for cp.async.");
+    static_assert(is_smem<TD>::value, "Expected smem destination for cp.async.");
+    Tensor rS = recast<uint128_t>(src);
+    Tensor rD = recast<uint128_t>(dst);
+    CUTE_STATIC_ASSERT_V(size(rS) == Int<1>{});
+    CUTE_STATIC_ASSERT_V(size(rD) == Int<1>{});
+    apd_emu::cute_atoms::CpAsyncZfill::copy(rS[0], rD[0], traits.pred);
+  }
+};
 }  // namespace cute
 
 namespace apd {
