@@ -59,9 +59,10 @@ def want_cuda() -> bool:
 
 
 def cutlass_include():
-    """The CuTe/CUTLASS headers of the nvidia-cutlass wheel, when installed. No
-    kernel includes them today, so they are optional: without them nothing
-    changes (declare nvidia-cutlass in [build-system] requires once one does)."""
+    """The CuTe/CUTLASS headers of the nvidia-cutlass wheel, when installed. The
+    tensor-core attention kernel (csrc/include/apd/cuda/attention_mma.cuh) is
+    written with CuTe, so the CUDA build needs them (pyproject's build-system
+    requires lists the wheel for pip's isolated builds); the CPU build does not."""
     try:
         import cutlass_library
     except ImportError:
@@ -93,8 +94,11 @@ cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-DAPD_EXT_BU
 link_flags = ["-fopenmp"]
 
 if want_cuda():
-    if cutlass_include():
-        include_dirs.append(cutlass_include())
+    if not cutlass_include():
+        sys.exit("apd-ext: the CUDA build needs the CuTe headers of nvidia-cutlass (the tensor-core attention "
+                 "kernel is written with CuTe): pip install nvidia-cutlass==4.2.0.0, or APD_EXT_CUDA=0 for the "
+                 "CPU build")
+    include_dirs.append(cutlass_include())
     nvcc_flags = [
         "-O3",
         "-std=c++17",

@@ -39,10 +39,24 @@ def sources() -> list[str]:
     )]
 
 
+def cutlass_include() -> str:
+    """The CuTe headers of the nvidia-cutlass wheel (a test dependency): the mma
+    attention kernel is written with CuTe. Missing headers are an error, not a skip."""
+    try:
+        import cutlass_library
+    except ImportError as e:
+        raise RuntimeError("tests/emu needs the CuTe headers: pip install nvidia-cutlass==4.2.0.0") from e
+    path = pathlib.Path(cutlass_library.__file__).parent / "source" / "include"
+    if not (path / "cute").is_dir():
+        raise RuntimeError(f"tests/emu: no CuTe headers under {path}")
+    return str(path)
+
+
 def include_dirs(emu_include: pathlib.Path = EMU / "include") -> list[str]:
-    # The shadow dir comes first: <cuda_runtime.h>, <cuda_fp16.h>, cub/... and
-    # the apd/cuda/{ptx,launch}.cuh twins resolve there, never in a CUDA toolkit.
-    return [str(emu_include), str(ROOT / "csrc" / "include"), str(ROOT / "csrc")]
+    # The shadow dir comes first: <cuda_runtime.h>, <cuda_fp16.h>, cub/..., the
+    # libcu++ / vector-type headers CuTe includes, and the apd/cuda/{ptx,launch,
+    # cute_atoms}.cuh twins resolve there, never in a CUDA toolkit. CuTe last.
+    return [str(emu_include), str(ROOT / "csrc" / "include"), str(ROOT / "csrc"), cutlass_include()]
 
 
 # -fno-extern-tls-init: the dynamic shared-memory arrays are `extern thread_local`

@@ -103,9 +103,16 @@ def test_missing_nvcc_gives_a_cpu_build_with_one_warning():
 
 @pytest.mark.skipif(torch.version.cuda is None or not os.path.isfile("/usr/local/cuda/bin/nvcc"),
                     reason="needs the CUDA torch and nvcc")
-def test_cuda_build_does_not_need_cutlass():
-    """pip's isolated build env has no nvidia-cutlass: the CUDA build must not ask for it."""
+def test_cuda_build_without_cutlass_fails_clearly():
+    """The CUDA attention kernel is written with CuTe: a CUDA build without the
+    nvidia-cutlass headers stops and names the wheel, rather than dropping the kernel."""
     block = "import sys; sys.modules['cutlass_library'] = None\n"  # import fails as if not installed
     r = _setup_py({"APD_EXT_CUDA": "1", "CUDA_HOME": "/usr/local/cuda"}, pre=block)
+    assert r.returncode != 0 and "pip install nvidia-cutlass==4.2.0.0" in r.stderr, r.stderr
+
+
+def test_cpu_build_does_not_need_cutlass():
+    block = "import sys; sys.modules['cutlass_library'] = None\n"
+    r = _setup_py({"APD_EXT_CUDA": "0"}, pre=block)
     assert r.returncode == 0 and r.stdout.strip().endswith("apd-ext"), r.stderr
     assert "cutlass" not in r.stderr.lower()

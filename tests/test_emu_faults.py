@@ -18,6 +18,8 @@ import subprocess
 
 import pytest
 
+import emu_backend
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "emu"
 HEADERS = ROOT / "csrc" / "include" / "apd" / "cuda"
@@ -56,7 +58,7 @@ def build_and_run(target: str, tmp_path: pathlib.Path, header: str | None = None
         (inc / "apd" / "cuda" / header).write_text(text.replace(old, new))
     exe = tmp_path / "driver"
     cmd = [CXX, *FLAGS, f"-DAPD_FAULT_{target}", "-I", str(inc), "-I", str(EMU / "include"),
-           "-I", str(ROOT / "csrc" / "include"), str(EMU / "fault_driver.cpp"), *_runtime_objects(), "-rdynamic", "-o", str(exe)]  # -rdynamic: kernel names for dladdr
+           "-I", str(ROOT / "csrc" / "include"), "-I", emu_backend.cutlass_include(), str(EMU / "fault_driver.cpp"), *_runtime_objects(), "-rdynamic", "-o", str(exe)]  # -rdynamic: kernel names for dladdr
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
 
@@ -88,15 +90,17 @@ def test_removed_syncthreads_in_sampler_is_a_race(clean, tmp_path):
 
 
 def test_wrong_mma_fragment_index_is_a_wrong_result(clean, tmp_path):
+    # P's A-operand view of the S accumulators with the row-half and k-half
+    # registers swapped: every P V atom then reads the wrong fragment.
     run = build_and_run("ATTN", tmp_path, "attention_mma.cuh",
-                        "mma_16816(sacc[2 * np + 1], qa, kf[2], kf[3], T{});",
-                        "mma_16816(sacc[2 * np + 1], qa, kf[3], kf[2], T{});")
+                        "make_layout(get<0>(get<0>(d)), get<1>(get<0>(d)), get<0>(get<2>(d)))",
+                        "make_layout(get<0>(get<0>(d)), get<0>(get<2>(d)), get<1>(get<0>(d)))")
     assert run.returncode != 0, run.stdout
     assert "WRONG RESULT window_attention(mma)" in run.stdout, run.stdout
 
 
 def test_missing_cp_async_wait_reads_stale_shared_memory(clean, tmp_path):
-    run = build_and_run("ATTN", tmp_path, "attention_mma.cuh", "      cp_async_wait<1>();\n", "")
+    run = build_and_run("ATTN", tmp_path, "attention_mma.cuh", "      atoms::cp_async_wait<1>();\n", "")
     assert run.returncode != 0, run.stdout
     # The stale bytes are the poison of fresh shared memory, which differs
     # between schedules, or a previous tile: either way the run fails.
@@ -124,3 +128,16 @@ def test_execution_model_selftest(tmp_path):
                    check=True, capture_output=True, text=True)
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "SELFTEST OK" in run.stdout, run.stdout + run.stderr
+
+
+def test_emulated_cute_atoms(tmp_path):
+    """The emulated CuTe atoms (tests/emu/include/apd/cuda/cute_atoms.cuh) driven
+    through CuTe's TiledMMA / TiledCopy as the mma attention kernel drives them:
+    A B^T (ldmatrix) and A V (ldmatrix.trans) from cp.async zero-fill loads,
+    exact on integer inputs, bf16 and fp16, under the three schedules."""
+    exe = tmp_path / "cute_atoms_test"
+    subprocess.run([CXX, *FLAGS, "-I", str(EMU / "include"), "-I", str(ROOT / "csrc" / "include"),
+                    "-I", emu_backend.cutlass_include(), str(EMU / "cute_atoms_test.cpp"), *_runtime_objects(),
+                    "-rdynamic", "-o", str(exe)], check=True, capture_output=True, text=True)
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "CUTE ATOMS OK" in run.stdout, run.stdout + run.stderr

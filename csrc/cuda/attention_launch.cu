@@ -90,7 +90,8 @@ WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p, const 
   }
   if (plan.num_splits > 1) {
     const size_t rows = size_t(p.B) * p.Lq * p.Hq;
-    plan.workspace_bytes = size_t(plan.num_splits) * rows * (size_t(p.D) + 1) * sizeof(float);
+    // Partials in the input dtype, then the fp32 lse (16-byte aligned: D % 8 == 0).
+    plan.workspace_bytes = size_t(plan.num_splits) * rows * (size_t(p.D) * elem_size(p.dtype) + sizeof(float));
   }
   return plan;
 }
@@ -135,8 +136,11 @@ cudaError_t launch_window_attention(const WindowAttentionParams& p, const Window
   a.v = p.v_cache;
   a.out = p.out;
   const size_t rows = size_t(p.B) * p.Lq * p.Hq;
-  a.ws_o = plan.num_splits > 1 ? static_cast<float*>(workspace) : nullptr;
-  a.ws_lse = plan.num_splits > 1 ? a.ws_o + size_t(plan.num_splits) * rows * p.D : nullptr;
+  a.ws_o = plan.num_splits > 1 ? workspace : nullptr;
+  a.ws_lse = plan.num_splits > 1
+                 ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                            size_t(plan.num_splits) * rows * p.D * elem_size(p.dtype))
+                 : nullptr;
   a.q_start = p.q_start;
   a.q_len = p.q_len;
   a.kv_len = p.kv_len;
@@ -147,6 +151,7 @@ cudaError_t launch_window_attention(const WindowAttentionParams& p, const Window
   a.G = int(p.Hq / p.Hkv); a.D = int(p.D); a.Lmax = int(p.Lmax);
   a.num_splits = plan.num_splits;
   a.chunk = int(plan.chunk);
+  a.block_n = int(plan.block_n);
   a.scale_log2 = p.scale * attn::kLog2e;
   a.causal = p.causal;
   a.q_vec = vec_aligned(p.q, p.dtype, p.q_stride_b, p.q_stride_l, p.q_stride_h);

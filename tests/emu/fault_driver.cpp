@@ -11,6 +11,9 @@
 // Output: one line "RESULT <hex digest>" and exit 0, or a diagnostic and exit 1.
 #include "apd_emu/emu.h"
 #include "apd_emu/ptx.h"
+#if !defined(APD_FAULT_SAMPLING)
+#include "apd/cuda/cute_atoms.cuh"  // the emulated twin; CuTe before __CUDACC__ (a host compile)
+#endif
 #define __CUDACC__ 1
 #define __CUDA_ARCH__ 900
 #if defined(APD_FAULT_SAMPLING)

@@ -33,8 +33,9 @@ struct WindowAttentionPlan {
   int block_n = 0;                    // keys per K/V tile
   int64_t q_tiles = 0;                // ceil(Lq * Hq / Hkv / block_m)
   int num_splits = 1;                 // KV chunks; 1 = no split, no workspace, no combine
-  int64_t chunk = 0;                  // keys per split, a multiple of block_n
-  size_t workspace_bytes = 0;         // fp32 partial out [S, B, Lq, Hq, D] + lse [S, B, Lq, Hq]
+  int64_t chunk = 0;                  // keys per split at kv_len = Lmax, a multiple of block_n (the
+                                      // kernels size each sequence's splits from its own kv_len)
+  size_t workspace_bytes = 0;         // partial out [S, B, Lq, Hq, D] (input dtype) + fp32 lse [S, B, Lq, Hq]
 };
 
 // nullptr when the CUDA kernels support these shapes, else a message naming the

@@ -14,11 +14,16 @@
 //    [0, kv_len[b]) (bidirectional) or [0, min(kv_len[b], q_start[b] + j + 1))
 //    (causal). q_len and kv_len are clamped to [0, Lq] and [0, Lmax] on the
 //    device, so bad values can give wrong numbers but never wild reads.
-//  * Split-KV: split s covers keys [s * chunk, (s + 1) * chunk). It writes the
-//    normalised fp32 partial output and its lse (-inf when it saw no key) for
-//    every valid row to the workspace; the combine kernel merges the splits
-//    and writes zeros for padding rows. Without a split the attention kernel
-//    writes `out` itself, padding rows included.
+//  * Split-KV: split s of sequence b covers keys [s * chunk_b, (s + 1) * chunk_b),
+//    chunk_b = whole key tiles of ceil(kv_len[b] / num_splits) (seq_chunk):
+//    sized from the sequence's own kv_len, not from Lmax, so that a short
+//    sequence in a long cache still spreads its keys over every split. It
+//    writes the normalised partial output, rounded to the input dtype (half
+//    the bytes of fp32 for bf16 / fp16; one extra rounding of a value in
+//    [-max|v|, max|v|]), and its lse (fp32, -inf when it saw no key) for every
+//    valid row to the workspace; the combine kernel merges the splits that
+//    hold keys of the sequence and writes zeros for padding rows. Without a
+//    split the attention kernel writes `out` itself, padding rows included.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -41,7 +46,7 @@ struct AttnArgs {
   const void* k;  // [B, Lmax, Hkv, D]
   const void* v;  // [B, Lmax, Hkv, D]
   void* out;      // [B, Lq, Hq, D] contiguous
-  float* ws_o;    // [S, B, Lq, Hq, D] fp32 (split only)
+  void* ws_o;     // [S, B, Lq, Hq, D] partials, input dtype (split only)
   float* ws_lse;  // [S, B, Lq, Hq] fp32, base-2 lse (split only)
   const int64_t* q_start;  // [B]
   const int64_t* q_len;    // [B]
@@ -51,7 +56,8 @@ struct AttnArgs {
   int64_t v_sb, v_sl, v_sh;
   int B, Lq, Hq, Hkv, G, D, Lmax;
   int num_splits;
-  int chunk;          // keys per split (multiple of the kernel's block_n)
+  int chunk;          // planner's keys per split from Lmax (an upper bound of seq_chunk)
+  int block_n;        // the kernel's key tile: seq_chunk is a multiple of it
   float scale_log2;   // scale * log2(e)
   bool causal;
   bool q_vec, k_vec, v_vec;  // 16-byte vector loads are aligned for this tensor
@@ -149,6 +155,20 @@ APD_DEVICE int key_limit(const AttnArgs& a, const SeqInfo& s, int pos) {
   return lim <= 0 ? 0 : (lim < s.kv_len ? int(lim) : s.kv_len);
 }
 
+// Keys per split of one sequence: whole key tiles of ceil(kv_len / num_splits)
+// (at least one tile), so its splits share kv_len, not Lmax, evenly.
+APD_HD int seq_chunk(const AttnArgs& a, const SeqInfo& s) {
+  const int tiles = (s.kv_len + a.block_n - 1) / a.block_n;
+  const int per = (tiles + a.num_splits - 1) / a.num_splits;
+  return (per > 0 ? per : 1) * a.block_n;
+}
+
+// Splits of a sequence that can hold keys: the others see none (lse -inf).
+APD_HD int seq_splits(const AttnArgs& a, const SeqInfo& s) {
+  const int n = (s.kv_len + seq_chunk(a, s) - 1) / seq_chunk(a, s);
+  return n < a.num_splits ? n : a.num_splits;
+}
+
 // Key range [kb, ke) of one CTA: its split intersected with the keys that the
 // last valid position of its packed-row tile can see. Uniform over the CTA.
 APD_DEVICE void cta_key_range(const AttnArgs& a, const SeqInfo& s, int64_t row0, int block_m,
@@ -157,14 +177,17 @@ APD_DEVICE void cta_key_range(const AttnArgs& a, const SeqInfo& s, int64_t row0,
   int64_t p_last = (row0 + block_m - 1) / a.G;
   if (p_last > s.q_len - 1) p_last = s.q_len - 1;
   const int max_limit = p_first <= p_last ? key_limit(a, s, int(p_last)) : 0;
-  kb = split * a.chunk;
-  const int64_t e = int64_t(kb) + a.chunk;
+  const int chunk = seq_chunk(a, s);
+  const int64_t b0 = int64_t(split) * chunk;
+  kb = b0 < max_limit ? int(b0) : max_limit;
+  const int64_t e = b0 + chunk;
   ke = e < max_limit ? int(e) : max_limit;
   if (ke < kb) ke = kb;
 }
 
 // ---------------------------------------------------------------------------
-// Split-KV combine: one warp per (b, position, query head) row.
+// Split-KV combine: one warp per (b, position, query head) row, over the
+// seq_splits(b) splits that can hold keys (the rest saw none: weight 0).
 //   out = sum_s w_s * o_s / sum_s w_s,  w_s = exp2(lse_s - max_s lse_s).
 // ---------------------------------------------------------------------------
 template <typename T>
@@ -181,15 +204,17 @@ __global__ void __launch_bounds__(256) window_attention_combine_kernel(const Att
     for (int d = lane; d < a.D; d += 32) store_elem(o + d, 0.f);
     return;
   }
+  const int nsp = seq_splits(a, s);
+  const T* ws = static_cast<const T*>(a.ws_o);
   float m = -INFINITY;
-  for (int sp = 0; sp < a.num_splits; ++sp) m = fmaxf(m, a.ws_lse[sp * rows + row]);
+  for (int sp = 0; sp < nsp; ++sp) m = fmaxf(m, a.ws_lse[sp * rows + row]);
   for (int d = lane; d < a.D; d += 32) {
     float num = 0.f, den = 0.f;
-    for (int sp = 0; sp < a.num_splits; ++sp) {
+    for (int sp = 0; sp < nsp; ++sp) {
       const float l = a.ws_lse[sp * rows + row];
       const float w = (m == -INFINITY || l == -INFINITY) ? 0.f : exp2f(l - m);
       den += w;
-      if (w > 0.f) num += w * a.ws_o[(sp * rows + row) * a.D + d];
+      if (w > 0.f) num += w * load_elem(ws + (sp * rows + row) * a.D + d);
     }
     store_elem(o + d, den > 0.f ? num / den : 0.f);
   }

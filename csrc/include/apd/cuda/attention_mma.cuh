@@ -1,31 +1,39 @@
 // window_attention, tensor-core kernel: bf16 / fp16 inputs, D in {64, 128},
-// mma.sync.m16n8k16 with fp32 accumulation (hand-written PTX; runs on sm_80+,
-// built for sm_90a). Selected with APD_ATTN_IMPL=mma (see ops_cuda_attention.cpp).
+// mma.sync.m16n8k16 with fp32 accumulation, written with CuTe (TiledMMA over
+// the SM80 atom, TiledCopy over ldmatrix; the atoms are named in
+// cute_atoms.cuh; runs on sm_80+, built for sm_90a). Selected with
+// APD_ATTN_IMPL=mma (see ops_cuda_attention.cpp).
 //
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
 //  * grid = (q_tiles, B * Hkv, num_splits); 128 threads = 4 warps.
 //  * A CTA owns block_m = 64 packed rows (positions x the G query heads of one
-//    kv head); warp w owns packed rows 16w .. 16w + 15 (one m16 tile).
+//    kv head); warp w owns packed rows 16w .. 16w + 15 (TiledMMA: 4 x 1 warps
+//    of one m16n8k16 atom, N tile 16 so one ldmatrix.x4 feeds two atoms).
 //  * Keys are walked in tiles of block_n = 64, double-buffered with cp.async
 //    (tile t + 1 is in flight while tile t is computed).
 //  * Shared memory, 16-bit, row stride D + 8 elements (the 16-byte skew makes
 //    the 8 row addresses of every ldmatrix hit distinct banks):
 //      Qs [64][D + 8], Ks [2][64][D + 8], Vs [2][64][D + 8]
 //    = 5 * 64 * (D + 8) * 2 bytes: 87 KB at D = 128, 46 KB at D = 64.
-//  * Per warp and key tile: S (16 x 64) = Q K^T by D/16 x 8 mma's (A from Qs
-//    with ldmatrix.x4, B from Ks with ldmatrix.x4: K rows are B's columns);
-//    online softmax on the S fragments (each thread holds 2 rows x 16 keys,
-//    a row's 4 owners reduce with 2 xor-shuffles); O (16 x D) += P V with P
-//    re-packed from the S accumulators as A fragments (FA2 register reuse)
-//    and V through ldmatrix.x4.trans. Accumulators: 32 (S) + D/2 (O) fp32
-//    registers per thread.
+//  * Q is moved to registers once, after the first tile lands (A fragments,
+//    D/4 32-bit registers per thread), and reused by every key tile.
+//  * Per warp and key tile: S (16 x 64) = Q K^T by D/16 x 8 mma's (B from Ks
+//    with ldmatrix.x4: K rows are B's columns); online softmax on the S
+//    accumulators (each thread holds 2 rows x 16 keys, a row's 4 owners
+//    reduce with 2 xor-shuffles; the (row, key) of every element comes from
+//    CuTe's identity-tensor partition); O (16 x D) += P V with P rounded to
+//    16 bits in registers and re-viewed as A fragments (FA2 register reuse)
+//    and V^T through ldmatrix.x4.trans. ldmatrix per mma: 0.5 (it was 0.5625
+//    with Q reloaded per tile). Accumulators: 32 (S) + D/2 (O) fp32 registers.
+//  * ptxas (sm_90a, nvcc 13.0): 208 registers at D = 128, 165 at D = 64, no
+//    spills; 2 CTAs / SM either way (87 KB smem at D = 128). bench/NOTES.md.
 //  * Bytes moved per CTA: Q tile once; K and V of its key range once for all
-//    G heads; out (or fp32 partials + lse) once.
+//    G heads; out (or 16-bit partials + fp32 lse) once.
 // Every __syncthreads is outside warp-dependent branches; all loop bounds are
 // uniform over the CTA.
 #pragma once
 #include "apd/cuda/attention_common.cuh"
-#include "apd/cuda/ptx.cuh"
+#include "apd/cuda/cute_atoms.cuh"
 
 namespace apd {
 namespace attn {
@@ -40,7 +48,15 @@ APD_DEVICE uint32_t pack2(float lo, float hi, fp16_t) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-template <int D>
+// fp32 -> CuTe element, round to nearest even (P before P V).
+APD_DEVICE cute::bfloat16_t to_elem(float x, cute::bfloat16_t) {
+  return cute::bfloat16_t::bitcast(__bfloat16_as_ushort(__float2bfloat16_rn(x)));
+}
+APD_DEVICE cute::half_t to_elem(float x, cute::half_t) {
+  return cute::half_t::bitcast(__half_as_ushort(__float2half_rn(x)));
+}
+
+template <typename T, int D>
 struct MmaCfg {
   static constexpr int kWarps = 4;
   static constexpr int kBlockM = 64;
@@ -51,22 +67,51 @@ struct MmaCfg {
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static_assert(D == 64 || D == 128, "mma kernel: D in {64, 128}");
   static_assert(kBlockM == kMmaBlockM && kBlockN == kMmaBlockN, "planner tile sizes");
+
+  using E = atoms::Elem<T>;
+  // 4 warps along M, one m16n8k16 atom each; the N tile of 16 lets one
+  // ldmatrix.x4 feed two atoms (B operand), as in FlashAttention-2.
+  using TiledMma = decltype(cute::make_tiled_mma(atoms::Mma<T>{}, cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>{},
+                                                 cute::Tile<cute::Int<kBlockM>, cute::_16, cute::_16>{}));
+  // Shared-memory views (padded rows; all static layouts).
+  using LayoutQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<D>>, cute::Stride<cute::Int<kStride>, cute::_1>>;
+  using LayoutK = cute::Layout<cute::Shape<cute::Int<kBlockN>, cute::Int<D>>, cute::Stride<cute::Int<kStride>, cute::_1>>;
+  // V^T: (dim, key) over V's key-major rows: the B operand of O += P V.
+  using LayoutVt = cute::Layout<cute::Shape<cute::Int<D>, cute::Int<kBlockN>>, cute::Stride<cute::_1, cute::Int<kStride>>>;
+  // gmem -> smem for K and V: 16-byte cp.async (zero fill) per thread, a row
+  // of D / 8 threads, 128 / (D / 8) rows per pass over the 64-key tile.
+  using GmemCopyKV = decltype(cute::make_tiled_copy(
+      cute::Copy_Atom<atoms::CpAsync, E>{},
+      cute::Layout<cute::Shape<cute::Int<kWarps * 32 / kChunks>, cute::Int<kChunks>>, cute::Stride<cute::Int<kChunks>, cute::_1>>{},
+      cute::Layout<cute::Shape<cute::_1, cute::_8>>{}));
 };
+
+// Accumulator layout ((2, 2), M, N) of m16n8k16 -> A-operand layout
+// ((2, 2, 2), M, N / 2): two neighbouring n8 tiles of S are one k16 slice of P
+// (FA2's register reuse: P never leaves the registers).
+template <typename Layout>
+APD_DEVICE auto acc_to_a_layout(Layout l) {
+  using namespace cute;
+  auto d = logical_divide(l, Shape<Underscore, Underscore, _2>{});  // ((2, 2), M, (2, N / 2))
+  return make_layout(make_layout(get<0>(get<0>(d)), get<1>(get<0>(d)), get<0>(get<2>(d))), get<1>(d),
+                     get<1>(get<2>(d)));
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArgs a) {
-  using Cfg = MmaCfg<D>;
+  using namespace cute;
+  using Cfg = MmaCfg<T, D>;
+  using E = typename Cfg::E;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStride, CH = Cfg::kChunks;
+  static_assert(BN % (Cfg::kWarps * 32 / CH) == 0, "K/V copy passes");
   constexpr int NT = Cfg::kWarps * 32;
-  constexpr int NS = BN / 8;  // S n-tiles per warp
-  constexpr int NO = D / 8;   // O n-tiles per warp
 
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* Qs = smem16;                 // [BM][S]
   uint16_t* Ks = Qs + Cfg::kTile;        // [2][BN][S]
   uint16_t* Vs = Ks + 2 * Cfg::kTile;    // [2][BN][S]
 
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * BM;
   const int b = int(blockIdx.y / a.Hkv), kvh = int(blockIdx.y % a.Hkv);
   const int split = int(blockIdx.z);
@@ -82,19 +127,35 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   const T* kg = static_cast<const T*>(a.k);
   const T* vg = static_cast<const T*>(a.v);
 
-  // Async load of one K/V tile into buffer `buf`; keys >= ke are zero-filled.
-  auto load_kv = [&](int kt, int buf) {
-    uint16_t* kd = Ks + buf * Cfg::kTile;
-    uint16_t* vd = Vs + buf * Cfg::kTile;
-    for (int c = tid; c < BN * CH; c += NT) {
-      const int j = c / CH, d0 = (c % CH) * 8;
-      const int key = kt + j;
-      const bool ok = key < ke;
-      const T* ks = ok ? kg + int64_t(b) * a.k_sb + int64_t(key) * a.k_sl + int64_t(kvh) * a.k_sh + d0 : kg;
-      const T* vs = ok ? vg + int64_t(b) * a.v_sb + int64_t(key) * a.v_sl + int64_t(kvh) * a.v_sh + d0 : vg;
-      cp_async_16(smem_u32(kd + j * S + d0), ks, ok ? 16 : 0);
-      cp_async_16(smem_u32(vd + j * S + d0), vs, ok ? 16 : 0);
+  // gmem -> smem for Q: one cp.async atom per 16-byte chunk, addressed by
+  // hand: packed Q rows (position r / G, head r % G) are not an affine layout.
+  auto chunk = [](uint16_t* dst, const T* src, bool ok) {
+    atoms::CpAsync::copy(*reinterpret_cast<const uint128_t*>(src), *reinterpret_cast<uint128_t*>(dst), ok);
+  };
+  // K and V tiles are (key, dim) with strides (k_sl, 1): a TiledCopy of the
+  // same atom, predicated per key row (keys >= ke are zero-filled; their
+  // source is redirected to the tile's first key, which is always < ke).
+  typename Cfg::GmemCopyKV gmem_copy;
+  auto thr_gmem = gmem_copy.get_thread_slice(tid);
+  Tensor tKVc = thr_gmem.partition_S(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));  // (CPY, rows, 1): (key, dim)
+  auto load_tile = [&](const T* base, int64_t sl, uint16_t* dst, int kt) {
+    Tensor g = make_tensor(make_gmem_ptr(reinterpret_cast<const E*>(base + int64_t(kt) * sl)),
+                           make_layout(Shape<Int<BN>, Int<D>>{}, make_stride(sl, _1{})));
+    Tensor sm = make_tensor(make_smem_ptr(reinterpret_cast<E*>(dst)), typename Cfg::LayoutK{});
+    Tensor src = thr_gmem.partition_S(g);
+    Tensor dsm = thr_gmem.partition_D(sm);
+#pragma unroll
+    for (int r = 0; r < size<1>(dsm); ++r) {
+      const bool ok = kt + get<0>(tKVc(0, r, 0)) < ke;
+#pragma unroll
+      for (int c = 0; c < size<2>(dsm); ++c) copy(gmem_copy.with(ok), src(_, ok ? r : 0, c), dsm(_, r, c));
     }
+  };
+  const T* kbase = kg + int64_t(b) * a.k_sb + int64_t(kvh) * a.k_sh;
+  const T* vbase = vg + int64_t(b) * a.v_sb + int64_t(kvh) * a.v_sh;
+  auto load_kv = [&](int kt, int buf) {
+    load_tile(kbase, a.k_sl, Ks + buf * Cfg::kTile, kt);
+    load_tile(vbase, a.v_sl, Vs + buf * Cfg::kTile, kt);
   };
 
   if (ntiles > 0) {
@@ -109,80 +170,94 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
         const int hq = kvh * G + int(prow % G);
         src = qg + int64_t(b) * a.q_sb + pos * a.q_sl + int64_t(hq) * a.q_sh + d0;
       }
-      cp_async_16(smem_u32(Qs + r * S + d0), src, ok ? 16 : 0);
+      chunk(Qs + r * S + d0, src, ok);
     }
     load_kv(kb, 0);
   }
-  cp_async_commit();
+  atoms::cp_async_fence();
 
-  // This thread's two rows: lane / 4 and lane / 4 + 8 of the warp's m16 tile.
+  // MMA partitions of this thread (CuTe: warp w owns packed rows 16w .. 16w + 15).
+  typename Cfg::TiledMma tiled_mma;
+  auto thr_mma = tiled_mma.get_thread_slice(tid);
+  Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Qs)), typename Cfg::LayoutQ{});
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // ((2,2,2), 1, D/16): Q as A fragments, kept across key tiles
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<D>>{});  // ((2,2), 1, D/8) fp32
+  clear(acc_o);
+
+  auto copy_q = make_tiled_copy_A(Copy_Atom<atoms::LdsmN, E>{}, tiled_mma);
+  auto copy_k = make_tiled_copy_B(Copy_Atom<atoms::LdsmN, E>{}, tiled_mma);
+  auto copy_v = make_tiled_copy_B(Copy_Atom<atoms::LdsmT, E>{}, tiled_mma);
+  auto thr_copy_q = copy_q.get_thread_slice(tid);
+  auto thr_copy_k = copy_k.get_thread_slice(tid);
+  auto thr_copy_v = copy_v.get_thread_slice(tid);
+
+  // (row, key) and (row, dim) coordinates of this thread's accumulator elements.
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));  // ((2,2), 1, BN/8)
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));   // ((2,2), 1, D/8)
+
+  // This thread's two rows: accumulator elements 0, 1 (h = 0) and 2, 3 (h = 1).
   int lim[2];
-  bool warp_active = false;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    const int64_t prow = row0 + warp * 16 + lane / 4 + 8 * h;
+    const int64_t prow = row0 + get<0>(tScS(2 * h, 0, 0));
     const int64_t pos = prow / G;
     lim[h] = (prow < npacked && pos < s.q_len) ? key_limit(a, s, int(pos)) : 0;
     if (lim[h] > ke) lim[h] = ke;
   }
   // Warp-uniform: does any of the warp's 16 rows see a key of this CTA's range?
-  warp_active = __any_sync(0xffffffffu, lim[0] > kb || lim[1] > kb);
+  const bool warp_active = __any_sync(0xffffffffu, lim[0] > kb || lim[1] > kb);
 
   float m[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
-  float oacc[NO][4];
-#pragma unroll
-  for (int i = 0; i < NO; ++i) oacc[i][0] = oacc[i][1] = oacc[i][2] = oacc[i][3] = 0.f;
 
   for (int t = 0; t < ntiles; ++t) {
     const int kt = kb + t * BN;
     const int buf = t & 1;
     if (t + 1 < ntiles) {
       load_kv(kt + BN, buf ^ 1);  // that buffer was released by the barrier ending tile t - 1
-      cp_async_commit();
-      cp_async_wait<1>();
+      atoms::cp_async_fence();
+      atoms::cp_async_wait<1>();
     } else {
-      cp_async_wait<0>();
+      atoms::cp_async_wait<0>();
     }
     __syncthreads();
 
-    if (warp_active) {
-      const uint16_t* kbuf = Ks + buf * Cfg::kTile;
-      const uint16_t* vbuf = Vs + buf * Cfg::kTile;
+    if (t == 0) {
+      // Q to registers once (the Q tile landed with the first K/V group).
+      copy(copy_q, thr_copy_q.partition_S(sQ), thr_copy_q.retile_D(tSrQ));
+    }
 
-      // S = Q K^T (16 x 64 per warp).
-      float sacc[NS][4];
+    if (warp_active) {
+      Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Ks + buf * Cfg::kTile)), typename Cfg::LayoutK{});
+      Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Vs + buf * Cfg::kTile)), typename Cfg::LayoutVt{});
+
+      // S = Q K^T (16 x 64 per warp); K through ldmatrix.x4, one k16 slice at a time.
+      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});  // ((2,2), 1, BN/8)
+      clear(acc_s);
+      Tensor tSrK = thr_mma.partition_fragment_B(sK);  // ((2,2), BN/8, D/16)
+      Tensor tSsK = thr_copy_k.partition_S(sK);
+      Tensor tSrK_v = thr_copy_k.retile_D(tSrK);
 #pragma unroll
-      for (int i = 0; i < NS; ++i) sacc[i][0] = sacc[i][1] = sacc[i][2] = sacc[i][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[4];
-        ldmatrix_x4(qa, smem_u32(Qs + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * S + kk * 16 +
-                                 (lane / 16) * 8));
-#pragma unroll
-        for (int np = 0; np < NS / 2; ++np) {
-          uint32_t kf[4];
-          ldmatrix_x4(kf, smem_u32(kbuf + (np * 16 + (lane % 8) + (lane / 16) * 8) * S + kk * 16 +
-                                   ((lane / 8) % 2) * 8));
-          mma_16816(sacc[2 * np], qa, kf[0], kf[1], T{});
-          mma_16816(sacc[2 * np + 1], qa, kf[2], kf[3], T{});
-        }
+      for (int kk = 0; kk < size<2>(tSrK); ++kk) {
+        copy(copy_k, tSsK(_, _, kk), tSrK_v(_, _, kk));
+        gemm(tiled_mma, tSrQ(_, _, kk), tSrK(_, _, kk), acc_s);
       }
 
-      // Online softmax (base 2). Element (nt, c) is row lane/4 + 8*(c/2),
-      // key kt + 8*nt + 2*(lane%4) + c%2.
+      // Online softmax (base 2) on the accumulators: element (e + 2 h, 0, nt)
+      // is row h's key kt + get<1>(tScS(e + 2 h, 0, nt)).
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < NS; ++nt) {
+        for (int nt = 0; nt < size<2>(acc_s); ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const int key = kt + nt * 8 + (lane % 4) * 2 + e;
-            const float x = key < lim[h] ? sacc[nt][2 * h + e] * a.scale_log2 : -INFINITY;
-            sacc[nt][2 * h + e] = x;
+            const int key = kt + get<1>(tScS(2 * h + e, 0, nt));
+            const float x = key < lim[h] ? acc_s(2 * h + e, 0, nt) * a.scale_log2 : -INFINITY;
+            acc_s(2 * h + e, 0, nt) = x;
             mx = fmaxf(mx, x);
           }
         }
+        // A row's scores are spread over the 4 lanes of a quad.
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         const float mnew = fmaxf(m[h], mx);
@@ -190,82 +265,80 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
         const float alpha = exp2f(m[h] - mref);
         float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NS; ++nt) {
+        for (int nt = 0; nt < size<2>(acc_s); ++nt) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(sacc[nt][2 * h + e] - mref);
-            sacc[nt][2 * h + e] = p;
+            const float p = exp2f(acc_s(2 * h + e, 0, nt) - mref);
+            acc_s(2 * h + e, 0, nt) = p;
             sum += p;
           }
         }
         lsum[h] = lsum[h] * alpha + sum;
         m[h] = mnew;
 #pragma unroll
-        for (int i = 0; i < NO; ++i) {
-          oacc[i][2 * h] *= alpha;
-          oacc[i][2 * h + 1] *= alpha;
+        for (int nt = 0; nt < size<2>(acc_o); ++nt) {
+          acc_o(2 * h, 0, nt) *= alpha;
+          acc_o(2 * h + 1, 0, nt) *= alpha;
         }
       }
 
-      // O += P V: k-step j covers keys 16j .. 16j + 15 of the tile.
+      // O += P V: P rounded to T in registers, re-viewed as A fragments; V^T
+      // through ldmatrix.x4.trans, one k16 slice (16 keys) at a time.
+      Tensor rP = make_tensor<E>(acc_s.layout());
 #pragma unroll
-      for (int j = 0; j < BN / 16; ++j) {
-        const uint32_t pa[4] = {pack2(sacc[2 * j][0], sacc[2 * j][1], T{}),
-                                pack2(sacc[2 * j][2], sacc[2 * j][3], T{}),
-                                pack2(sacc[2 * j + 1][0], sacc[2 * j + 1][1], T{}),
-                                pack2(sacc[2 * j + 1][2], sacc[2 * j + 1][3], T{})};
+      for (int i = 0; i < size(acc_s); ++i) rP(i) = to_elem(acc_s(i), E{});
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));  // ((2,2,2), 1, BN/16)
+      Tensor tOrVt = thr_mma.partition_fragment_B(sVt);  // ((2,2), D/8, BN/16)
+      Tensor tOsVt = thr_copy_v.partition_S(sVt);
+      Tensor tOrVt_v = thr_copy_v.retile_D(tOrVt);
 #pragma unroll
-        for (int dp = 0; dp < NO / 2; ++dp) {
-          uint32_t vf[4];
-          ldmatrix_x4_trans(vf, smem_u32(vbuf + (j * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * S + dp * 16 +
-                                         (lane / 16) * 8));
-          mma_16816(oacc[2 * dp], pa, vf[0], vf[1], T{});
-          mma_16816(oacc[2 * dp + 1], pa, vf[2], vf[3], T{});
-        }
+      for (int j = 0; j < size<2>(tOrVt); ++j) {
+        copy(copy_v, tOsVt(_, _, j), tOrVt_v(_, _, j));
+        gemm(tiled_mma, tOrP(_, _, j), tOrVt(_, _, j), acc_o);
       }
     }
     __syncthreads();  // buffer `buf` may be overwritten by the next prefetch
   }
 
-  // Epilogue: thread owns dims 8 nt + 2 (lane % 4) + {0, 1} of its two rows.
+  // Epilogue: elements (2 h, 0, nt), (2 h + 1, 0, nt) are two neighbouring
+  // dims of row h.
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     float l = lsum[h];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t prow = row0 + warp * 16 + lane / 4 + 8 * h;
+    const int64_t prow = row0 + get<0>(tOcO(2 * h, 0, 0));
     if (prow >= npacked) continue;
     const int64_t pos = prow / G;
     const int hq = kvh * G + int(prow % G);
     const bool valid = pos < s.q_len;
     const bool seen = valid && l > 0.f;
     const float inv = seen ? 1.f / l : 0.f;
-    const int dl = (lane % 4) * 2;
     if (a.num_splits == 1) {
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
-      for (int nt = 0; nt < NO; ++nt) {
-        const float x0 = seen ? oacc[nt][2 * h] * inv : 0.f;
-        const float x1 = seen ? oacc[nt][2 * h + 1] * inv : 0.f;
-        *reinterpret_cast<uint32_t*>(o + nt * 8 + dl) = pack2(x0, x1, T{});
+      for (int nt = 0; nt < size<2>(acc_o); ++nt) {
+        const float x0 = seen ? acc_o(2 * h, 0, nt) * inv : 0.f;
+        const float x1 = seen ? acc_o(2 * h + 1, 0, nt) * inv : 0.f;
+        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, 0, nt))) = pack2(x0, x1, T{});
       }
     } else if (valid) {
       const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
-      float* o = a.ws_o + idx * D;
+      T* o = static_cast<T*>(a.ws_o) + idx * D;
 #pragma unroll
-      for (int nt = 0; nt < NO; ++nt) {
-        const float x0 = seen ? oacc[nt][2 * h] * inv : 0.f;
-        const float x1 = seen ? oacc[nt][2 * h + 1] * inv : 0.f;
-        *reinterpret_cast<float2*>(o + nt * 8 + dl) = make_float2(x0, x1);
+      for (int nt = 0; nt < size<2>(acc_o); ++nt) {
+        const float x0 = seen ? acc_o(2 * h, 0, nt) * inv : 0.f;
+        const float x1 = seen ? acc_o(2 * h + 1, 0, nt) * inv : 0.f;
+        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, 0, nt))) = pack2(x0, x1, T{});
       }
-      if (lane % 4 == 0) a.ws_lse[idx] = seen ? m[h] + log2f(l) : -INFINITY;
+      if (tid % 4 == 0) a.ws_lse[idx] = seen ? m[h] + log2f(l) : -INFINITY;
     }
   }
 }
 
 template <typename T, int D>
 cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
-  using Cfg = MmaCfg<D>;
+  using Cfg = MmaCfg<T, D>;
   return launch_tiled(window_attention_mma_kernel<T, D>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 

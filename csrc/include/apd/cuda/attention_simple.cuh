@@ -16,7 +16,7 @@
 //    O += P V: lane owns output dims lane + 32 i (i < NDC) of the 8 rows; p of
 //    key j is broadcast with a shuffle. Accumulators: 8 x NDC fp32 per lane.
 //  * Bytes moved per CTA: Q tile once, K and V of its key range once (shared
-//    by all G heads of the kv head), out or the fp32 partials once.
+//    by all G heads of the kv head), out or the partials (input dtype) once.
 // Loads are synchronous (no double buffering): other CTAs on the SM hide the
 // latency (launch bounds ask for 2 CTAs/SM at D <= 128, i.e. <= 128 registers;
 // ptxas spills a few bytes at D = 128). Every __syncthreads is reached by all threads: the loop bounds are
@@ -199,11 +199,11 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
       }
     } else if (valid) {
       const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
-      float* o = a.ws_o + idx * D;
+      T* o = static_cast<T*>(a.ws_o) + idx * D;
 #pragma unroll
       for (int i = 0; i < NDC; ++i) {
         const int d = lane + 32 * i;
-        if (d < D) o[d] = seen ? acc[r][i] * inv : 0.f;
+        if (d < D) store_elem(o + d, seen ? acc[r][i] * inv : 0.f);
       }
       if (lane == 0) a.ws_lse[idx] = seen ? m[r] + log2f(l) : -INFINITY;
     }
