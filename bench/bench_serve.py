@@ -36,7 +36,7 @@ import serve_common as sc  # noqa: E402
 
 
 def row(name, c, n, wall, tokens, lat, ttfb, lost, wrong, cpu=None):
-    """cpu: this process's CPU seconds for the run (in-process modes, 1 thread): the
+    """cpu: this process's CPU seconds for the run (in-process modes, --threads): the
     work per request, much less sensitive than wall time to other load on the machine."""
     out = dict(mode=name, concurrency=c, requests=n, req_per_s=round(n / wall, 2), tok_per_s=round(tokens / wall, 1),
                p50_s=round(sc.pct(lat, 50), 3), p99_s=round(sc.pct(lat, 99), 3),
@@ -286,9 +286,10 @@ def main(argv=None):
     ap.add_argument("--step-cost", action="store_true", help="also time Engine steps against the live rows")
     ap.add_argument("--rate", type=float, default=8.0, help="open-loop arrivals per second (in process)")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads of the in-process part")
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    solo = sc.Solo()
+    solo = sc.Solo(threads=args.threads)
     rows = []
     print(f"load average at start: {os.getloadavg()}", flush=True)
     if args.step_cost:

@@ -88,8 +88,8 @@ def workload(n: int, seed: int = 0):
 class Solo:
     """Each body's text and token count when generated alone (in process)."""
 
-    def __init__(self):
-        torch.set_num_threads(1)
+    def __init__(self, threads: int = 1):
+        torch.set_num_threads(threads)
         d, a = tiny.paths()
         self.dllm = apd_ext.load_model(d, dtype=torch.float32)
         self.ver = apd_ext.load_model(a, dtype=torch.float32)
