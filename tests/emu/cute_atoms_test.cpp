@@ -11,6 +11,7 @@
 // products bit for bit, for bf16 and fp16, under the three schedules. Prints
 // "CUTE ATOMS OK" or the first failures.
 #include "apd_emu/emu.h"
+#include "apd_emu/check.h"
 #include "apd_emu/ptx.h"
 #include "apd/cuda/cute_atoms.cuh"  // the emulated twin (CuTe as host code)
 #include "apd/common.h"
@@ -28,17 +29,6 @@ extern __shared__ __align__(16) uint16_t smem16[];  // storage in kernel_smem.cp
 
 namespace {
 
-int g_fail = 0;
-#define CHECK(cond, ...)                  \
-  do {                                    \
-    if (!(cond)) {                        \
-      if (g_fail < 20) {                  \
-        std::printf("FAIL: " __VA_ARGS__); \
-        std::printf("\n");                \
-      }                                   \
-      ++g_fail;                           \
-    }                                     \
-  } while (0)
 
 uint16_t bits_of(float x, apd::bf16_t) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 uint16_t bits_of(float x, apd::fp16_t) { return __half_as_ushort(__float2half_rn(x)); }

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <vector>
 
+#include "apd_emu/check.h"
 #include "apd_emu/ptx.h"
 #include "apd_emu/runtime_api.h"
 
@@ -16,15 +17,6 @@ extern __shared__ __align__(16) uint16_t smem16[];  // storage in kernel_smem.cp
 
 namespace {
 
-int g_fail = 0;
-#define CHECK(cond, ...)                  \
-  do {                                    \
-    if (!(cond)) {                        \
-      std::printf("FAIL: " __VA_ARGS__); \
-      std::printf("\n");                  \
-      ++g_fail;                           \
-    }                                     \
-  } while (0)
 
 template <class F>
 void launch(dim3 grid, dim3 block, size_t smem, F body) {
