@@ -290,13 +290,13 @@ int64_t sample_row(ZFn zf, int64_t V, const SamplerConfig& cfg, uint64_t seed, u
   }
   float* z = s.z.data();
   float mx = -INFINITY;
-  bool nan = false;
-#pragma omp simd reduction(max : mx) reduction(|| : nan)
+  int nan = 0;  // an int, not a bool: GCC finds no vector type for a bool reduction and leaves the loop scalar
+#pragma omp simd reduction(max : mx) reduction(| : nan)
   for (int64_t v = 0; v < V; ++v) {  // max + NaN flag instead of nan_max: vectorises
     const float x = zf(v);
     z[v] = x;
     mx = x > mx ? x : mx;
-    nan |= x != x;
+    nan |= int(x != x);
   }
   if (nan || row_is_bad(mx)) return -1;
   // Candidates: the entries with mass above the floor. They are a prefix of the
@@ -366,12 +366,12 @@ inline float exp_nonpos(float x) {
 template <typename T>
 float row_lse(const T* x, int64_t n, float* tmp) {
   float mx = -INFINITY;
-  bool nan = false;
-#pragma omp simd reduction(max : mx) reduction(|| : nan)
+  int nan = 0;  // an int, not a bool: GCC finds no vector type for a bool reduction and leaves the loop scalar
+#pragma omp simd reduction(max : mx) reduction(| : nan)
   for (int64_t v = 0; v < n; ++v) {
     const float f = to_float(x[v]);
     mx = f > mx ? f : mx;
-    nan |= f != f;
+    nan |= int(f != f);
   }
   if (nan || mx == INFINITY) return NAN;
   if (mx == -INFINITY) return -INFINITY;
@@ -414,15 +414,19 @@ void sample_draft(const SampleDraftParams& p) {
       return;
     }
     const T* row = logits + b * p.stride_b + i * p.stride_m;
-    const bool off = p.cfg.official;
     const DType dt = p.cfg.dtype;
-    auto zf = [&](int64_t v) {
-      const float l = to_float(row[v]);
-      if (!(tau > 0.0f)) return l;
-      return off ? official_temper(l, tau, dt) : temper(l, tau);
+    // One z function per mode, chosen once per row, capturing by value: a
+    // branch inside zf, or tau read through a reference that the z[] stores
+    // might alias, kept sample_row's first pass scalar (a divss per entry).
+    auto run = [&](auto zf) {
+      return detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
-    p.draft[r] = detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]),
-                                    p.pos_start[b] + i, s);
+    if (!(tau > 0.0f))
+      p.draft[r] = run([row](int64_t v) { return to_float(row[v]); });
+    else if (p.cfg.official)
+      p.draft[r] = run([row, tau, dt](int64_t v) { return official_temper(to_float(row[v]), tau, dt); });
+    else
+      p.draft[r] = run([row, tau](int64_t v) { return temper(to_float(row[v]), tau); });
   });
 }
 
@@ -459,12 +463,15 @@ void mixture_accept(const MixtureAcceptParams& p) {
     float* tmp = s.z.data();  // free until sample_row fills it
     const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D, tmp) : 0.0f,
                                            shift ? detail::row_lse(a, p.V_A, tmp) : 0.0f);
-    auto zf = [&](int64_t v) {
-      const float m = mixture_coupled(to_float(d[v]), to_float(a[v]), mr);
-      return tau > 0.0f ? temper(m, tau) : m;
+    auto run = [&](auto zf) {  // as in sample_draft: no branch, captures by value
+      return detail::sample_row(zf, V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
-    p.target[r] = detail::sample_row(zf, V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]),
-                                     p.pos_start[b] + i, s);
+    if (tau > 0.0f)
+      p.target[r] = run([d, a, mr, tau](int64_t v) {
+        return temper(mixture_coupled(to_float(d[v]), to_float(a[v]), mr), tau);
+      });
+    else
+      p.target[r] = run([d, a, mr](int64_t v) { return mixture_coupled(to_float(d[v]), to_float(a[v]), mr); });
   });
   for (int64_t b = 0; b < p.B; ++b)
     p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], V,
