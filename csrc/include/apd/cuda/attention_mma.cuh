@@ -25,7 +25,7 @@
 //    16 bits in registers and re-viewed as A fragments (FA2 register reuse)
 //    and V^T through ldmatrix.x4.trans. ldmatrix per mma: 0.5 (it was 0.5625
 //    with Q reloaded per tile). Accumulators: 32 (S) + D/2 (O) fp32 registers.
-//  * ptxas (sm_90a, nvcc 13.0): 208 registers at D = 128, 165 at D = 64, no
+//  * ptxas (sm_90a, nvcc 13.0): 229 registers at D = 128, 167 at D = 64, no
 //    spills; 2 CTAs / SM either way (87 KB smem at D = 128). bench/NOTES.md.
 //  * Bytes moved per CTA: Q tile once; K and V of its key range once for all
 //    G heads; out (or 16-bit partials + fp32 lse) once.
