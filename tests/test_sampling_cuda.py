@@ -204,6 +204,36 @@ def test_sample_draft_candidate_staging(dtype, backend):
         check_sample_draft(logits, seq, sampler)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_draft_one_pass_running_max(dtype, backend):
+    """The default top-p alone stages in the pass that finds the max, from a
+    running max: the block max of the first kUnroll-deep tiles (16384 bf16 /
+    fp16 entries, 8192 fp32), then each thread's own. Rows whose max comes
+    later: 300 entries staged early and dropped once the max is known
+    (row 0), 2000 early ones that overflow the stage, so the max and staging
+    passes run after all (row 1), the max at the last index (row 2), and a
+    plain N(0, 3) row."""
+    emu_quick(backend, dtype == torch.bfloat16)
+    V = 40000
+    g = torch.Generator().manual_seed(41)
+    x = torch.randn(1, 4, V, generator=g) * 0.5 - 10.0
+    x[0, 0, torch.randperm(8000, generator=g)[:300]] = 3.0  # staged at the first tiles' max 5, not at 8
+    x[0, 0, 100] = 5.0
+    x[0, 0, 20000 + torch.arange(5) * 7] = 8.0 - torch.arange(5) * 0.1
+    x[0, 1, torch.randperm(8000, generator=g)[:2000]] = 3.0
+    x[0, 1, 100] = 5.0
+    x[0, 1, 30001] = 8.0
+    x[0, 2, V - 1] = 2.0
+    x[0, 3] = torch.randn(V, generator=g) * 3.0
+    logits = x.to(dtype).to(DEV)
+    seq = seq_inputs(1, 4, 41, full=True)
+    for sampler in [(0.2, 0, 0.95, None), (0.2, 0, 0.5, None), (0.7, 0, 0.9, None), (1.0, 0, 0.9999, None)]:
+        got = check_sample_draft(logits, seq, sampler)
+        if sampler[0] == 0.2:
+            assert got[0, 0].item() in (20000 + torch.arange(5) * 7).tolist(), sampler
+            assert got[0, 1].item() == 30001 and got[0, 2].item() == V - 1, sampler
+
+
 def test_sample_draft_staging_threshold_ties(backend):
     """The staging threshold of a top-k row sits on the smallest x of a
     first-level bin (here 1.0: the 4th largest of the threads' maxima); at
@@ -318,6 +348,40 @@ def test_mixture_accept_bad_rows(dtype, backend):
         target, n = check_mixture(d, a, draft, seq, R=0.5, sampler=(0.7, 20, 0.9, None), acceptance=acc)
         assert target[0, :3].tolist() == [-1, -1, -1], acc
         assert n.item() >= 1  # a_0 = 1 even when target_0 is -1
+
+
+def fused_max_rows(V, dtype):
+    """[1, 6, V] dLLM and AR rows that stress the coupled mixture's staging from
+    the lse pass (mixture_target_kernel skips its max pass: the lse pass
+    bounds max m from below, the staging pass takes the exact max)."""
+    g = torch.Generator().manual_seed(31)
+    d = torch.randn(1, 6, V, generator=g) * 3.0
+    a = torch.randn(1, 6, V, generator=g) * 3.0
+    d[0, 0] = 0.0  # flat: every entry ties, the stage overflows -> the max pass after all
+    a[0, 0] = 0.0
+    a[0, 1] = d[0, 1] + 0.1 * torch.randn(V, generator=g)  # the models agree (APD's usual case)
+    top = d[0, 2].topk(8).indices
+    a[0, 2, top] = float("-inf")  # the dLLM's favourites are masked in the AR row: m = -inf there
+    d[0, 3] = torch.round(d[0, 3] * 2.0) / 2.0  # coarse: ties at the cut
+    a[0, 3] = torch.round(a[0, 3] * 2.0) / 2.0
+    d[0, 4, 3:] = float("-inf")  # three finite entries in the mixture
+    return d.to(dtype).to(DEV), a.to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixture_accept_staging_from_lse_pass(dtype, backend):
+    emu_quick(backend, dtype == torch.bfloat16)
+    V = 4099
+    d, a = fused_max_rows(V, dtype)
+    seq = seq_inputs(1, 6, 31, full=True)
+    draft = torch.zeros(1, 6, dtype=torch.int64, device=DEV)
+    # top_k 600 > 512: no staging from the threads' bounds, the max pass runs.
+    for sampler in [(0.7, 0, 0.9, None), (0.2, 0, 0.95, None), (0.2, 600, 1.0, None), (0.7, 50, 1.0, None),
+                    (0.2, 20, 0.95, None), (1.3, 3, 0.5, None)]:
+        for R in (0.3, 0.7):
+            target, _ = check_mixture(d, a, draft, seq, R=R, sampler=sampler, acceptance="coupled")
+            assert target[0, 4].item() in (0, 1, 2), (sampler, R)
+            assert target[0, 2].item() not in d[0, 2].float().topk(8).indices.tolist(), (sampler, R)
 
 
 def test_accept_prefix_matches_reference():

@@ -11,6 +11,15 @@
 //   tau == 0 (and acceptance="argmax")  : 1 pass, argmax with lowest-index ties.
 //   tau > 0, no filter                  : 1 pass, argmax of z + g (z = x / tau)
 //                                         and the row max for the bad-row test.
+//   tau > 0, top-p alone (default compat, the paper's setting): one pass
+//     (stage_top_p_one_pass) does a. and b. below together: thresholds from
+//     a running max instead of the row max (the block max of the first
+//     tiles, then each thread's own), a superset staged and summed, cut to
+//     z >= zmax - 16 once the pass has the exact max; when the thresholds
+//     were too low after all (checked) or the stage overflows, a. and b.
+//     follow as below. The coupled mixture skips a. instead: its lse pass
+//     already read both rows and bounds max m from below (row_lse, x_hint),
+//     so b. stages relative to that bound and takes the exact max.
 //   tau > 0, top-k and/or top-p         :
 //     a. max pass (row_zmax): max of x, then zmax = z(xmax) (z is monotone in
 //        x: no division per entry), NaN-propagating -> bad rows stop here
@@ -49,18 +58,20 @@
 //        kGumbelMax cannot beat (staged, in no order: cannot tie) the
 //        thread's best.
 //   mixture_accept "coupled" with 0 < R < 1 adds one first pass for the two
-//   rows' log-sum-exp (fp64 sums, as the CPU kernels); m_v is then recomputed
-//   from both rows on every pass that reads them.
+//   rows' log-sum-exp (fp64 sums, as the CPU kernels), which also bounds max
+//   m (above); m_v is then recomputed from both rows on every pass that reads
+//   them.
 //   n_accept: a second tiny kernel (one thread per sequence) on the same stream.
 //
 // MEMORY TRAFFIC. The floor is one read of the logits: B*M*V*sizeof(T) for
 // sample_draft, B*M*(V_D + V_A)*sizeof(T) for mixture_accept. The unfiltered
 // and tau == 0 paths read each row once (the coupled mixture with 0 < R < 1
-// adds its lse pass: twice). The filtered path reads a row twice when its
-// candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95 on
-// N(0, 3) logits: ~60 of 152064 entries): the max pass from HBM, the staging pass right after it
-// from L2 (the 132 rows in flight, 40 MB of bf16, fit the H200's 50 MB L2;
-// a mixture's 80 MB of row pairs partly do not). Rows that do not fit make
+// adds its lse pass: twice). sample_draft's default top-p reads a row once
+// when its candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95
+// on N(0, 3) logits: ~60 of 152064 entries); the coupled mixture reads both
+// rows twice (lse from HBM, staging right after it, partly from L2: 132 row
+// pairs are 80 MB against the H200's 50 MB L2). Other filters read a row
+// twice: the max pass from HBM, the staging pass from L2. Rows that do not fit make
 // 3-4 global passes when a radix pass can stage them (the first count pass,
 // then the pass that stages), up to 9 otherwise (flat rows), as before.
 // bench/NOTES.md has the passes, the instructions per entry from the SASS and
@@ -289,6 +300,20 @@ struct MinOp {
   APD_DEVICE unsigned operator()(unsigned a, unsigned b) const { return a < b ? a : b; }
 };
 
+// What the staging pass sums: the masses exp(z - zref) of the staged entries
+// and of the row (fp64), and the row max of x when the max pass was skipped.
+struct StageSums {
+  double staged;
+  double total;
+  float xmax;
+};
+
+struct StageSumsOp {
+  APD_DEVICE StageSums operator()(const StageSums& a, const StageSums& b) const {
+    return StageSums{a.staged + b.staged, a.total + b.total, nan_max(a.xmax, b.xmax)};
+  }
+};
+
 // Outcome of one radix select over the dk of the entries in a candidate set.
 struct Selection {
   uint32_t dk;                    // threshold key
@@ -309,11 +334,13 @@ struct SampleSmem {
     typename cub::BlockReduce<CountMass, kSampleThreads>::TempStorage sum_cm;
     typename cub::BlockReduce<unsigned, kSampleThreads>::TempStorage min_u;
     typename cub::BlockScan<int, kSampleThreads>::TempStorage scan_i;
+    typename cub::BlockReduce<StageSums, kSampleThreads>::TempStorage sums;
   } tmp;
   // Block-wide broadcasts.
   MaxArg maxarg;
   float lse_d, lse_a;
   Selection sel;
+  StageSums sums;
   unsigned code;
   int tie_last;
   float x_thr;
@@ -416,15 +443,33 @@ class RowSampler {
   }
 
   // The tau > 0 sampler of DESIGN §4 under cfg (top_k, top_p, compat).
-  APD_DEVICE int64_t sample(const SamplerConfig& cfg) {
+  // x_hint, when finite: x of some entry of the row (so <= max_v x_v), with
+  // sm_.hist_cnt holding one x of a distinct entry per thread, both from a
+  // pass that already read the row (row_lse). The filtered path then skips
+  // its max pass: it stages from thresholds relative to z(x_hint) (a superset
+  // of the usual candidates) and takes the exact max from the same pass.
+  APD_DEVICE int64_t sample(const SamplerConfig& cfg, float x_hint = NAN) {
     const int V = ctx_.V;
     if (!filter_active(cfg.top_k, cfg.top_p, V)) {
       const MaxArg r = scan_row<true, true>(keep_all());
       return row_is_bad(r.zmax) ? -1 : r.idx;
     }
-    const float zmax = row_zmax();
+    float zmax;
+    if (row_is_bad(x_hint) && !cfg.official && effective_top_k(cfg.top_k, V) == V) {
+      // The default top-p alone (the paper's setting): max, staging and the
+      // row total in one read of the row.
+      const OnePass r = stage_top_p_one_pass(cfg.top_p);
+      zmax = r == OnePass::kIncomplete ? row_zmax() : zval(xmax_);
+      if (r != OnePass::kStaged && !row_is_bad(zmax)) stage_candidates(cfg, zmax, /*track_max=*/false);
+    } else if (!row_is_bad(x_hint) && !row_is_bad(zval(x_hint))) {
+      xmax_ = x_hint;  // the searches' upper end until the staging pass has the exact max
+      const bool staged = stage_candidates(cfg, zval(x_hint), /*track_max=*/true);
+      zmax = staged ? zval(xmax_) : row_zmax();  // the staging gave up early: a max pass after all
+    } else {
+      zmax = row_zmax();
+      if (!row_is_bad(zmax)) stage_candidates(cfg, zmax, /*track_max=*/false);
+    }
     if (row_is_bad(zmax)) return -1;
-    stage_candidates(cfg, zmax);
     const KeptSet kept = cfg.official ? kept_official(cfg, zmax) : kept_default(cfg, zmax);
     return scan_row<true, true>(kept).idx;
   }
@@ -443,9 +488,10 @@ class RowSampler {
   bool staged_ = false;
   int n_staged_ = 0;
   float xmax_ = -INFINITY;  // max_v x_v (row_zmax)
-  // The default top-p's row total of fixed-point masses, when stage_above
-  // computed it (the staged entries then hold only the top of the row).
-  unsigned long long mass_total_ = 0;
+  // The default top-p's row total of masses in 2^-40 units (fp64: stage_above
+  // sums exp(z - zref) and rescales to zmax), when stage_above computed it
+  // (the staged entries then hold only the top of the row).
+  double mass_total_ = 0.0;
   bool use_mass_total_ = false;
 
   // z of one entry: x / tau, or under compat="official" x / tau rounded to the
@@ -558,19 +604,23 @@ class RowSampler {
   // Stages (z, v) of every entry with x >= x_thr in one pass over the row (a
   // division only for those). A warp stops reading once the stage is
   // overfull; false, and nothing staged, when the entries do not fit.
+  // track_max: the pass also takes max_v x_v (NaN-propagating) into xmax_,
+  // for a caller that skipped row_zmax (valid only when it returns true).
   // With top_p > 0 (the default top-p over the whole row), the same pass sums
-  // the fixed-point mass of every entry with x >= x_mass (<= x_thr: all
-  // nonzero masses) and of the staged ones: the row total, which pass 0 of
-  // the mass select then uses (mass_total_), and the proof that the cut lies
-  // inside the staged prefix (staged mass >= top_p * total, the test of the
-  // select); otherwise nothing is staged.
-  APD_DEVICE bool stage_above(float x_thr, float x_mass = INFINITY, float zmax = 0.0f, float top_p = 0.0f) {
+  // the masses exp(z - zref) of every entry with x >= x_mass (zref <= zmax;
+  // x_mass <= x_thr: all nonzero masses), in fp64, and of the staged ones:
+  // the row total rescaled to zmax, which pass 0 of the mass select then
+  // uses (mass_total_), and the proof that the cut lies inside the staged
+  // prefix (staged mass >= top_p * total, the test of the select); otherwise
+  // nothing is staged.
+  APD_DEVICE bool stage_above(float x_thr, bool track_max, float x_mass = INFINITY, float zref = 0.0f,
+                              float top_p = 0.0f) {
     if (threadIdx.x == 0) sm_.n_stage = 0;
     __syncthreads();
     const int V = ctx_.V;
     const bool with_total = top_p > 0.0f;
     const float x_lo = with_total ? x_mass : x_thr;
-    unsigned long long staged_mass = 0, total_mass = 0;
+    StageSums acc{0.0, 0.0, -INFINITY};
     constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;  // as row_zmax
     for (int base = int(threadIdx.x) * kVec; base < V; base += kTile * kU) {
       // Lane 0 has the smallest base of its warp, so it is active whenever
@@ -590,14 +640,15 @@ class RowSampler {
 #pragma unroll
         for (int j = 0; j < kVec; ++j) {
           const bool valid = v0 + j < V;
+          if (track_max && valid) acc.xmax = nan_max(acc.xmax, x[u][j]);
           want[j] = valid && x[u][j] >= x_thr;
           z[j] = 0.0f;
           if (valid && x[u][j] >= x_lo) {  // rare: the division, and the mass for the total
             z[j] = zval(x[u][j]);
             if (with_total) {
-              const unsigned long long m = mass_of(z[j], zmax);
-              total_mass += m;
-              if (want[j]) staged_mass += m;
+              const double m = double(expf(z[j] - zref));
+              acc.total += m;
+              if (want[j]) acc.staged += m;
             }
           }
           any |= want[j];
@@ -610,55 +661,218 @@ class RowSampler {
     __syncthreads();
     const unsigned n = sm_.n_stage;
     bool ok = n <= unsigned(kStageCap);
-    if (with_total) {  // exact integer sums: the result does not depend on the order
-      const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
-                              .Reduce(CountMass{staged_mass, total_mass}, CountMassSum());
-      if (threadIdx.x == 0) sm_.sel.cnt_before = r.cnt, sm_.sel.mass_before = r.mass;
+    if (with_total || track_max) {  // the fp64 sums in CUB's fixed order: the same every run
+      const StageSums r = cub::BlockReduce<StageSums, kSampleThreads>(sm_.tmp.sums).Reduce(acc, StageSumsOp());
+      if (threadIdx.x == 0) sm_.sums = r;
       __syncthreads();
-      const unsigned long long st = sm_.sel.cnt_before, tot = sm_.sel.mass_before;
-      ok = ok && double(st) >= double(top_p) * double(tot);
-      mass_total_ = tot;
-      use_mass_total_ = ok;
+      const StageSums t = sm_.sums;
+      if (track_max) xmax_ = t.xmax;
+      if (with_total) {
+        // exp(z - zmax) = exp(z - zref) * exp(zref - zmax); zref == zmax after row_zmax.
+        const float zmax = track_max ? zval(t.xmax) : zref;
+        const double scale = double(kMassScale) * exp(double(zref) - double(zmax));
+        ok = ok && t.staged * scale >= double(top_p) * (t.total * scale);
+        mass_total_ = t.total * scale;
+        use_mass_total_ = ok;
+      }
     }
-    __syncthreads();  // n_stage and sel are written again by the next staging / select
+    __syncthreads();  // n_stage and sums are written again by the next staging / select
     if (!ok) return false;
     staged_ = true;
     n_staged_ = int(n);
     return true;
   }
 
-  // Stages the candidates right after the max pass, so that all radix passes
-  // and the final pass read shared memory: one more pass over the row, in
-  // which an entry costs a load and a compare with a threshold x_thr (the
-  // division only for the few above it). The staged set {x >= x_thr} is
-  // {z >= z0} for some z0 (x_lower_bound), a prefix of the sorted order with
-  // all its ties, that holds
+  enum class OnePass { kStaged, kComplete, kIncomplete };
+
+  // The default top-p over the whole row in one read: the max pass, the
+  // staging pass and the row total of stage_above fused. Each thread stages
+  // the entries with x >= x_run - 17 tau and sums the masses of those with x
+  // >= x_run - 31 tau (in fp64 relative to a running max, as row_lse), where
+  // x_run is the larger of the block max of the first kU groups (one barrier)
+  // and the thread's own running max: never above the final max xmax, and
+  // independent of the schedule (the sums and the staged set are the same
+  // every run). After the pass, with xmax exact, the staged entries are cut
+  // to {z >= zmax - 16} (the set stage_above stages), which they contain if
+  // the last thresholds, at most xmax - 17 tau and xmax - 31 tau, are at or
+  // below the exact x_thr and x_mass (checked; one tau of margin for the
+  // roundings of x / tau). Returns kStaged (xmax_ exact, candidates staged,
+  // row total set), kComplete (xmax_ exact, not staged: the threshold check
+  // or the top-p proof failed, or a bad row), or kIncomplete (the stage
+  // overflowed and the warps stopped reading: xmax_ unknown).
+  APD_DEVICE OnePass stage_top_p_one_pass(float top_p) {
+    const int V = ctx_.V;
+    const float tau = ctx_.tau;
+    const float c_stage = (-kStageCutoff + 1.0f) * tau, c_mass = (-kMassCutoff + 1.0f) * tau;
+    constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;  // as row_zmax
+    if (threadIdx.x == 0) sm_.n_stage = 0, sm_.code = 0u;
+    __syncthreads();
+    Lse64 total{-INFINITY, 0.0};
+    float xmax = -INFINITY;  // NaN-propagating: the row test
+    float x_run = -INFINITY;  // NaN-ignoring: the thresholds
+    // Iteration 0 in every thread (threads without entries too): its groups'
+    // max goes to the whole block before any is staged.
+    int base = int(threadIdx.x) * kVec;
+    float x[kU][kVec];
+    load_groups<kU>(base, x);
+    {
+      float m = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kU; ++u)
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          if (base + u * kTile + j < V) m = fmaxf(m, x[u][j]);
+      atomicMax(&sm_.code, order_key(m));  // code: the order key of the block max so far (0 < key(-inf))
+      __syncthreads();
+      x_run = key_to_float(sm_.code);
+    }
+    while (true) {
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int v0 = base + u * kTile;
+        if (v0 >= V) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j)
+          if (v0 + j < V) xmax = nan_max(xmax, x[u][j]), x_run = fmaxf(x_run, x[u][j]);
+      }
+      // Thresholds of this iteration; never -inf, so -inf entries are never taken.
+      const float x_stage = fmaxf(x_run - c_stage, -FLT_MAX), x_mass = fmaxf(x_run - c_mass, -FLT_MAX);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int v0 = base + u * kTile;
+        if (v0 >= V) continue;
+        float z[kVec];
+        bool want[kVec];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const bool valid = v0 + j < V;
+          want[j] = valid && x[u][j] >= x_stage;
+          z[j] = 0.0f;
+          if (valid && x[u][j] >= x_mass) {  // rare: the division and the mass
+            z[j] = zval(x[u][j]);
+            lse64_push(total, z[j]);
+          }
+          any |= want[j];
+        }
+        if (!__any_sync(__activemask(), any)) continue;  // the common case: one vote per 4 entries
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
+      }
+      base += kTile * kU;
+      if (base >= V) break;
+      // Lane 0 has the smallest base of its warp, so it is active whenever
+      // another lane is: the stop is uniform over the warp.
+      if (__shfl_sync(__activemask(), sm_.n_stage, 0) > unsigned(kStageCap)) break;
+      load_groups<kU>(base, x);
+    }
+    __syncthreads();
+    if (sm_.n_stage > unsigned(kStageCap)) {  // uniform; some warps stopped early
+      __syncthreads();
+      return OnePass::kIncomplete;
+    }
+    const MaxArg rm = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg)
+                          .Reduce(MaxArg{xmax, -INFINITY, INT32_MAX}, MaxArgOp());
+    if (threadIdx.x == 0) sm_.maxarg = rm;
+    __syncthreads();
+    const Lse64 rt = cub::BlockReduce<Lse64, kSampleThreads>(sm_.tmp.lse).Reduce(total, Lse64Op());
+    if (threadIdx.x == 0) sm_.sums = StageSums{0.0, rt.s * exp(double(rt.m) - double(zval(sm_.maxarg.zmax))), 0.0f};
+    __syncthreads();
+    xmax_ = sm_.maxarg.zmax;
+    const double row_total = sm_.sums.total;  // sum of exp(z - zmax) over x >= x_mass (and a few below)
+    const int n = int(sm_.n_stage);
+    __syncthreads();
+    const float zmax = zval(xmax_);
+    if (row_is_bad(zmax)) return OnePass::kComplete;
+    const float x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
+    const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+    if (!(xmax_ - c_stage <= x_thr && xmax_ - c_mass <= x_mass)) return OnePass::kComplete;  // uniform
+    // Keep the staged entries with z - zmax >= kStageCutoff ({x >= x_thr}),
+    // in place: every thread reads its slots before any is written.
+    constexpr int kPer = (kStageCap + kSampleThreads - 1) / kSampleThreads;
+    float zk[kPer];
+    int vk[kPer];
+    int mine = 0;
+    unsigned long long staged_mass = 0;
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      const int k = int(threadIdx.x) + q * kSampleThreads;
+      zk[q] = k < n ? sm_.stage_z[k] : -INFINITY;
+      vk[q] = k < n ? sm_.stage_v[k] : 0;
+      if (zk[q] - zmax >= kStageCutoff) ++mine, staged_mass += fixed_mass(zk[q], zmax);
+    }
+    int before = 0, kept = 0;
+    cub::BlockScan<int, kSampleThreads>(sm_.tmp.scan_i).ExclusiveSum(mine, before, kept);
+    __syncthreads();  // all slots read
+#pragma unroll
+    for (int q = 0; q < kPer; ++q) {
+      if (!(zk[q] - zmax >= kStageCutoff)) continue;
+      sm_.stage_z[before] = zk[q];
+      sm_.stage_v[before] = vk[q];
+      ++before;
+    }
+    // The proof that the top-p cut lies inside (as stage_above): exact
+    // integer sums of the staged masses, the row total in fp64.
+    const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
+                            .Reduce(CountMass{0ull, staged_mass}, CountMassSum());
+    if (threadIdx.x == 0) sm_.sel.mass_before = r.mass;
+    __syncthreads();
+    const double scaled_total = row_total * double(kMassScale);
+    const bool ok = double(sm_.sel.mass_before) >= double(top_p) * scaled_total;
+    __syncthreads();  // sel is written again by the select
+    if (!ok) return OnePass::kComplete;
+    mass_total_ = scaled_total;
+    use_mass_total_ = true;
+    staged_ = true;
+    n_staged_ = kept;
+    return OnePass::kStaged;
+  }
+
+  // Loads kU groups of kVec entries of this thread from `base` on (stride
+  // kTile); groups at or past V are left unset.
+  template <int kU>
+  APD_DEVICE void load_groups(int base, float (&x)[kU][kVec]) const {
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+      if (base + u * kTile < ctx_.V) src_.load4(base + u * kTile, x[u]);
+  }
+
+  // Stages the candidates before the radix passes, so that they and the
+  // final pass read shared memory: one more pass over the row, in which an
+  // entry costs a load and a compare with a threshold x_thr (the division
+  // only for the few above it). The staged set {x >= x_thr} is {z >= z0}
+  // for some z0 (x_lower_bound), a prefix of the sorted order with all its
+  // ties, that holds
   //   top-k first (the default filter, official without top-p), K <= 512:
-  //     the K largest: x_thr is at most the K-th largest of the 512 threads'
-  //     maxima (distinct entries), found from their first-level bins;
-  //   top-p over the whole row: every entry with a nonzero fixed-point mass
-  //     (z - zmax >= kMassCutoff), which the mass select needs for its total.
-  // When they do not fit (flat rows, large K) the row takes the radix path
-  // on global memory, which stages later if it can.
-  APD_DEVICE void stage_candidates(const SamplerConfig& cfg, float zmax) {
+  //     the K largest: x_thr is at most the K-th largest of 512 values of
+  //     distinct entries (the threads' maxima, or the lower bounds of them
+  //     that row_lse binned), found from their first-level bins;
+  //   top-p over the whole row: every entry with z - zref >= kMassCutoff
+  //     (all nonzero fixed-point masses, zref <= zmax), which the mass
+  //     select needs for its total; the default top-p stages only z - zref
+  //     >= kStageCutoff and proves in the same pass that the cut is inside.
+  // zref is zmax after row_zmax, or a lower bound of it (track_max: the
+  // staging pass then takes the exact max). True when the candidates are
+  // staged; otherwise (flat rows, large K) the row takes the radix path on
+  // global memory, which stages later if it can.
+  APD_DEVICE bool stage_candidates(const SamplerConfig& cfg, float zref, bool track_max) {
     const int64_t K = effective_top_k(cfg.top_k, ctx_.V);
     float x_thr;
     if (K < ctx_.V && !(cfg.official && cfg.top_p < 1.0f)) {
-      if (K > kSampleThreads) return;
+      if (K > kSampleThreads) return false;
       const unsigned bin = thread_max_bin((unsigned long long)K);
       const float x_lo = desc_key_to_float((bin << radix_shift(0)) | ((1u << radix_shift(0)) - 1u));
-      if (!(fabsf(x_lo) <= FLT_MAX)) return;  // the bins of +-inf and NaN: no threshold
+      if (!(fabsf(x_lo) <= FLT_MAX)) return false;  // the bins of +-inf and NaN: no threshold
       const float z_lo = zval(x_lo);
       x_thr = x_lower_bound(x_lo, [&](float z) { return z >= z_lo; });
     } else if (cfg.official) {  // the official top-p: every nonzero official mass
-      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
+      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zref >= kMassCutoff; });
     } else {  // the default top-p: the top of the row, proven to hold the cut
-      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
-      const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
-      stage_above(x_thr, x_mass, zmax, cfg.top_p);
-      return;
+      x_thr = x_lower_bound(xmax_, [&](float z) { return z - zref >= kStageCutoff; });
+      const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zref >= kMassCutoff; });
+      return stage_above(x_thr, track_max, x_mass, zref, cfg.top_p);
     }
-    stage_above(x_thr);
+    return stage_above(x_thr, track_max);
   }
 
   // Calls f(v0, x) for each group of kVec entries [v0, v0 + kVec) of this
@@ -1011,11 +1225,26 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
   if (threadIdx.x == 0) *out = id;
 }
 
+// What mixture_target_kernel learns in its first pass over the two rows.
+struct LsePass {
+  float lse_d, lse_a;  // log-sum-exp of each row (over its own full length)
+  float x_hint;        // m_v of one entry v < min(V_D, V_A): a lower bound of max_v m_v
+};
+
 // Log-sum-exp of the two rows in one pass (each over its own full length).
+// The same pass keeps, per thread, the (d, a) pair of its largest R d + (1 - R)
+// a: the order of m_v = R (d_v - lse_D) + (1 - R)(a_v - lse_A) up to fp32
+// rounding, so once the lse are known m at that pair is the thread's max of m
+// or within a few ulps of it. Those 512 values of distinct entries are binned
+// in sm.hist_cnt (as row_zmax bins the threads' maxima) and their max is
+// x_hint, so that RowSampler::sample need not read both rows again for the max.
 template <typename T>
-APD_DEVICE void row_lse(const RowPtr<T>& d, const RowPtr<T>& a, SampleSmem& sm, float* lse_d, float* lse_a) {
+APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, SampleSmem& sm) {
+  for (int b = threadIdx.x; b < kBins; b += kSampleThreads) sm.hist_cnt[b] = 0;
   Lse64 ad{-INFINITY, 0.0}, aa{-INFINITY, 0.0};
-  const int n = max(d.n, a.n);
+  float best_y = -INFINITY, best_d = -INFINITY, best_a = -INFINITY;
+  const float one_minus_R = 1.0f - R;
+  const int n = max(d.n, a.n), n_mix = min(d.n, a.n);
   // This is the pass that reads the rows from HBM: kU groups of both rows are
   // loaded before any is used (fewer for fp32, whose values would spill).
   // Entries past a row's end read as -inf, which lse64_push ignores.
@@ -1035,6 +1264,10 @@ APD_DEVICE void row_lse(const RowPtr<T>& d, const RowPtr<T>& a, SampleSmem& sm, 
       for (int j = 0; j < kVec; ++j) {
         if (v0 < d.n) lse64_push(ad, xd[u][j]);
         if (v0 < a.n) lse64_push(aa, xa[u][j]);
+        if (v0 + j < n_mix) {  // NaN never wins; a row with one has a NaN lse anyway
+          const float y = R * xd[u][j] + one_minus_R * xa[u][j];
+          if (y > best_y) best_y = y, best_d = xd[u][j], best_a = xa[u][j];
+        }
       }
     }
   }
@@ -1045,10 +1278,18 @@ APD_DEVICE void row_lse(const RowPtr<T>& d, const RowPtr<T>& a, SampleSmem& sm, 
     sm.lse_d = lse64_value(rd);
     sm.lse_a = lse64_value(ra);
   }
+  __syncthreads();  // also orders the zeroing of hist_cnt before the counts
+  LsePass out{sm.lse_d, sm.lse_a, -INFINITY};
+  const float mine = best_y == -INFINITY ? -INFINITY
+                                         : mixture_coupled(best_d, best_a, make_mixture_row(R, out.lse_d, out.lse_a));
+  atomicAdd(&sm.hist_cnt[desc_key(mine) >> radix_shift(0)], 1u);
+  const MaxArg r =
+      cub::BlockReduce<MaxArg, kSampleThreads>(sm.tmp.maxarg).Reduce(MaxArg{mine, -INFINITY, INT32_MAX}, MaxArgOp());
+  if (threadIdx.x == 0) sm.maxarg = r;
   __syncthreads();
-  *lse_d = sm.lse_d;
-  *lse_a = sm.lse_a;
-  __syncthreads();
+  out.x_hint = sm.maxarg.zmax;
+  __syncthreads();  // sm.maxarg / tmp may be reused right after
+  return out;
 }
 
 // Target ids of mixture_accept; n_accept follows in accept_prefix_kernel.
@@ -1071,11 +1312,12 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
     const ArgmaxSource<T> src{d, a, p.R, p.one_minus_R, p.cfg.official};
     id = RowSampler<ArgmaxSource<T>>(src, ctx, sm).argmax();
   } else {
-    float lse_d = 0.0f, lse_a = 0.0f;  // unused by mixture_coupled when R is 0 or 1
-    if (p.R != 0.0f && p.R != 1.0f) row_lse(d, a, sm, &lse_d, &lse_a);
-    const CoupledSource<T> src{d, a, make_mixture_row(p.R, lse_d, lse_a)};
+    // R is 0 or 1: m is one row as it is, no lse (mixture_coupled) and no hint.
+    const bool mixed = p.R != 0.0f && p.R != 1.0f;
+    const LsePass l = mixed ? row_lse(d, a, p.R, sm) : LsePass{0.0f, 0.0f, NAN};
+    const CoupledSource<T> src{d, a, make_mixture_row(p.R, l.lse_d, l.lse_a)};
     RowSampler<CoupledSource<T>> sampler(src, ctx, sm);
-    id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
+    id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg, l.x_hint) : sampler.argmax();
   }
   if (threadIdx.x == 0) *out = id;
 }
