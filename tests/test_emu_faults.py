@@ -89,6 +89,16 @@ def test_removed_syncthreads_in_sampler_is_a_race(clean, tmp_path):
     assert "SCHEDULE DEPENDENT sample_draft" in run.stdout, run.stdout
 
 
+def test_removed_syncthreads_in_small_select_is_a_race(clean, tmp_path):
+    # The barrier that publishes select_small's chosen code: without it,
+    # threads read the broadcast before thread 0 has written it.
+    run = build_and_run("SAMPLING", tmp_path, "sampling.cuh",
+                        "    if (threadIdx.x == 0) sm_.code64 = code;\n    __syncthreads();\n",
+                        "    if (threadIdx.x == 0) sm_.code64 = code;\n")
+    assert run.returncode != 0, run.stdout
+    assert "SCHEDULE DEPENDENT sample_draft" in run.stdout, run.stdout
+
+
 def test_wrong_mma_fragment_index_is_a_wrong_result(clean, tmp_path):
     # P's A-operand view of the S accumulators with the row-half and k-half
     # registers swapped: every P V atom then reads the wrong fragment.

@@ -234,6 +234,28 @@ def test_sample_draft_one_pass_running_max(dtype, backend):
             assert got[0, 1].item() == 30001 and got[0, 2].item() == V - 1, sampler
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sample_draft_small_select_boundary(dtype, backend):
+    """Staged sets of 127, 128 and 129 entries on both sides of kSmallSelect =
+    128 (apd/cuda/sampling.cuh: one-pass select_small up to it, the radix
+    passes above): exact ties at the top (half of them kept by index at top-p
+    0.5) and distinct values (a cut by count, by mass, and by mass inside
+    the top-k)."""
+    emu_quick(backend, dtype == torch.bfloat16)
+    V = 4099
+    g = torch.Generator().manual_seed(43)
+    x = torch.full((1, 6, V), -30.0)
+    for r, n in enumerate((127, 128, 129)):
+        idx = torch.randperm(V, generator=g)[:n]
+        x[0, r, idx] = 1.0  # n exact ties
+        x[0, r + 3, idx] = torch.linspace(0.0, 2.0, n)[torch.randperm(n, generator=g)]  # n distinct
+    logits = x.to(dtype).to(DEV)
+    seq = seq_inputs(1, 6, 43, full=True)
+    for sampler in [(1.0, 0, 0.5, None), (0.3, 0, 0.9, None), (1.0, 60, 1.0, None), (1.0, 100, 0.7, None),
+                    (1.0, 0, 0.5, "official")]:
+        check_sample_draft(logits, seq, sampler)
+
+
 def test_sample_draft_staging_threshold_ties(backend):
     """The staging threshold of a top-k row sits on the smallest x of a
     first-level bin (here 1.0: the 4th largest of the threads' maxima); at

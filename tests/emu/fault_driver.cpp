@@ -83,17 +83,24 @@ int main_impl() {
   for (auto& x : logits) x = apd::to_bf16(3.0f * next_normal());
   std::vector<int64_t> pos{5, 900}, valid{3, 2}, seeds{11, -12345678901ll}, steps{3, 1ll << 35};
   std::vector<unsigned char> first;
+  // top_k 5 stages about a dozen candidates (select_small); top_k 300 stages
+  // more than kSmallSelect (the radix passes over the staged entries).
   const int rc = run_schedules("sample_draft", [&](std::vector<unsigned char>& out) {
-    std::vector<int64_t> draft(size_t(B) * M, 0x5a5a5a5a);
-    apd::SampleDraftParams p{};
-    p.logits = logits.data();
-    p.dtype = apd::DType::kBFloat16;
-    p.B = B, p.M = M, p.V = V, p.stride_b = int64_t(M) * V, p.stride_m = V;
-    p.pos_start = pos.data(), p.valid_len = valid.data(), p.seeds = seeds.data(), p.steps = steps.data();
-    p.cfg = apd::SamplerConfig{0.7f, 50, 0.9f, false};
-    p.draft = draft.data();
-    const bool ok = apd::launch_sample_draft(p, nullptr) == cudaSuccess;
-    out.assign(reinterpret_cast<unsigned char*>(draft.data()), reinterpret_cast<unsigned char*>(draft.data() + draft.size()));
+    bool ok = true;
+    out.clear();
+    for (const int top_k : {5, 300}) {
+      std::vector<int64_t> draft(size_t(B) * M, 0x5a5a5a5a);
+      apd::SampleDraftParams p{};
+      p.logits = logits.data();
+      p.dtype = apd::DType::kBFloat16;
+      p.B = B, p.M = M, p.V = V, p.stride_b = int64_t(M) * V, p.stride_m = V;
+      p.pos_start = pos.data(), p.valid_len = valid.data(), p.seeds = seeds.data(), p.steps = steps.data();
+      p.cfg = apd::SamplerConfig{0.7f, top_k, 0.9f, false};
+      p.draft = draft.data();
+      ok = ok && apd::launch_sample_draft(p, nullptr) == cudaSuccess;
+      out.insert(out.end(), reinterpret_cast<unsigned char*>(draft.data()),
+                 reinterpret_cast<unsigned char*>(draft.data() + draft.size()));
+    }
     return ok;
   }, first);
   if (rc) return rc;

@@ -48,7 +48,11 @@
 //        count, top-p by mass; top-p inside the top-k prefix selects only
 //        among dk < dk(k-th). The result is a threshold dk, the count / mass
 //        before it and of its ties; the count of ties to keep follows from
-//        ties_to_reach();
+//        ties_to_reach(). With at most kSmallSelect = 128 staged entries
+//        (the paper's setting: ~60) select_small finds the same Selection
+//        in one pass instead: each entry's thread sums the counts and
+//        masses of the entries before it and of its ties (n shared reads),
+//        and one min-reduction picks the threshold;
 //     d. when only some of the threshold's ties are kept, one more pass over
 //        the row finds the index of the last kept tie (block scan of tie
 //        flags, index order);
@@ -123,6 +127,14 @@ constexpr float kStageCutoff = -16.0f;
 // Candidates staged in shared memory, (z, index) each: 12 KB. Static shared
 // memory stops at 48 KB and the histograms and CUB storage take 33 KB.
 constexpr int kStageCap = 1536;
+// At most this many staged entries: select_small (one pass, n reads per
+// entry's thread) instead of the three radix passes. Predicted crossover, no
+// device yet (bench/NOTES.md): n warps/32 x n x ~20 instructions per read
+// (SASS) / 4 schedulers ≈ 2,600 cycles ≈ 1.3 µs at n = 128, against ≈ 1.5-2.3
+// µs for the three radix passes; at the paper's setting n is ~60 (≈ 0.7 µs).
+constexpr int kSmallSelect = 128;
+static_assert(kSmallSelect <= kSampleThreads && kSmallSelect <= kBins && kSmallSelect <= 4096,
+              "select_small: one entry per thread and bin, slots in 12 bits");
 static_assert(kBins % kSampleThreads == 0, "bins must split evenly over threads");
 
 // Digit layout of the 32-bit key, most significant first.
@@ -300,6 +312,10 @@ struct MinOp {
   APD_DEVICE unsigned operator()(unsigned a, unsigned b) const { return a < b ? a : b; }
 };
 
+struct MinOp64 {
+  APD_DEVICE unsigned long long operator()(unsigned long long a, unsigned long long b) const { return a < b ? a : b; }
+};
+
 // What the staging pass sums: the masses exp(z - zref) of the staged entries
 // and of the row (fp64), and the row max of x when the max pass was skipped.
 struct StageSums {
@@ -333,6 +349,7 @@ struct SampleSmem {
     typename cub::BlockScan<CountMass, kSampleThreads>::TempStorage scan_cm;
     typename cub::BlockReduce<CountMass, kSampleThreads>::TempStorage sum_cm;
     typename cub::BlockReduce<unsigned, kSampleThreads>::TempStorage min_u;
+    typename cub::BlockReduce<unsigned long long, kSampleThreads>::TempStorage min_u64;
     typename cub::BlockScan<int, kSampleThreads>::TempStorage scan_i;
     typename cub::BlockReduce<StageSums, kSampleThreads>::TempStorage sums;
   } tmp;
@@ -342,6 +359,7 @@ struct SampleSmem {
   Selection sel;
   StageSums sums;
   unsigned code;
+  unsigned long long code64;
   int tie_last;
   float x_thr;
   // Staged candidates: z and index of the entries every later pass needs, in
@@ -975,12 +993,82 @@ class RowSampler {
     return out;
   }
 
+  // select() over at most kSmallSelect staged entries without the radix
+  // passes: each entry's dk and mass go to hist_cnt / hist_mass (free here),
+  // then the thread holding entry k sums, over all entries j, the count and
+  // mass of those before it in sorted order (dk_j < dk_k) and of its ties
+  // (n reads of shared memory, broadcast: every lane reads the same j). The
+  // threshold is the smallest dk whose inclusive prefix reaches the need, or
+  // the largest dk when rounding leaves none: what the radix passes find
+  // digit by digit, from the same exact integer sums, so the Selection is
+  // the same. One pass over the n entries instead of three histogram passes
+  // (each: 2048 bins zeroed, filled and scanned, about 6 barriers).
+  APD_DEVICE Selection select_small(float zmax, uint32_t dk_end, bool by_mass, bool with_mass,
+                                    unsigned long long need_cnt, double target, float top_p) {
+    const int n = n_staged_;  // <= kSmallSelect <= kSampleThreads: one entry per thread
+    const int k = int(threadIdx.x);
+    constexpr uint32_t kOut = 0xffffffffu;  // not in the set (dk_end <= kOut excludes it)
+    uint32_t dk = kOut;
+    unsigned long long m = 0;
+    if (k < n) {
+      const float z = sm_.stage_z[k];
+      const uint32_t d = desc_key(z);
+      const bool in_range = d < dk_end;
+      m = with_mass && in_range ? mass_of(z, zmax) : 0ull;
+      if (in_range && (!by_mass || m != 0)) dk = d;
+      if (dk == kOut) m = 0;
+      sm_.hist_cnt[k] = dk;
+      sm_.hist_mass[k] = m;
+    }
+    const CountMass tot = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
+                              .Reduce(CountMass{dk != kOut ? 1ull : 0ull, m}, CountMassSum());
+    if (threadIdx.x == 0) sm_.sel.mass_before = tot.mass;
+    __syncthreads();  // also publishes hist_cnt / hist_mass
+    if (by_mass && target < 0.0)  // the row total: the staged entries may hold only part of it
+      target = double(top_p) * (use_mass_total_ ? mass_total_ : double(sm_.sel.mass_before));
+    Selection s{};
+    // Min-reduced code: hits first, by smallest dk, else the largest dk; the
+    // low 12 bits pick the lowest slot among its ties to report the Selection.
+    unsigned long long code = ~0ull;
+    if (dk != kOut) {
+      unsigned cnt_lt = 0, cnt_eq = 0;  // n <= kSmallSelect: 32 bits
+      for (int j = 0; j < n; ++j) {     // branch-free: selects, not jumps
+        const uint32_t dj = sm_.hist_cnt[j];
+        const unsigned long long mj = sm_.hist_mass[j];
+        const bool lt = dj < dk, eq = dj == dk;
+        cnt_lt += lt;
+        cnt_eq += eq;
+        s.mass_before += lt ? mj : 0ull;
+        s.mass_eq += eq ? mj : 0ull;
+      }
+      s.cnt_before = cnt_lt;
+      s.cnt_eq = cnt_eq;
+      const bool hit = by_mass ? double(s.mass_before + s.mass_eq) >= target : s.cnt_before + s.cnt_eq >= need_cnt;
+      code = ((hit ? (unsigned long long)dk : (1ull << 33) - dk) << 12) | unsigned(k);
+    }
+    code = cub::BlockReduce<unsigned long long, kSampleThreads>(sm_.tmp.min_u64).Reduce(code, MinOp64());
+    if (threadIdx.x == 0) sm_.code64 = code;
+    __syncthreads();
+    code = sm_.code64;
+    if (dk != kOut && (code & 0xfffull) == unsigned(k)) {  // one thread: the chosen dk's lowest slot
+      const unsigned long long c = code >> 12;
+      s.dk = c < (1ull << 32) ? uint32_t(c) : uint32_t((1ull << 33) - c);
+      s.target = target;
+      sm_.sel = s;
+    }
+    __syncthreads();
+    const Selection res = sm_.sel;
+    __syncthreads();
+    return res;
+  }
+
   // Radix select of the threshold dk among the entries with dk < dk_end.
   // by_mass: the first dk whose cumulative mass reaches `target` (or
   // top_p * total when target < 0); otherwise the need-th entry by count.
   // with_mass: accumulate masses (needed by every caller that uses top-p).
   APD_DEVICE Selection select(float zmax, uint32_t dk_end, bool by_mass, bool with_mass,
                               unsigned long long need_cnt, double target, float top_p) {
+    if (staged_ && n_staged_ <= kSmallSelect) return select_small(zmax, dk_end, by_mass, with_mass, need_cnt, target, top_p);
     uint32_t prefix = 0, hi_mask = 0;
     unsigned long long cnt_before = 0, mass_before = 0;
     Selection res{};
