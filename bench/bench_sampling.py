@@ -10,7 +10,10 @@ in torch. The apd ops do the same work without sorting the vocabulary
 
 Settings are the paper's: tau = 0.2, top_p = 0.95, R = 0.7; V_D = 152064
 (Dream), V_A = 151936 (Qwen2.5); logits are N(0, 3^2) in bf16 (--dtype).
-GB/s counts the logit bytes each op must read once (the floor).
+GB/s counts the logit bytes each op must read once; on CUDA "x floor" is the
+apd time over that read at --floor-gbs (default 4300: the H200's measured
+device-to-device copy rate, ../.library/device/KINDS.md), the ratio that the
+issue-15 goals (<= 3x at B·M = 100, <= 1.5x at B·M >= 800) are stated in.
 
     python bench/bench_sampling.py --device cpu
     python bench/bench_sampling.py --device cuda --markdown out.md
@@ -107,6 +110,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--iters", type=int, default=10, help="timed runs per measurement (>= 10)")
     ap.add_argument("--markdown", default=None, help="append the table as markdown to this file")
+    ap.add_argument("--floor-gbs", type=float, default=4300.0,
+                    help="bandwidth of the one-read floor in GB/s (CUDA only; default: H200 copy rate)")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -123,9 +128,10 @@ def main():
     title = (f"sampling ops vs the released code's torch path on {args.device} ({where}), {args.dtype}, "
              f"V_D={V_D}, V_A={V_A}, tau={TAU}, top_p={TOP_P}, R={R}; median of {max(10, args.iters)} runs; "
              "speedup > 1 means apd is faster; GB/s = logit bytes read once / apd time")
-    head = ["op", "B", "M", "apd ms", "baseline ms", "speedup", "apd GB/s"]
+    head = ["op", "B", "M", "apd ms", "baseline ms", "speedup", "apd GB/s"] + (["x floor"] if cuda else [])
     lines = [[r["op"], str(r["B"]), str(r["M"]), fmt(r["fused"], ".2f"), fmt(r["base"], ".2f"),
-              fmt(r["base"] / r["fused"] if r["fused"] else None, ".1f") + "x", fmt(r["gbs"], ".1f")] for r in rows]
+              fmt(r["base"] / r["fused"] if r["fused"] else None, ".1f") + "x", fmt(r["gbs"], ".1f")]
+             + ([fmt(args.floor_gbs / r["gbs"] if r["gbs"] else None, ".2f")] if cuda else []) for r in rows]
     emit_table(title, head, lines, args.markdown)
 
 
