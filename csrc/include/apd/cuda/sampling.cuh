@@ -645,35 +645,22 @@ class RowSampler {
       // another lane is: the stop is uniform over the warp.
       if (__shfl_sync(__activemask(), sm_.n_stage, 0) > unsigned(kStageCap)) break;
       float x[kU][kVec];
-#pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (base + u * kTile < V) src_.load4(base + u * kTile, x[u]);
+      load_groups<kU>(base, x);
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int v0 = base + u * kTile;
         if (v0 >= V) continue;
-        float z[kVec];
-        bool want[kVec];
-        bool any = false;
+        if (track_max) {
 #pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const bool valid = v0 + j < V;
-          if (track_max && valid) acc.xmax = nan_max(acc.xmax, x[u][j]);
-          want[j] = valid && x[u][j] >= x_thr;
-          z[j] = 0.0f;
-          if (valid && x[u][j] >= x_lo) {  // rare: the division, and the mass for the total
-            z[j] = zval(x[u][j]);
-            if (with_total) {
-              const double m = double(expf(z[j] - zref));
-              acc.total += m;
-              if (want[j]) acc.staged += m;
-            }
-          }
-          any |= want[j];
+          for (int j = 0; j < kVec; ++j)
+            if (v0 + j < V) acc.xmax = nan_max(acc.xmax, x[u][j]);
         }
-        if (!__any_sync(__activemask(), any)) continue;  // the common case: one vote per 4 entries
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
+        stage_group(v0, x[u], x_thr, x_lo, [&](float z, bool staged) {
+          if (!with_total) return;
+          const double m = double(expf(z - zref));
+          acc.total += m;
+          if (staged) acc.staged += m;
+        });
       }
     }
     __syncthreads();
@@ -756,27 +743,9 @@ class RowSampler {
       // Thresholds of this iteration; never -inf, so -inf entries are never taken.
       const float x_stage = fmaxf(x_run - c_stage, -FLT_MAX), x_mass = fmaxf(x_run - c_mass, -FLT_MAX);
 #pragma unroll
-      for (int u = 0; u < kU; ++u) {
-        const int v0 = base + u * kTile;
-        if (v0 >= V) continue;
-        float z[kVec];
-        bool want[kVec];
-        bool any = false;
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) {
-          const bool valid = v0 + j < V;
-          want[j] = valid && x[u][j] >= x_stage;
-          z[j] = 0.0f;
-          if (valid && x[u][j] >= x_mass) {  // rare: the division and the mass
-            z[j] = zval(x[u][j]);
-            lse64_push(total, z[j]);
-          }
-          any |= want[j];
-        }
-        if (!__any_sync(__activemask(), any)) continue;  // the common case: one vote per 4 entries
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
-      }
+      for (int u = 0; u < kU; ++u)
+        if (base + u * kTile < V)
+          stage_group(base + u * kTile, x[u], x_stage, x_mass, [&](float z, bool) { lse64_push(total, z); });
       base += kTile * kU;
       if (base >= V) break;
       // Lane 0 has the smallest base of its warp, so it is active whenever
@@ -844,6 +813,33 @@ class RowSampler {
     staged_ = true;
     n_staged_ = kept;
     return OnePass::kStaged;
+  }
+
+  // One group of kVec entries [v0, v0 + kVec) of a staging pass: stages (z, v)
+  // of every entry with x >= x_stage, and calls mass(z, staged) for every
+  // entry with x >= x_lo (x_lo <= x_stage), the only ones whose z (a
+  // division) is computed. Per entry a compare or two; one vote per group
+  // skips the staging collectives in the common case. Called by all active
+  // lanes (stage_push is warp-collective).
+  template <class MassF>
+  APD_DEVICE void stage_group(int v0, const float (&x)[kVec], float x_stage, float x_lo, MassF&& mass) {
+    float z[kVec];
+    bool want[kVec];
+    bool any = false;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      const bool valid = v0 + j < ctx_.V;
+      want[j] = valid && x[j] >= x_stage;
+      z[j] = 0.0f;
+      if (valid && x[j] >= x_lo) {  // rare: the division, and the mass for the total
+        z[j] = zval(x[j]);
+        mass(z[j], want[j]);
+      }
+      any |= want[j];
+    }
+    if (!__any_sync(__activemask(), any)) return;
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) stage_push(sm_, want[j], z[j], v0 + j);
   }
 
   // Loads kU groups of kVec entries of this thread from `base` on (stride
