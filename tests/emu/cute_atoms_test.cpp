@@ -29,7 +29,6 @@ extern __shared__ __align__(16) uint16_t smem16[];  // storage in kernel_smem.cp
 
 namespace {
 
-
 uint16_t bits_of(float x, apd::bf16_t) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 uint16_t bits_of(float x, apd::fp16_t) { return __half_as_ushort(__float2half_rn(x)); }
 

@@ -17,7 +17,6 @@ extern __shared__ __align__(16) uint16_t smem16[];  // storage in kernel_smem.cp
 
 namespace {
 
-
 template <class F>
 void launch(dim3 grid, dim3 block, size_t smem, F body) {
   static int tag;  // any address serves as the "kernel" id

@@ -1011,13 +1011,12 @@ class RowSampler {
       const uint32_t d = desc_key(z);
       const bool in_range = d < dk_end;
       m = with_mass && in_range ? mass_of(z, zmax) : 0ull;
-      if (in_range && (!by_mass || m != 0)) dk = d;
-      if (dk == kOut) m = 0;
+      if (in_range && (!by_mass || m != 0)) dk = d;  // m is 0 wherever dk stays kOut
       sm_.hist_cnt[k] = dk;
       sm_.hist_mass[k] = m;
     }
     const CountMass tot = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
-                              .Reduce(CountMass{dk != kOut ? 1ull : 0ull, m}, CountMassSum());
+                              .Reduce(CountMass{0ull, m}, CountMassSum());  // the mass only
     if (threadIdx.x == 0) sm_.sel.mass_before = tot.mass;
     __syncthreads();  // also publishes hist_cnt / hist_mass
     if (by_mass && target < 0.0)  // the row total: the staged entries may hold only part of it
