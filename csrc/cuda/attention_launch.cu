@@ -62,17 +62,22 @@ WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p, const 
   const int64_t bn = plan.block_n;
   const int64_t lmax_tiles = ceil_div<int64_t>(p.Lmax, bn);  // key tiles of the cache
 
-  // Splits: requested, or enough to give every SM about two CTAs when the
-  // (b, kv head, q tile) grid alone would leave SMs idle, keeping >= 256 keys
-  // per split and at most 64 splits.
+  // Splits: requested, or as many as give every SM up to two CTAs (both
+  // kernels fit two per SM) when the (b, kv head, q tile) grid alone would
+  // leave SMs idle, keeping >= 128 keys (two mma key tiles) per split and at
+  // most 64 splits.
+  // Rounded down: one split more than fits starts a second wave of a few
+  // CTAs (Dream-7B, q_len 216, kv 4096, mma: 48 CTAs x 6 splits of 11 key
+  // tiles = 288 CTAs on 264 slots, 2 waves = 22 tile-times per SM; 5 splits of
+  // 13 tiles = 240 CTAs, one wave, 13 tile-times; a model, bench/NOTES.md).
   int64_t want = opt.num_splits;
   if (want <= 0) {
     const int64_t ctas = int64_t(p.B) * p.Hkv * plan.q_tiles;
     const int64_t sms = device_sm_count();
     want = 1;
     if (ctas < sms) {
-      want = ceil_div<int64_t>(2 * sms, ctas);
-      const int64_t max_by_len = ceil_div<int64_t>(p.Lmax, 256);
+      want = 2 * sms / ctas;  // >= 2
+      const int64_t max_by_len = ceil_div<int64_t>(p.Lmax, 128);
       if (want > max_by_len) want = max_by_len;
       if (want > 64) want = 64;
     }

@@ -244,7 +244,7 @@ cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream);
 // Tile sizes, needed by the planner without the kernel definitions.
 constexpr int kSimpleBlockM = 64;  // 8 warps x 8 packed rows
 constexpr int kSimpleBlockN = 32;  // one key per lane
-constexpr int kMmaBlockM = 64;     // 4 warps x 16 packed rows
+constexpr int kMmaBlockM = 128;    // 4 warps x 32 packed rows
 constexpr int kMmaBlockN = 64;
 
 }  // namespace attn

@@ -6,27 +6,33 @@
 //
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
 //  * grid = (q_tiles, B * Hkv, num_splits); 128 threads = 4 warps.
-//  * A CTA owns block_m = 64 packed rows (positions x the G query heads of one
-//    kv head); warp w owns packed rows 16w .. 16w + 15 (TiledMMA: 4 x 1 warps
-//    of one m16n8k16 atom, N tile 16 so one ldmatrix.x4 feeds two atoms).
+//  * A CTA owns block_m = 128 packed rows (positions x the G query heads of
+//    one kv head); warp w owns packed rows 16w + 64 mi .. + 15, mi = 0, 1
+//    (TiledMMA: 4 x 1 warps of one m16n8k16 atom, repeated twice along M; N
+//    tile 16 so one ldmatrix.x4 feeds two atoms). 32 rows per warp, as FA2:
+//    every K / V byte a warp pulls from shared memory feeds 32 rows, and
+//    every K / V byte pulled from L2 feeds 128 (64 before: 2x the L2 passes).
 //  * Keys are walked in tiles of block_n = 64, double-buffered with cp.async
 //    (tile t + 1 is in flight while tile t is computed).
 //  * Shared memory, 16-bit, row stride D + 8 elements (the 16-byte skew makes
 //    the 8 row addresses of every ldmatrix hit distinct banks):
-//      Qs [64][D + 8], Ks [2][64][D + 8], Vs [2][64][D + 8]
-//    = 5 * 64 * (D + 8) * 2 bytes: 87 KB at D = 128, 46 KB at D = 64.
-//  * Q is moved to registers once, after the first tile lands (A fragments,
-//    D/4 32-bit registers per thread), and reused by every key tile.
-//  * Per warp and key tile: S (16 x 64) = Q K^T by D/16 x 8 mma's (B from Ks
-//    with ldmatrix.x4: K rows are B's columns); online softmax on the S
-//    accumulators (each thread holds 2 rows x 16 keys, a row's 4 owners
+//      Qs [128][D + 8], Ks [2][64][D + 8], Vs [2][64][D + 8]
+//    = 6 * 64 * (D + 8) * 2 bytes: 104 KB at D = 128, 55 KB at D = 64.
+//  * Q: at D = 64 moved to registers once (A fragments, 32 registers per
+//    thread) and reused by every key tile; at D = 128 it would take 64
+//    registers on top of 128 (O) + 64 (S) accumulators, so it is re-read from
+//    shared memory one k16 slice at a time (FA2's default; + 2 ldmatrix.x4
+//    per 16 MMAs of S).
+//  * Per warp and key tile: S (32 x 64) = Q K^T by 2 x D/16 x 8 mma's (B from
+//    Ks with ldmatrix.x4: K rows are B's columns); online softmax on the S
+//    accumulators (each thread holds 4 rows x 16 keys, a row's 4 owners
 //    reduce with 2 xor-shuffles; the (row, key) of every element comes from
-//    CuTe's identity-tensor partition); O (16 x D) += P V with P rounded to
+//    CuTe's identity-tensor partition); O (32 x D) += P V with P rounded to
 //    16 bits in registers and re-viewed as A fragments (FA2 register reuse)
-//    and V^T through ldmatrix.x4.trans. ldmatrix per mma: 0.5 (it was 0.5625
-//    with Q reloaded per tile). Accumulators: 32 (S) + D/2 (O) fp32 registers.
-//  * ptxas (sm_90a, nvcc 13.0): 229 registers at D = 128, 167 at D = 64, no
-//    spills; 2 CTAs / SM either way (87 KB smem at D = 128). bench/NOTES.md.
+//    and V^T through ldmatrix.x4.trans. ldmatrix per mma: 0.25 at D = 64,
+//    0.31 at D = 128 (0.5 with 16 rows per warp). Accumulators: 64 (S) + D
+//    (O) fp32 registers.
+//  * ptxas (sm_90a, nvcc 13.0) and the predicted time: bench/NOTES.md.
 //  * Bytes moved per CTA: Q tile once; K and V of its key range once for all
 //    G heads; out (or 16-bit partials + fp32 lse) once.
 // Every __syncthreads is outside warp-dependent branches; all loop bounds are
@@ -59,20 +65,27 @@ APD_DEVICE cute::half_t to_elem(float x, cute::half_t) {
 template <typename T, int D>
 struct MmaCfg {
   static constexpr int kWarps = 4;
-  static constexpr int kBlockM = 64;
+  static constexpr int kBlockM = 128;  // 32 rows per warp: two m16 atoms
   static constexpr int kBlockN = 64;
   static constexpr int kStride = D + 8;  // elements per smem row
-  static constexpr int kTile = 64 * kStride;
-  static constexpr size_t kSmemBytes = size_t(5) * kTile * 2;
+  static constexpr int kTileQ = kBlockM * kStride;
+  static constexpr int kTile = kBlockN * kStride;  // one K or V buffer
+  static constexpr size_t kSmemBytes = size_t(kTileQ + 4 * kTile) * 2;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  // Q fragments of 32 rows cost D registers per thread: kept across key tiles
+  // at D = 64; at D = 128 they would add 64 to the 128 (O) + 64 (S) fp32
+  // accumulators, over the 255 limit, so Q is re-read from shared memory one
+  // k16 slice at a time, as FlashAttention-2 does.
+  static constexpr bool kQInRegs = D <= 64;
   static_assert(D == 64 || D == 128, "mma kernel: D in {64, 128}");
   static_assert(kBlockM == kMmaBlockM && kBlockN == kMmaBlockN, "planner tile sizes");
 
   using E = atoms::Elem<T>;
-  // 4 warps along M, one m16n8k16 atom each; the N tile of 16 lets one
-  // ldmatrix.x4 feed two atoms (B operand), as in FlashAttention-2.
+  // 4 warps along M, one m16n8k16 atom each, repeated twice over the 128-row
+  // tile (warp w: rows 16w .. 16w + 15 and 64 + 16w .. 64 + 16w + 15); the N
+  // tile of 16 lets one ldmatrix.x4 feed two atoms (B operand), as in FA2.
   using TiledMma = decltype(cute::make_tiled_mma(atoms::Mma<T>{}, cute::Layout<cute::Shape<cute::_4, cute::_1, cute::_1>>{},
-                                                 cute::Tile<cute::Int<kBlockM>, cute::_16, cute::_16>{}));
+                                                 cute::Tile<cute::Int<kWarps * 16>, cute::_16, cute::_16>{}));
   // Shared-memory views (padded rows; all static layouts).
   using LayoutQ = cute::Layout<cute::Shape<cute::Int<kBlockM>, cute::Int<D>>, cute::Stride<cute::Int<kStride>, cute::_1>>;
   using LayoutK = cute::Layout<cute::Shape<cute::Int<kBlockN>, cute::Int<D>>, cute::Stride<cute::Int<kStride>, cute::_1>>;
@@ -108,7 +121,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
 
   extern __shared__ __align__(16) uint16_t smem16[];
   uint16_t* Qs = smem16;                 // [BM][S]
-  uint16_t* Ks = Qs + Cfg::kTile;        // [2][BN][S]
+  uint16_t* Ks = Qs + Cfg::kTileQ;       // [2][BN][S]
   uint16_t* Vs = Ks + 2 * Cfg::kTile;    // [2][BN][S]
 
   const int tid = threadIdx.x;
@@ -176,38 +189,53 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   }
   atoms::cp_async_fence();
 
-  // MMA partitions of this thread (CuTe: warp w owns packed rows 16w .. 16w + 15).
+  // MMA partitions of this thread (CuTe: warp w owns packed rows 16w + 64 mi .. + 15, mi = 0, 1).
   typename Cfg::TiledMma tiled_mma;
   auto thr_mma = tiled_mma.get_thread_slice(tid);
   Tensor sQ = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Qs)), typename Cfg::LayoutQ{});
-  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // ((2,2,2), 1, D/16): Q as A fragments, kept across key tiles
-  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<D>>{});  // ((2,2), 1, D/8) fp32
+  Tensor tSrQ = thr_mma.partition_fragment_A(sQ);  // ((2,2,2), MI, D/16): Q as A fragments
+  Tensor acc_o = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<D>>{});  // ((2,2), MI, D/8) fp32
   clear(acc_o);
+  constexpr int MI = decltype(size<1>(acc_o))::value;  // m16 atoms per warp (2)
 
   auto copy_q = make_tiled_copy_A(Copy_Atom<atoms::LdsmN, E>{}, tiled_mma);
   auto copy_k = make_tiled_copy_B(Copy_Atom<atoms::LdsmN, E>{}, tiled_mma);
   auto copy_v = make_tiled_copy_B(Copy_Atom<atoms::LdsmT, E>{}, tiled_mma);
   auto thr_copy_q = copy_q.get_thread_slice(tid);
+  Tensor tSsQ = thr_copy_q.partition_S(sQ);
+  Tensor tSrQ_v = thr_copy_q.retile_D(tSrQ);
   auto thr_copy_k = copy_k.get_thread_slice(tid);
   auto thr_copy_v = copy_v.get_thread_slice(tid);
 
   // (row, key) and (row, dim) coordinates of this thread's accumulator elements.
-  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));  // ((2,2), 1, BN/8)
-  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));   // ((2,2), 1, D/8)
+  Tensor tScS = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));  // ((2,2), MI, BN/8)
+  Tensor tOcO = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));   // ((2,2), MI, D/8)
 
-  // This thread's two rows: accumulator elements 0, 1 (h = 0) and 2, 3 (h = 1).
-  int lim[2];
+  // This thread's 2 MI rows: accumulator elements (0, 1) (h = 0) and (2, 3)
+  // (h = 1) of atom mi.
+  int lim[MI][2];
+  bool any_row = false;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int64_t prow = row0 + get<0>(tScS(2 * h, 0, 0));
-    const int64_t pos = prow / G;
-    lim[h] = (prow < npacked && pos < s.q_len) ? key_limit(a, s, int(pos)) : 0;
-    if (lim[h] > ke) lim[h] = ke;
+  for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t prow = row0 + get<0>(tScS(2 * h, mi, 0));
+      const int64_t pos = prow / G;
+      int l = (prow < npacked && pos < s.q_len) ? key_limit(a, s, int(pos)) : 0;
+      if (l > ke) l = ke;
+      lim[mi][h] = l;
+      any_row |= l > kb;
+    }
   }
-  // Warp-uniform: does any of the warp's 16 rows see a key of this CTA's range?
-  const bool warp_active = __any_sync(0xffffffffu, lim[0] > kb || lim[1] > kb);
+  // Warp-uniform: does any of the warp's 32 rows see a key of this CTA's range?
+  const bool warp_active = __any_sync(0xffffffffu, any_row);
 
-  float m[2] = {-INFINITY, -INFINITY}, lsum[2] = {0.f, 0.f};
+  float m[MI][2], lsum[MI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi) {
+    m[mi][0] = m[mi][1] = -INFINITY;
+    lsum[mi][0] = lsum[mi][1] = 0.f;
+  }
 
   for (int t = 0; t < ntiles; ++t) {
     const int kt = kb + t * BN;
@@ -221,64 +249,69 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
     }
     __syncthreads();
 
-    if (t == 0) {
+    if (Cfg::kQInRegs && t == 0) {
       // Q to registers once (the Q tile landed with the first K/V group).
-      copy(copy_q, thr_copy_q.partition_S(sQ), thr_copy_q.retile_D(tSrQ));
+      copy(copy_q, tSsQ, tSrQ_v);
     }
 
     if (warp_active) {
       Tensor sK = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Ks + buf * Cfg::kTile)), typename Cfg::LayoutK{});
       Tensor sVt = make_tensor(make_smem_ptr(reinterpret_cast<E*>(Vs + buf * Cfg::kTile)), typename Cfg::LayoutVt{});
 
-      // S = Q K^T (16 x 64 per warp); K through ldmatrix.x4, one k16 slice at a time.
-      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});  // ((2,2), 1, BN/8)
+      // S = Q K^T (32 x 64 per warp); K (and at D = 128 Q) through
+      // ldmatrix.x4, one k16 slice at a time.
+      Tensor acc_s = partition_fragment_C(tiled_mma, Shape<Int<BM>, Int<BN>>{});  // ((2,2), MI, BN/8)
       clear(acc_s);
       Tensor tSrK = thr_mma.partition_fragment_B(sK);  // ((2,2), BN/8, D/16)
       Tensor tSsK = thr_copy_k.partition_S(sK);
       Tensor tSrK_v = thr_copy_k.retile_D(tSrK);
 #pragma unroll
       for (int kk = 0; kk < size<2>(tSrK); ++kk) {
+        if (!Cfg::kQInRegs) copy(copy_q, tSsQ(_, _, kk), tSrQ_v(_, _, kk));
         copy(copy_k, tSsK(_, _, kk), tSrK_v(_, _, kk));
         gemm(tiled_mma, tSrQ(_, _, kk), tSrK(_, _, kk), acc_s);
       }
 
-      // Online softmax (base 2) on the accumulators: element (e + 2 h, 0, nt)
-      // is row h's key kt + get<1>(tScS(e + 2 h, 0, nt)).
+      // Online softmax (base 2) on the accumulators: element (e + 2 h, mi, nt)
+      // is row (mi, h)'s key kt + get<1>(tScS(e + 2 h, mi, nt)).
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float mx = -INFINITY;
+      for (int mi = 0; mi < MI; ++mi) {
 #pragma unroll
-        for (int nt = 0; nt < size<2>(acc_s); ++nt) {
+        for (int h = 0; h < 2; ++h) {
+          float mx = -INFINITY;
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int key = kt + get<1>(tScS(2 * h + e, 0, nt));
-            const float x = key < lim[h] ? acc_s(2 * h + e, 0, nt) * a.scale_log2 : -INFINITY;
-            acc_s(2 * h + e, 0, nt) = x;
-            mx = fmaxf(mx, x);
+          for (int nt = 0; nt < size<2>(acc_s); ++nt) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int key = kt + get<1>(tScS(2 * h + e, mi, nt));
+              const float x = key < lim[mi][h] ? acc_s(2 * h + e, mi, nt) * a.scale_log2 : -INFINITY;
+              acc_s(2 * h + e, mi, nt) = x;
+              mx = fmaxf(mx, x);
+            }
           }
-        }
-        // A row's scores are spread over the 4 lanes of a quad.
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mnew = fmaxf(m[h], mx);
-        const float mref = mnew == -INFINITY ? 0.f : mnew;
-        const float alpha = exp2f(m[h] - mref);
-        float sum = 0.f;
+          // A row's scores are spread over the 4 lanes of a quad.
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          const float mnew = fmaxf(m[mi][h], mx);
+          const float mref = mnew == -INFINITY ? 0.f : mnew;
+          const float alpha = exp2f(m[mi][h] - mref);
+          float sum = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < size<2>(acc_s); ++nt) {
+          for (int nt = 0; nt < size<2>(acc_s); ++nt) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(acc_s(2 * h + e, 0, nt) - mref);
-            acc_s(2 * h + e, 0, nt) = p;
-            sum += p;
+            for (int e = 0; e < 2; ++e) {
+              const float p = exp2f(acc_s(2 * h + e, mi, nt) - mref);
+              acc_s(2 * h + e, mi, nt) = p;
+              sum += p;
+            }
           }
-        }
-        lsum[h] = lsum[h] * alpha + sum;
-        m[h] = mnew;
+          lsum[mi][h] = lsum[mi][h] * alpha + sum;
+          m[mi][h] = mnew;
 #pragma unroll
-        for (int nt = 0; nt < size<2>(acc_o); ++nt) {
-          acc_o(2 * h, 0, nt) *= alpha;
-          acc_o(2 * h + 1, 0, nt) *= alpha;
+          for (int nt = 0; nt < size<2>(acc_o); ++nt) {
+            acc_o(2 * h, mi, nt) *= alpha;
+            acc_o(2 * h + 1, mi, nt) *= alpha;
+          }
         }
       }
 
@@ -287,7 +320,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
       Tensor rP = make_tensor<E>(acc_s.layout());
 #pragma unroll
       for (int i = 0; i < size(acc_s); ++i) rP(i) = to_elem(acc_s(i), E{});
-      Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));  // ((2,2,2), 1, BN/16)
+      Tensor tOrP = make_tensor(rP.data(), acc_to_a_layout(rP.layout()));  // ((2,2,2), MI, BN/16)
       Tensor tOrVt = thr_mma.partition_fragment_B(sVt);  // ((2,2), D/8, BN/16)
       Tensor tOsVt = thr_copy_v.partition_S(sVt);
       Tensor tOrVt_v = thr_copy_v.retile_D(tOrVt);
@@ -300,14 +333,15 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
     __syncthreads();  // buffer `buf` may be overwritten by the next prefetch
   }
 
-  // Epilogue: elements (2 h, 0, nt), (2 h + 1, 0, nt) are two neighbouring
-  // dims of row h.
+  // Epilogue: elements (2 h, mi, nt), (2 h + 1, mi, nt) are two neighbouring
+  // dims of row (mi, h).
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float l = lsum[h];
+  for (int mh = 0; mh < 2 * MI; ++mh) {
+    const int mi = mh / 2, h = mh % 2;
+    float l = lsum[mi][h];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t prow = row0 + get<0>(tOcO(2 * h, 0, 0));
+    const int64_t prow = row0 + get<0>(tOcO(2 * h, mi, 0));
     if (prow >= npacked) continue;
     const int64_t pos = prow / G;
     const int hq = kvh * G + int(prow % G);
@@ -318,20 +352,20 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
       for (int nt = 0; nt < size<2>(acc_o); ++nt) {
-        const float x0 = seen ? acc_o(2 * h, 0, nt) * inv : 0.f;
-        const float x1 = seen ? acc_o(2 * h + 1, 0, nt) * inv : 0.f;
-        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, 0, nt))) = pack2(x0, x1, T{});
+        const float x0 = seen ? acc_o(2 * h, mi, nt) * inv : 0.f;
+        const float x1 = seen ? acc_o(2 * h + 1, mi, nt) * inv : 0.f;
+        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, mi, nt))) = pack2(x0, x1, T{});
       }
     } else if (valid) {
       const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
       T* o = static_cast<T*>(a.ws_o) + idx * D;
 #pragma unroll
       for (int nt = 0; nt < size<2>(acc_o); ++nt) {
-        const float x0 = seen ? acc_o(2 * h, 0, nt) * inv : 0.f;
-        const float x1 = seen ? acc_o(2 * h + 1, 0, nt) * inv : 0.f;
-        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, 0, nt))) = pack2(x0, x1, T{});
+        const float x0 = seen ? acc_o(2 * h, mi, nt) * inv : 0.f;
+        const float x1 = seen ? acc_o(2 * h + 1, mi, nt) * inv : 0.f;
+        *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, mi, nt))) = pack2(x0, x1, T{});
       }
-      if (tid % 4 == 0) a.ws_lse[idx] = seen ? m[h] + log2f(l) : -INFINITY;
+      if (tid % 4 == 0) a.ws_lse[idx] = seen ? m[mi][h] + log2f(l) : -INFINITY;
     }
   }
 }
