@@ -406,6 +406,47 @@ def test_mixture_accept_staging_from_lse_pass(dtype, backend):
             assert target[0, 2].item() not in d[0, 2].float().topk(8).indices.tolist(), (sampler, R)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mixture_accept_one_read(dtype, backend):
+    """The coupled mixture at the paper's setting (the default top-p alone, 0 <
+    R < 1) stages its candidates in the lse pass, with y = R d + (1 - R) a for
+    m and thresholds from a running max of y (row_lse<T, true>), and falls
+    back to staging from the hint when it cannot prove the result. Rows (d = a
+    in rows 0-2, so m = d - lse and y = d): 300 early entries staged at the
+    first tiles' max and dropped once the max is known (row 0); 2000 early
+    ones that overflow the stage, fallback (row 1); the max at the last mixed
+    index (row 2); independent N(0, 3) rows (row 3); the AR row masks the
+    dLLM's favourites with -inf (row 4); the models agree up to noise (row
+    5). tau 1e-4 fails the rounding check (fallback); the AR row is 37
+    entries shorter (the lse over each row, the mixture over the shorter)."""
+    emu_quick(backend, dtype == torch.bfloat16)
+    V, V_A = 40000, 39963
+    g = torch.Generator().manual_seed(47)
+    d = torch.randn(1, 6, V, generator=g) * 0.5 - 10.0
+    d[0, 0, torch.randperm(8000, generator=g)[:300]] = 3.0
+    d[0, 0, 100] = 5.0
+    late = (20000 + torch.arange(5) * 7).tolist()
+    d[0, 0, late] = 8.0 - torch.arange(5) * 0.1
+    d[0, 1, torch.randperm(8000, generator=g)[:2000]] = 3.0
+    d[0, 1, 100] = 5.0
+    d[0, 1, 30001] = 8.0
+    d[0, 2, V_A - 1] = 2.0
+    d[0, 3:] = torch.randn(3, V, generator=g) * 3.0
+    a = d[:, :, :V_A].clone()
+    a[0, 3] = torch.randn(V_A, generator=g) * 3.0
+    a[0, 4, d[0, 4, :V_A].topk(8).indices] = float("-inf")
+    a[0, 5] += 0.1 * torch.randn(V_A, generator=g)
+    d, a = d.to(dtype).to(DEV), a.to(dtype).to(DEV)
+    seq = seq_inputs(1, 6, 47, full=True)
+    draft = torch.zeros(1, 6, dtype=torch.int64, device=DEV)
+    for sampler in [(0.2, 0, 0.95, None), (0.2, 0, 0.5, None), (0.7, 0, 0.9, None), (1e-4, 0, 0.95, None)]:
+        for R in (0.3, 0.7):
+            target, _ = check_mixture(d, a, draft, seq, R=R, sampler=sampler, acceptance="coupled")
+            if sampler[0] == 0.2:
+                assert target[0, 0].item() in late, (sampler, R)
+                assert target[0, 1].item() == 30001 and target[0, 2].item() == V_A - 1, (sampler, R)
+
+
 def test_accept_prefix_matches_reference():
     g = torch.Generator().manual_seed(5)
     B, M = 7, 64

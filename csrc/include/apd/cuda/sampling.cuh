@@ -17,9 +17,14 @@
 //     tiles, then each thread's own), a superset staged and summed, cut to
 //     z >= zmax - 16 once the pass has the exact max; when the thresholds
 //     were too low after all (checked) or the stage overflows, a. and b.
-//     follow as below. The coupled mixture skips a. instead: its lse pass
-//     already read both rows and bounds max m from below (row_lse, x_hint),
-//     so b. stages relative to that bound and takes the exact max.
+//     follow as below. The coupled mixture (0 < R < 1) does a. and b. in
+//     its lse pass (row_lse<T, true>): y = R d + (1 - R) a stands in for m
+//     (m + C, C known only when the pass ends), the candidates are then
+//     re-read (a few hundred entries), cut with their exact m, and the result
+//     is used only when a rounding bound proves the proxy's thresholds and
+//     its part of the row total (finish_fused_stage); otherwise b. stages
+//     relative to the lse pass's lower bound of max m (x_hint) and takes the
+//     exact max.
 //   tau > 0, top-k and/or top-p         :
 //     a. max pass (row_zmax): max of x, then zmax = z(xmax) (z is monotone in
 //        x: no division per entry), NaN-propagating -> bad rows stop here
@@ -63,8 +68,8 @@
 //        thread's best.
 //   mixture_accept "coupled" with 0 < R < 1 adds one first pass for the two
 //   rows' log-sum-exp (fp64 sums, as the CPU kernels), which also bounds max
-//   m (above); m_v is then recomputed from both rows on every pass that reads
-//   them.
+//   m and, for the default top-p alone, stages (above); m_v is recomputed
+//   from both rows on every later pass that reads them.
 //   n_accept: a second tiny kernel (one thread per sequence) on the same stream.
 //
 // MEMORY TRAFFIC. The floor is one read of the logits: B*M*V*sizeof(T) for
@@ -72,9 +77,11 @@
 // and tau == 0 paths read each row once (the coupled mixture with 0 < R < 1
 // adds its lse pass: twice). sample_draft's default top-p reads a row once
 // when its candidates fit in shared memory (the paper's tau 0.2 / top-p 0.95
-// on N(0, 3) logits: ~60 of 152064 entries); the coupled mixture reads both
-// rows twice (lse from HBM, staging right after it, partly from L2: 132 row
-// pairs are 80 MB against the H200's 50 MB L2). Other filters read a row
+// on N(0, 3) logits: ~60 of 152064 entries); so does the coupled mixture
+// at that setting (both rows once, in the lse pass, when the fused staging
+// proves its result), otherwise it reads both rows twice (lse from HBM,
+// staging right after it, partly from L2: 132 row pairs are 80 MB against
+// the H200's 50 MB L2). Other filters read a row
 // twice: the max pass from HBM, the staging pass from L2. Rows that do not fit make
 // 3-4 global passes when a radix pass can stage them (the first count pass,
 // then the pass that stages), up to 9 otherwise (flat rows), as before.
@@ -359,6 +366,7 @@ struct SampleSmem {
   Selection sel;
   StageSums sums;
   unsigned code;
+  unsigned code_alt;  // row_lse's staging: the block max of y, refreshes alternate code / code_alt
   unsigned long long code64;
   int tie_last;
   float x_thr;
@@ -435,6 +443,46 @@ APD_DEVICE void stage_push(SampleSmem& sm, bool want, float z, int v) {
   }
 }
 
+// The last step of a one-read top-p staging (RowSampler's
+// stage_top_p_one_pass, row_lse's fused staging): the n staged (z, v) in sm,
+// z exact, a superset of {z - zmax >= kStageCutoff}, are cut to that set in
+// place (every thread reads its slots before any is written), and the top-p
+// cut is proven to lie inside them: the exact integer sum of their fixed-point
+// masses is >= top_p * scaled_total (the row total in 2^-40 units, fp64), the
+// test of the select. Returns the count kept, or -1 when the proof fails.
+// Block-wide; the result is uniform.
+APD_DEVICE int cut_stage_and_prove(SampleSmem& sm, int n, float zmax, double scaled_total, float top_p) {
+  constexpr int kPer = (kStageCap + kSampleThreads - 1) / kSampleThreads;
+  float zk[kPer];
+  int vk[kPer];
+  int mine = 0;
+  unsigned long long staged_mass = 0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int k = int(threadIdx.x) + q * kSampleThreads;
+    zk[q] = k < n ? sm.stage_z[k] : -INFINITY;
+    vk[q] = k < n ? sm.stage_v[k] : 0;
+    if (zk[q] - zmax >= kStageCutoff) ++mine, staged_mass += fixed_mass(zk[q], zmax);
+  }
+  int before = 0, kept = 0;
+  cub::BlockScan<int, kSampleThreads>(sm.tmp.scan_i).ExclusiveSum(mine, before, kept);
+  __syncthreads();  // all slots read
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    if (!(zk[q] - zmax >= kStageCutoff)) continue;
+    sm.stage_z[before] = zk[q];
+    sm.stage_v[before] = vk[q];
+    ++before;
+  }
+  const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm.tmp.sum_cm)
+                          .Reduce(CountMass{0ull, staged_mass}, CountMassSum());
+  if (threadIdx.x == 0) sm.sel.mass_before = r.mass;
+  __syncthreads();
+  const bool ok = double(sm.sel.mass_before) >= double(top_p) * scaled_total;
+  __syncthreads();  // sel is written again by the select
+  return ok ? kept : -1;
+}
+
 // ---------------------------------------------------------------------------
 // One row
 // ---------------------------------------------------------------------------
@@ -490,6 +538,19 @@ class RowSampler {
     if (row_is_bad(zmax)) return -1;
     const KeptSet kept = cfg.official ? kept_official(cfg, zmax) : kept_default(cfg, zmax);
     return scan_row<true, true>(kept).idx;
+  }
+
+  // The default top-p (no top-k, default compat) with its candidates
+  // already staged in sm_ (n of them, {z >= zmax - 16}, z exact) and the cut
+  // proven inside them by the caller (row_lse's fused staging): xmax =
+  // max_v x_v, mass_total = the row total in 2^-40 units.
+  APD_DEVICE int64_t sample_staged(const SamplerConfig& cfg, float xmax, int n, double mass_total) {
+    xmax_ = xmax;
+    staged_ = true;
+    n_staged_ = n;
+    mass_total_ = mass_total;
+    use_mass_total_ = true;
+    return scan_row<true, true>(kept_default(cfg, zval(xmax))).idx;
   }
 
  private:
@@ -774,40 +835,11 @@ class RowSampler {
     const float x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
     const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
     if (!(xmax_ - c_stage <= x_thr && xmax_ - c_mass <= x_mass)) return OnePass::kComplete;  // uniform
-    // Keep the staged entries with z - zmax >= kStageCutoff ({x >= x_thr}),
-    // in place: every thread reads its slots before any is written.
-    constexpr int kPer = (kStageCap + kSampleThreads - 1) / kSampleThreads;
-    float zk[kPer];
-    int vk[kPer];
-    int mine = 0;
-    unsigned long long staged_mass = 0;
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-      const int k = int(threadIdx.x) + q * kSampleThreads;
-      zk[q] = k < n ? sm_.stage_z[k] : -INFINITY;
-      vk[q] = k < n ? sm_.stage_v[k] : 0;
-      if (zk[q] - zmax >= kStageCutoff) ++mine, staged_mass += fixed_mass(zk[q], zmax);
-    }
-    int before = 0, kept = 0;
-    cub::BlockScan<int, kSampleThreads>(sm_.tmp.scan_i).ExclusiveSum(mine, before, kept);
-    __syncthreads();  // all slots read
-#pragma unroll
-    for (int q = 0; q < kPer; ++q) {
-      if (!(zk[q] - zmax >= kStageCutoff)) continue;
-      sm_.stage_z[before] = zk[q];
-      sm_.stage_v[before] = vk[q];
-      ++before;
-    }
-    // The proof that the top-p cut lies inside (as stage_above): exact
-    // integer sums of the staged masses, the row total in fp64.
-    const CountMass r = cub::BlockReduce<CountMass, kSampleThreads>(sm_.tmp.sum_cm)
-                            .Reduce(CountMass{0ull, staged_mass}, CountMassSum());
-    if (threadIdx.x == 0) sm_.sel.mass_before = r.mass;
-    __syncthreads();
+    // Keep the staged entries with z - zmax >= kStageCutoff ({x >= x_thr})
+    // and prove that the top-p cut lies inside them (as stage_above).
     const double scaled_total = row_total * double(kMassScale);
-    const bool ok = double(sm_.sel.mass_before) >= double(top_p) * scaled_total;
-    __syncthreads();  // sel is written again by the select
-    if (!ok) return OnePass::kComplete;
+    const int kept = cut_stage_and_prove(sm_, n, zmax, scaled_total, top_p);
+    if (kept < 0) return OnePass::kComplete;
     mass_total_ = scaled_total;
     use_mass_total_ = true;
     staged_ = true;
@@ -1312,7 +1344,85 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
 struct LsePass {
   float lse_d, lse_a;  // log-sum-exp of each row (over its own full length)
   float x_hint;        // m_v of one entry v < min(V_D, V_A): a lower bound of max_v m_v
+  // row_lse<T, true> only, when n_staged >= 0: the default top-p's candidates
+  // {z >= zmax - 16} staged in sm with the cut proven inside them, xmax =
+  // max_v m_v, mass_total = the row total in 2^-40 units (RowSampler::
+  // sample_staged).
+  int n_staged;
+  float xmax;
+  double mass_total;
 };
+
+// The rest of a fused staging (row_lse<T, true>) once both lse are known:
+// the exact m and z of the n staged entries (their d and a read again: a few
+// hundred scattered loads, from L2), zmax, the check that the proxy's
+// thresholds were safe, the row total and the cut with its proof. Returns the
+// count kept, or -1 (the caller then stages from the hint as before).
+// rest_m / rest_s: the fp64 sum of exp(y_v / tau - rest_m) over the
+// unstaged entries of the proxy's mass window. Block-wide; uniform result.
+template <typename T>
+APD_DEVICE int finish_fused_stage(const RowPtr<T>& d, const RowPtr<T>& a, const MixtureRow& mix, float tau,
+                                  float top_p, int n, float rest_m, double rest_s, SampleSmem& sm, float& xmax,
+                                  double& mass_total) {
+  constexpr int kPer = (kStageCap + kSampleThreads - 1) / kSampleThreads;
+  float mk[kPer];
+  float mloc = -INFINITY;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int k = int(threadIdx.x) + q * kSampleThreads;
+    mk[q] = -INFINITY;
+    if (k < n) {
+      const int v = sm.stage_v[k];
+      mk[q] = mixture_coupled(load_float(d.p[v]), load_float(a.p[v]), mix);
+      mloc = nan_max(mloc, mk[q]);
+    }
+  }
+  const MaxArg rm = cub::BlockReduce<MaxArg, kSampleThreads>(sm.tmp.maxarg)
+                        .Reduce(MaxArg{mloc, -INFINITY, INT32_MAX}, MaxArgOp());
+  if (threadIdx.x == 0) sm.maxarg = rm;
+  __syncthreads();
+  xmax = sm.maxarg.zmax;
+  __syncthreads();
+  const float zmax = temper(xmax, tau);
+  // The proxy y = R d + (1 - R) a differs from m + C (C = R lse_D + (1 - R)
+  // lse_A) by roundings only. m <= 0 is a sum of two non-positive terms, so
+  // for the entries within 32 tau of the max, |m| <= |max m| + 32 tau =: Mb,
+  // and |R d|, |(1 - R) a| <= Mb + |lse|: the roundings of y, of m and of
+  // z = m / tau stay below 25 u (Mb + |lse_D| + |lse_A|) (u = 2^-24) in m.
+  // The staging thresholds (17 and 31 tau below the running max of y) hold
+  // every entry with z >= zmax - 16 (and z >= zmax - 30 in the sums) when
+  // that is at most tau: checked with a factor 64 here. The unstaged part
+  // of the total comes from y: each term's relative error is below eps =
+  // 32 u (...) / tau (+ 2^-22 for its fp32 expf), and the fused result is
+  // used only when that bounds the error of the total by 2^-24 of the max's
+  // mass: one ulp of the largest term's expf, which already may differ
+  // between the device and the CPU kernels (the header's "Numbers").
+  const double u = 0x1p-24;
+  const double scale = double(fabsf(xmax)) + 32.0 * double(tau) + fabs(double(mix.lse_d)) + fabs(double(mix.lse_a));
+  if (row_is_bad(zmax) || !(64.0 * u * scale <= double(tau))) return -1;  // uniform
+  const double eps = 32.0 * u * scale / double(tau);
+  // C / tau in fp64: y / tau - C / tau is z up to the roundings above.
+  const double c_tau = (double(mix.R) * double(mix.lse_d) + double(mix.one_minus_R) * double(mix.lse_a)) / double(tau);
+  const double rest = rest_m == -INFINITY ? 0.0 : rest_s * exp(double(rest_m) - c_tau - double(zmax));
+  if (!(rest * (expm1(eps) + 0x1p-22) <= 0x1p-24)) return -1;  // uniform
+  double s_exact = 0.0;
+#pragma unroll
+  for (int q = 0; q < kPer; ++q) {
+    const int k = int(threadIdx.x) + q * kSampleThreads;
+    if (k < n) {
+      const float z = temper(mk[q], tau);
+      sm.stage_z[k] = z;  // the thread's own slots: cut_stage_and_prove reads them back in this thread
+      if (z - zmax >= kMassCutoff) s_exact += double(expf(z - zmax));
+    }
+  }
+  const StageSums rs = cub::BlockReduce<StageSums, kSampleThreads>(sm.tmp.sums)
+                           .Reduce(StageSums{s_exact, 0.0, -INFINITY}, StageSumsOp());
+  if (threadIdx.x == 0) sm.sums = rs;
+  __syncthreads();
+  mass_total = (sm.sums.staged + rest) * double(kMassScale);
+  __syncthreads();
+  return cut_stage_and_prove(sm, n, zmax, mass_total, top_p);
+}
 
 // Log-sum-exp of the two rows in one pass (each over its own full length).
 // The same pass keeps, per thread, the (d, a) pair of its largest R d + (1 - R)
@@ -1321,25 +1431,61 @@ struct LsePass {
 // or within a few ulps of it. Those 512 values of distinct entries are binned
 // in sm.hist_cnt (as row_zmax bins the threads' maxima) and their max is
 // x_hint, so that RowSampler::sample need not read both rows again for the max.
-template <typename T>
-APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, SampleSmem& sm) {
+// kStage (the default top-p alone, 0 < R < 1, tau > 0): the same pass also
+// stages the default top-p's candidates, as stage_top_p_one_pass does for
+// sample_draft, with y = R d + (1 - R) a standing in for m (m + C, C unknown
+// until the pass ends): every entry with y >= y_run - 17 tau is staged (index
+// only), the others with y >= y_run - 31 tau are summed as exp(y / tau)
+// relative to a running max (fp64), where y_run is the larger of the block
+// max of y over the first kU groups (one barrier) and the thread's own running
+// max: the sets and sums are the same under every schedule. Then
+// finish_fused_stage: one read of both rows instead of two.
+template <typename T, bool kStage = false>
+APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, SampleSmem& sm, float tau = 0.0f,
+                           float top_p = 1.0f) {
   for (int b = threadIdx.x; b < kBins; b += kSampleThreads) sm.hist_cnt[b] = 0;
-  Lse64 ad{-INFINITY, 0.0}, aa{-INFINITY, 0.0};
+  if (kStage && threadIdx.x == 0) sm.n_stage = 0, sm.code = 0u, sm.code_alt = 0u;
+  Lse64 ad{-INFINITY, 0.0}, aa{-INFINITY, 0.0}, rest{-INFINITY, 0.0};
   float best_y = -INFINITY, best_d = -INFINITY, best_a = -INFINITY;
   const float one_minus_R = 1.0f - R;
   const int n = max(d.n, a.n), n_mix = min(d.n, a.n);
+  const float c_stage = (-kStageCutoff + 1.0f) * tau, c_mass = (-kMassCutoff + 1.0f) * tau;
   // This is the pass that reads the rows from HBM: kU groups of both rows are
   // loaded before any is used (fewer for fp32, whose values would spill).
   // Entries past a row's end read as -inf, which lse64_push ignores.
   constexpr int kU = sizeof(T) == 4 ? kUnroll / 2 : kUnroll;
-  for (int base = int(threadIdx.x) * kVec; base < n; base += kTile * kU) {
-    float xd[kU][kVec], xa[kU][kVec];
+  float xd[kU][kVec], xa[kU][kVec];
+  int base = int(threadIdx.x) * kVec;
+  // The same trip count in every thread (the barriers of the staging's max
+  // refreshes); groups at or past a row's end are neither loaded nor used.
+  const int n_it = (n + kTile * kU - 1) / (kTile * kU);
+  auto load = [&] {
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int v0 = base + u * kTile;
       if (v0 < d.n) d.load4(v0, xd[u]);
       if (v0 < a.n) a.load4(v0, xa[u]);
     }
+  };
+  load();
+  float y_run = -INFINITY;
+  bool staging = kStage;
+  if (kStage) {
+    // The first groups' max of y goes to the whole block before any is
+    // staged (every thread, with entries or not, reaches the barriers).
+    float m = -INFINITY;
+#pragma unroll
+    for (int u = 0; u < kU; ++u)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j)
+        if (base + u * kTile + j < n_mix) m = fmaxf(m, R * xd[u][j] + one_minus_R * xa[u][j]);
+    __syncthreads();  // n_stage and code are zero
+    atomicMax(&sm.code, order_key(m));  // the order key of the block max so far (0 < key(-inf))
+    __syncthreads();
+    y_run = key_to_float(sm.code);
+  }
+  for (int it = 0; it < n_it; ++it) {
+    float y[kU][kVec];
 #pragma unroll
     for (int u = 0; u < kU; ++u) {
       const int v0 = base + u * kTile;
@@ -1347,11 +1493,51 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
       for (int j = 0; j < kVec; ++j) {
         if (v0 < d.n) lse64_push(ad, xd[u][j]);
         if (v0 < a.n) lse64_push(aa, xa[u][j]);
+        y[u][j] = -INFINITY;
         if (v0 + j < n_mix) {  // NaN never wins; a row with one has a NaN lse anyway
-          const float y = R * xd[u][j] + one_minus_R * xa[u][j];
-          if (y > best_y) best_y = y, best_d = xd[u][j], best_a = xa[u][j];
+          y[u][j] = R * xd[u][j] + one_minus_R * xa[u][j];
+          if (y[u][j] > best_y) best_y = y[u][j], best_d = xd[u][j], best_a = xa[u][j];
+          if (kStage) y_run = fmaxf(y_run, y[u][j]);
         }
       }
+    }
+    if (kStage && staging) {
+      // Thresholds of this iteration; never -inf, so -inf entries are never taken.
+      const float y_stage = fmaxf(y_run - c_stage, -FLT_MAX), y_mass = fmaxf(y_run - c_mass, -FLT_MAX);
+#pragma unroll
+      for (int u = 0; u < kU; ++u) {
+        const int v0 = base + u * kTile;
+        if (v0 >= n_mix) continue;
+        bool want[kVec];
+        bool any = false;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          want[j] = y[u][j] >= y_stage;
+          if (!want[j] && y[u][j] >= y_mass) lse64_push(rest, temper(y[u][j], tau));  // rare: a division
+          any |= want[j];
+        }
+        if (!__any_sync(__activemask(), any)) continue;
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) stage_push(sm, want[j], y[u][j], v0 + j);
+      }
+    }
+    base += kTile * kU;
+    if (it + 1 == n_it) break;
+    // Uniform over the warp (every lane runs every iteration). An overfull
+    // stage stops the staging, not the lse.
+    if (kStage && staging && __shfl_sync(0xffffffffu, sm.n_stage, 0) > unsigned(kStageCap)) staging = false;
+    load();
+    if (kStage && ((it + 1) & it) == 0) {
+      // After iterations 0, 1, 3, 7, 15: the block max of y so far, with the
+      // next loads in flight. Each thread's y_run then covers the same entries
+      // (iterations 0..it), so the thresholds do not depend on the schedule;
+      // the two slots alternate, so a thread already at the next refresh
+      // cannot raise the slot one still being read.
+      // The first block max (before iteration 0) used code: it + 1 = 1, 4, 16 -> code_alt.
+      unsigned* slot = ((it + 1) & 0x55555555) ? &sm.code_alt : &sm.code;
+      atomicMax(slot, order_key(y_run));
+      __syncthreads();
+      y_run = fmaxf(y_run, key_to_float(*slot));
     }
   }
   const Lse64 rd = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(ad, Lse64Op());
@@ -1362,9 +1548,9 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
     sm.lse_a = lse64_value(ra);
   }
   __syncthreads();  // also orders the zeroing of hist_cnt before the counts
-  LsePass out{sm.lse_d, sm.lse_a, -INFINITY};
-  const float mine = best_y == -INFINITY ? -INFINITY
-                                         : mixture_coupled(best_d, best_a, make_mixture_row(R, out.lse_d, out.lse_a));
+  LsePass out{sm.lse_d, sm.lse_a, -INFINITY, -1, -INFINITY, 0.0};
+  const MixtureRow mix = make_mixture_row(R, out.lse_d, out.lse_a);
+  const float mine = best_y == -INFINITY ? -INFINITY : mixture_coupled(best_d, best_a, mix);
   atomicAdd(&sm.hist_cnt[desc_key(mine) >> radix_shift(0)], 1u);
   const MaxArg r =
       cub::BlockReduce<MaxArg, kSampleThreads>(sm.tmp.maxarg).Reduce(MaxArg{mine, -INFINITY, INT32_MAX}, MaxArgOp());
@@ -1372,6 +1558,19 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
   __syncthreads();
   out.x_hint = sm.maxarg.zmax;
   __syncthreads();  // sm.maxarg / tmp may be reused right after
+  if (kStage) {
+    const Lse64 rr = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(rest, Lse64Op());
+    if (threadIdx.x == 0) sm.sums = StageSums{0.0, rr.s, rr.m};
+    __syncthreads();
+    const float rest_m = sm.sums.xmax;
+    const double rest_s = sm.sums.total;
+    const unsigned n_st = sm.n_stage;
+    __syncthreads();
+    // Uniform. A NaN or infinite lse (a NaN or +inf logit): the usual path.
+    if (n_st <= unsigned(kStageCap) && fabsf(out.lse_d) <= FLT_MAX && fabsf(out.lse_a) <= FLT_MAX)
+      out.n_staged = finish_fused_stage(d, a, mix, tau, top_p, int(n_st), rest_m, rest_s, sm, out.xmax,
+                                        out.mass_total);
+  }
   return out;
 }
 
@@ -1397,10 +1596,18 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
   } else {
     // R is 0 or 1: m is one row as it is, no lse (mixture_coupled) and no hint.
     const bool mixed = p.R != 0.0f && p.R != 1.0f;
-    const LsePass l = mixed ? row_lse(d, a, p.R, sm) : LsePass{0.0f, 0.0f, NAN};
+    // The paper's setting (the default top-p alone): staged in the lse pass.
+    const bool fused = mixed && p.cfg.temperature > 0.0f && !p.cfg.official && p.cfg.top_p < 1.0f &&
+                       effective_top_k(p.cfg.top_k, ctx.V) == ctx.V;
+    const LsePass l = !mixed  ? LsePass{0.0f, 0.0f, NAN, -1, -INFINITY, 0.0}
+                      : fused ? row_lse<T, true>(d, a, p.R, sm, p.cfg.temperature, p.cfg.top_p)
+                              : row_lse<T>(d, a, p.R, sm);
     const CoupledSource<T> src{d, a, make_mixture_row(p.R, l.lse_d, l.lse_a)};
     RowSampler<CoupledSource<T>> sampler(src, ctx, sm);
-    id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg, l.x_hint) : sampler.argmax();
+    if (l.n_staged >= 0)
+      id = sampler.sample_staged(p.cfg, l.xmax, l.n_staged, l.mass_total);
+    else
+      id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg, l.x_hint) : sampler.argmax();
   }
   if (threadIdx.x == 0) *out = id;
 }
