@@ -13,11 +13,12 @@
 //                                         and the row max for the bad-row test.
 //   tau > 0, top-p alone (default compat, the paper's setting): one pass
 //     (stage_top_p_one_pass) does a. and b. below together: thresholds from
-//     a running max instead of the row max (the block max of the first
-//     tiles, then each thread's own), a superset staged and summed, cut to
-//     z >= zmax - 16 once the pass has the exact max; when the thresholds
-//     were too low after all (checked) or the stage overflows, a. and b.
-//     follow as below. The coupled mixture (0 < R < 1) does a. and b. in
+//     a running max instead of the row max (the block max so far, taken
+//     after the first tiles and refreshed after iterations 0, 1, 3, 7 and 15,
+//     and each thread's own), a superset staged and summed, cut to z >= zmax
+//     - 16 once the pass has the exact max; when the thresholds were too low
+//     after all (checked) or the stage overflows (the pass then only takes
+//     the max), b. follows as below. The coupled mixture (0 < R < 1) does a. and b. in
 //     its lse pass (row_lse<T, true>): y = R d + (1 - R) a stands in for m
 //     (m + C, C known only when the pass ends), the candidates are then
 //     re-read (a few hundred entries), cut with their exact m, and the result
@@ -524,9 +525,9 @@ class RowSampler {
     if (row_is_bad(x_hint) && !cfg.official && effective_top_k(cfg.top_k, V) == V) {
       // The default top-p alone (the paper's setting): max, staging and the
       // row total in one read of the row.
-      const OnePass r = stage_top_p_one_pass(cfg.top_p);
-      zmax = r == OnePass::kIncomplete ? row_zmax() : zval(xmax_);
-      if (r != OnePass::kStaged && !row_is_bad(zmax)) stage_candidates(cfg, zmax, /*track_max=*/false);
+      const bool staged = stage_top_p_one_pass(cfg.top_p);
+      zmax = zval(xmax_);
+      if (!staged && !row_is_bad(zmax)) stage_candidates(cfg, zmax, /*track_max=*/false);
     } else if (!row_is_bad(x_hint) && !row_is_bad(zval(x_hint))) {
       xmax_ = x_hint;  // the searches' upper end until the staging pass has the exact max
       const bool staged = stage_candidates(cfg, zval(x_hint), /*track_max=*/true);
@@ -749,35 +750,39 @@ class RowSampler {
     return true;
   }
 
-  enum class OnePass { kStaged, kComplete, kIncomplete };
-
   // The default top-p over the whole row in one read: the max pass, the
   // staging pass and the row total of stage_above fused. Each thread stages
   // the entries with x >= x_run - 17 tau and sums the masses of those with x
   // >= x_run - 31 tau (in fp64 relative to a running max, as row_lse), where
-  // x_run is the larger of the block max of the first kU groups (one barrier)
-  // and the thread's own running max: never above the final max xmax, and
-  // independent of the schedule (the sums and the staged set are the same
-  // every run). After the pass, with xmax exact, the staged entries are cut
+  // x_run is the larger of the block max so far (of the first kU groups, one
+  // barrier, refreshed after iterations 0, 1, 3, 7 and 15 with the next loads
+  // in flight, as row_lse's staging) and the thread's own running max: never
+  // above the final max xmax, and independent of the schedule (the sums and
+  // the staged set are the same every run; the refreshes keep a row whose
+  // max comes late from staging 1% of a bulk that sits within 17 tau of the
+  // first tiles' max). After the pass, with xmax exact, the staged entries are cut
   // to {z >= zmax - 16} (the set stage_above stages), which they contain if
   // the last thresholds, at most xmax - 17 tau and xmax - 31 tau, are at or
   // below the exact x_thr and x_mass (checked; one tau of margin for the
-  // roundings of x / tau). Returns kStaged (xmax_ exact, candidates staged,
-  // row total set), kComplete (xmax_ exact, not staged: the threshold check
-  // or the top-p proof failed, or a bad row), or kIncomplete (the stage
-  // overflowed and the warps stopped reading: xmax_ unknown).
-  APD_DEVICE OnePass stage_top_p_one_pass(float top_p) {
+  // roundings of x / tau). xmax_ is exact on return; true when the
+  // candidates are staged with the row total set, false when not (the stage
+  // overflowed, after which the pass only takes the max; the threshold check
+  // or the top-p proof failed; a bad row).
+  APD_DEVICE bool stage_top_p_one_pass(float top_p) {
     const int V = ctx_.V;
     const float tau = ctx_.tau;
     const float c_stage = (-kStageCutoff + 1.0f) * tau, c_mass = (-kMassCutoff + 1.0f) * tau;
     constexpr int kU = sizeof(typename Src::value_type) == 4 ? kUnroll : 2 * kUnroll;  // as row_zmax
-    if (threadIdx.x == 0) sm_.n_stage = 0, sm_.code = 0u;
+    if (threadIdx.x == 0) sm_.n_stage = 0, sm_.code = 0u, sm_.code_alt = 0u;
     __syncthreads();
     Lse64 total{-INFINITY, 0.0};
     float xmax = -INFINITY;  // NaN-propagating: the row test
     float x_run = -INFINITY;  // NaN-ignoring: the thresholds
-    // Iteration 0 in every thread (threads without entries too): its groups'
-    // max goes to the whole block before any is staged.
+    bool staging = true;      // uniform over the warp
+    // The same trip count in every thread (the refresh barriers); iteration 0
+    // in every thread (threads without entries too): its groups' max goes to
+    // the whole block before any is staged.
+    const int n_it = (V + kTile * kU - 1) / (kTile * kU);
     int base = int(threadIdx.x) * kVec;
     float x[kU][kVec];
     load_groups<kU>(base, x);
@@ -792,7 +797,7 @@ class RowSampler {
       __syncthreads();
       x_run = key_to_float(sm_.code);
     }
-    while (true) {
+    for (int it = 0; it < n_it; ++it) {
 #pragma unroll
       for (int u = 0; u < kU; ++u) {
         const int v0 = base + u * kTile;
@@ -801,28 +806,36 @@ class RowSampler {
         for (int j = 0; j < kVec; ++j)
           if (v0 + j < V) xmax = nan_max(xmax, x[u][j]), x_run = fmaxf(x_run, x[u][j]);
       }
-      // Thresholds of this iteration; never -inf, so -inf entries are never taken.
-      const float x_stage = fmaxf(x_run - c_stage, -FLT_MAX), x_mass = fmaxf(x_run - c_mass, -FLT_MAX);
+      if (staging) {
+        // Thresholds of this iteration; never -inf, so -inf entries are never taken.
+        const float x_stage = fmaxf(x_run - c_stage, -FLT_MAX), x_mass = fmaxf(x_run - c_mass, -FLT_MAX);
 #pragma unroll
-      for (int u = 0; u < kU; ++u)
-        if (base + u * kTile < V)
-          stage_group(base + u * kTile, x[u], x_stage, x_mass, [&](float z, bool) { lse64_push(total, z); });
+        for (int u = 0; u < kU; ++u)
+          if (base + u * kTile < V)
+            stage_group(base + u * kTile, x[u], x_stage, x_mass, [&](float z, bool) { lse64_push(total, z); });
+      }
       base += kTile * kU;
-      if (base >= V) break;
-      // Lane 0 has the smallest base of its warp, so it is active whenever
-      // another lane is: the stop is uniform over the warp.
-      if (__shfl_sync(__activemask(), sm_.n_stage, 0) > unsigned(kStageCap)) break;
+      if (it + 1 == n_it) break;
+      // Every lane runs every iteration: uniform over the warp. An overfull
+      // stage stops the staging; the pass still takes the exact max.
+      if (staging && __shfl_sync(0xffffffffu, sm_.n_stage, 0) > unsigned(kStageCap)) staging = false;
       load_groups<kU>(base, x);
-    }
-    __syncthreads();
-    if (sm_.n_stage > unsigned(kStageCap)) {  // uniform; some warps stopped early
-      __syncthreads();
-      return OnePass::kIncomplete;
+      if (((it + 1) & it) == 0) {  // it = 0, 1, 3, 7, 15: slots alternate, the first block max used code
+        unsigned* slot = ((it + 1) & 0x55555555) ? &sm_.code_alt : &sm_.code;
+        atomicMax(slot, order_key(x_run));
+        __syncthreads();
+        x_run = fmaxf(x_run, key_to_float(*slot));
+      }
     }
     const MaxArg rm = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg)
                           .Reduce(MaxArg{xmax, -INFINITY, INT32_MAX}, MaxArgOp());
     if (threadIdx.x == 0) sm_.maxarg = rm;
-    __syncthreads();
+    __syncthreads();  // also: every push is done
+    if (sm_.n_stage > unsigned(kStageCap)) {  // uniform
+      xmax_ = sm_.maxarg.zmax;
+      __syncthreads();  // n_stage and maxarg are written again by the next pass
+      return false;
+    }
     const Lse64 rt = cub::BlockReduce<Lse64, kSampleThreads>(sm_.tmp.lse).Reduce(total, Lse64Op());
     if (threadIdx.x == 0) sm_.sums = StageSums{0.0, rt.s * exp(double(rt.m) - double(zval(sm_.maxarg.zmax))), 0.0f};
     __syncthreads();
@@ -831,20 +844,20 @@ class RowSampler {
     const int n = int(sm_.n_stage);
     __syncthreads();
     const float zmax = zval(xmax_);
-    if (row_is_bad(zmax)) return OnePass::kComplete;
+    if (row_is_bad(zmax)) return false;
     const float x_thr = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kStageCutoff; });
     const float x_mass = x_lower_bound(xmax_, [&](float z) { return z - zmax >= kMassCutoff; });
-    if (!(xmax_ - c_stage <= x_thr && xmax_ - c_mass <= x_mass)) return OnePass::kComplete;  // uniform
+    if (!(xmax_ - c_stage <= x_thr && xmax_ - c_mass <= x_mass)) return false;  // uniform
     // Keep the staged entries with z - zmax >= kStageCutoff ({x >= x_thr})
     // and prove that the top-p cut lies inside them (as stage_above).
     const double scaled_total = row_total * double(kMassScale);
     const int kept = cut_stage_and_prove(sm_, n, zmax, scaled_total, top_p);
-    if (kept < 0) return OnePass::kComplete;
+    if (kept < 0) return false;
     mass_total_ = scaled_total;
     use_mass_total_ = true;
     staged_ = true;
     n_staged_ = kept;
-    return OnePass::kStaged;
+    return true;
   }
 
   // One group of kVec entries [v0, v0 + kVec) of a staging pass: stages (z, v)
