@@ -268,3 +268,32 @@ def test_bad_lengths_never_read_out_of_bounds(use, impl):
         else:
             out = torch.ops.apd_emu.window_attention(*raw, impl, 0)
         assert torch.isfinite(out.float()).all()
+
+
+# (B, q_len, kv_len, Hq, Hkv, D, splits): the bench_attention.py shapes. The
+# mma planner packs G = Hq / Hkv heads into 128-row q tiles; below one CTA per
+# SM it splits the keys so that the grid fills the 2 CTAs per SM of 132 SMs
+# in one wave (rounded down), each split >= 128 keys (two key tiles).
+PLAN_SHAPES = [
+    (1, 16, 4096, 28, 4, 128, 32),    # 4 CTAs: 66 wanted, 32 by length
+    (1, 100, 4096, 28, 4, 128, 11),   # 24 CTAs: 264 / 24 = 11
+    (1, 116, 4096, 28, 4, 128, 8),    # 28 CTAs: 9 wanted, 8 splits of 8 key tiles (224); rounding up: 10 (280)
+    (1, 216, 4096, 28, 4, 128, 5),    # 48 CTAs: 5 (240); rounding up gave 6 (288)
+    (1, 216, 16384, 28, 4, 128, 5),
+    (8, 100, 4096, 28, 4, 128, 1),    # 192 CTAs >= 132 SMs: no split
+    (1, 100, 1024, 14, 2, 64, 8),     # Qwen: 12 CTAs: 22 wanted, 8 by length
+]
+
+
+@pytest.mark.parametrize("B,Lq,kv,Hq,Hkv,D,want", PLAN_SHAPES)
+def test_mma_plan_fills_one_wave(B, Lq, kv, Hq, Hkv, D, want, backend):
+    """The split count the CUDA launcher would choose (the planner is host
+    code; the emulator reports 132 SMs, the H100 / H200 count)."""
+    if backend != "emu":
+        not_applicable("the plan is read through the emulator's torch.ops.apd_emu.window_attention_plan")
+    q = torch.zeros(B, Lq, Hq, D, dtype=torch.bfloat16)
+    k = torch.zeros(B, kv, Hkv, D, dtype=torch.bfloat16)
+    impl, splits = torch.ops.apd_emu.window_attention_plan(q, k, torch.full((B,), kv), "mma", 0)
+    ctas = B * Hkv * -(-Lq * (Hq // Hkv) // 128)
+    assert impl == "mma" and splits == want, (impl, splits, want)
+    assert splits == 1 or (ctas * splits <= 2 * 132 and -(-kv // 128) >= splits), (ctas, splits)
