@@ -367,7 +367,7 @@ struct SampleSmem {
   Selection sel;
   StageSums sums;
   unsigned code;
-  unsigned code_alt;  // row_lse's staging: the block max of y, refreshes alternate code / code_alt
+  unsigned code_alt;  // the one-read stagings: refreshes of the block max alternate code / code_alt (refresh_slot)
   unsigned long long code64;
   int tie_last;
   float x_thr;
@@ -442,6 +442,28 @@ APD_DEVICE void stage_push(SampleSmem& sm, bool want, float z, int v) {
     sm.stage_z[slot] = z;
     sm.stage_v[slot] = v;
   }
+}
+
+// The running max of the one-read stagings (stage_top_p_one_pass, row_lse's
+// fused staging): the block max of the threads' running maxima `run`
+// (NaN-ignoring), through the order key in *slot, which holds 0 (< key(-inf))
+// or an earlier block max of the same maxima (they only grow). Every thread
+// calls it, with the same number of entries seen, so the result does not
+// depend on the schedule.
+APD_DEVICE float share_block_max(unsigned* slot, float run) {
+  atomicMax(slot, order_key(run));
+  __syncthreads();
+  return fmaxf(run, key_to_float(*slot));
+}
+
+// The slot of the refresh after iteration it, or nullptr: refreshes after
+// iterations 0, 1, 3, 7, 15, ... (the next loads already in flight). The
+// first block max (before iteration 0) uses code, then code_alt and code
+// alternate, so a thread already at the next refresh cannot raise the slot
+// that another still reads.
+APD_DEVICE unsigned* refresh_slot(SampleSmem& sm, int it) {
+  if (((it + 1) & it) != 0) return nullptr;
+  return ((it + 1) & 0x55555555) ? &sm.code_alt : &sm.code;  // it + 1 = 1, 4, 16: code_alt
 }
 
 // The last step of a one-read top-p staging (RowSampler's
@@ -793,9 +815,7 @@ class RowSampler {
 #pragma unroll
         for (int j = 0; j < kVec; ++j)
           if (base + u * kTile + j < V) m = fmaxf(m, x[u][j]);
-      atomicMax(&sm_.code, order_key(m));  // code: the order key of the block max so far (0 < key(-inf))
-      __syncthreads();
-      x_run = key_to_float(sm_.code);
+      x_run = share_block_max(&sm_.code, m);
     }
     for (int it = 0; it < n_it; ++it) {
 #pragma unroll
@@ -820,12 +840,7 @@ class RowSampler {
       // stage stops the staging; the pass still takes the exact max.
       if (staging && __shfl_sync(0xffffffffu, sm_.n_stage, 0) > unsigned(kStageCap)) staging = false;
       load_groups<kU>(base, x);
-      if (((it + 1) & it) == 0) {  // it = 0, 1, 3, 7, 15: slots alternate, the first block max used code
-        unsigned* slot = ((it + 1) & 0x55555555) ? &sm_.code_alt : &sm_.code;
-        atomicMax(slot, order_key(x_run));
-        __syncthreads();
-        x_run = fmaxf(x_run, key_to_float(*slot));
-      }
+      if (unsigned* slot = refresh_slot(sm_, it)) x_run = share_block_max(slot, x_run);
     }
     const MaxArg rm = cub::BlockReduce<MaxArg, kSampleThreads>(sm_.tmp.maxarg)
                           .Reduce(MaxArg{xmax, -INFINITY, INT32_MAX}, MaxArgOp());
@@ -1493,9 +1508,7 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
       for (int j = 0; j < kVec; ++j)
         if (base + u * kTile + j < n_mix) m = fmaxf(m, R * xd[u][j] + one_minus_R * xa[u][j]);
     __syncthreads();  // n_stage and code are zero
-    atomicMax(&sm.code, order_key(m));  // the order key of the block max so far (0 < key(-inf))
-    __syncthreads();
-    y_run = key_to_float(sm.code);
+    y_run = share_block_max(&sm.code, m);
   }
   for (int it = 0; it < n_it; ++it) {
     float y[kU][kVec];
@@ -1540,18 +1553,8 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
     // stage stops the staging, not the lse.
     if (kStage && staging && __shfl_sync(0xffffffffu, sm.n_stage, 0) > unsigned(kStageCap)) staging = false;
     load();
-    if (kStage && ((it + 1) & it) == 0) {
-      // After iterations 0, 1, 3, 7, 15: the block max of y so far, with the
-      // next loads in flight. Each thread's y_run then covers the same entries
-      // (iterations 0..it), so the thresholds do not depend on the schedule;
-      // the two slots alternate, so a thread already at the next refresh
-      // cannot raise the slot one still being read.
-      // The first block max (before iteration 0) used code: it + 1 = 1, 4, 16 -> code_alt.
-      unsigned* slot = ((it + 1) & 0x55555555) ? &sm.code_alt : &sm.code;
-      atomicMax(slot, order_key(y_run));
-      __syncthreads();
-      y_run = fmaxf(y_run, key_to_float(*slot));
-    }
+    if (kStage)  // the block max of y so far (every thread has seen iterations 0..it)
+      if (unsigned* slot = refresh_slot(sm, it)) y_run = share_block_max(slot, y_run);
   }
   const Lse64 rd = cub::BlockReduce<Lse64, kSampleThreads>(sm.tmp.lse).Reduce(ad, Lse64Op());
   __syncthreads();
