@@ -151,10 +151,6 @@ def test_chat_template_and_tokenizer_name():
 
 def test_bad_input():
     lm = APDLM(**ARGS)
-    with pytest.raises(NotImplementedError, match="loglikelihood"):
-        lm.loglikelihood([])
-    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
-        lm.loglikelihood_rolling([])
     with pytest.raises(ValueError, match="unknown argument.*'Rx'"):
         APDLM(**ARGS, Rx=1)
     with pytest.raises(ValueError, match="model_args verifier"):
@@ -192,3 +188,203 @@ def test_cli_equals_sweep(sweep_row, tmp_path):
     path = stats_next_to_results(lm, str(tmp_path / "out"), since=0.0)
     assert path.parent == res.parent and path.name == res.name.replace("results_", "apd_stats_") + "l"
     assert path.read_text() == "".join(lines)
+
+
+# ---------------------------------------------------------------- loglikelihood (issue 26 item 11)
+
+def _ll_instance(ctx: str, cont: str, i: int):
+    from lm_eval.api.instance import Instance
+    return Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=i)
+
+
+@pytest.fixture(scope="module")
+def hf_ar():
+    """The verifier folder as transformers' own Qwen2ForCausalLM (fp32): the independent oracle."""
+    from transformers import Qwen2ForCausalLM
+    return Qwen2ForCausalLM.from_pretrained(AR, dtype=torch.float32, local_files_only=True).eval()
+
+
+def _hf_logprob(model, ctx_ids, cont_ids):
+    """sum log p(cont | ctx) and is_greedy under a transformers causal LM, one sequence, no batching."""
+    ids = torch.tensor([ctx_ids + cont_ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)  # [L, V]
+    rows = lp[len(ctx_ids) - 1:len(ctx_ids) - 1 + len(cont_ids)]  # row j-1 predicts token j
+    tok = torch.tensor(cont_ids)
+    return float(rows.gather(1, tok[:, None]).sum()), bool((rows.argmax(-1) == tok).all())
+
+
+def test_ar_loglikelihood_equals_transformers(pair, probs, hf_ar):
+    _, _, tok = pair
+    lm = APDLM(**{**ARGS, "method": "ar", "batch_size": 3})
+    ctx = arith.prompt_of(probs[0].question)
+    reqs = [(ctx, probs[0].answer), (ctx + " ", "Starts with"), (arith.prompt_of(probs[1].question), "Starts"),
+            ("Question: Ava has", " 7 pens."), ("", "Ben has 3 cards."), (ctx, "banana 12 ####")]
+    res = lm.loglikelihood([_ll_instance(c, x, i) for i, (c, x) in enumerate(reqs)])
+    assert len(res) == len(reqs)
+    for (c, x), (ll, greedy) in zip(reqs, res):
+        # lm-eval's split, spelled out: trailing context spaces move to the continuation,
+        # the joint encoding is cut at the context's length; "" -> the EOT token as context.
+        n = len(c) - len(c.rstrip())
+        c, x = (c[:-n], c[-n:] + x) if n else (c, x)
+        whole = tok(c + x, add_special_tokens=False)["input_ids"]
+        ci = tok(c, add_special_tokens=False)["input_ids"] if c else [lm.eot_token_id]
+        xi = whole[len(ci):] if c else whole
+        ref, ref_greedy = _hf_logprob(hf_ar, ci, xi)
+        assert ll == pytest.approx(ref, rel=1e-4, abs=1e-3)
+        assert greedy == ref_greedy
+    assert res[0][0] > res[-1][0]  # the worked answer is likelier than a garbled one
+    # batching never changes a score
+    solo = [APDLM(**{**ARGS, "method": "ar", "batch_size": 1}).loglikelihood([_ll_instance(c, x, 0)])[0]
+            for c, x in reqs[:2]]
+    assert [s[0] for s in solo] == pytest.approx([r[0] for r in res[:2]], rel=1e-5, abs=1e-4)
+
+
+def test_ar_loglikelihood_rolling_windows(pair, hf_ar):
+    from lm_eval.api.instance import Instance
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    _, _, tok = pair
+    lm = APDLM(**{**ARGS, "method": "ar", "max_length": 23})  # odd window: 3+ windows per text
+    texts = [arith.prompt_of(p.question) + p.answer for p in arith.load_jsonl(tiny.test_file())[:2]] + ["Hi"]
+    out = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)])
+    for t, ll in zip(texts, out):
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        wins = list(map(make_disjoint_window, get_rolling_token_windows(ids, lm.eot_token_id, 23, 1)))
+        assert len(ids) < 23 or len(wins) >= 3
+        # each window scored alone by transformers: the sum covers every token exactly once
+        assert sum(len(x) for _, x in wins) == len(ids)
+        ref = sum(_hf_logprob(hf_ar, c, x)[0] for c, x in wins)
+        assert ll == pytest.approx(ref, rel=1e-4, abs=1e-3)
+    with pytest.raises(NotImplementedError, match="method=ar"):
+        APDLM(**ARGS).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("x",), 0)])
+
+
+@pytest.fixture(scope="module")
+def hf_dllm():
+    from apd_ext.reference_loop import load_hf_model
+    return load_hf_model(DLLM)[0]
+
+
+def _hf_dllm_logprob(model, seq, pos):
+    """log p_dLLM(seq[pos] | the rest, seq[pos] masked): transformers' Qwen2 run bidirectionally
+    (all-zero additive mask), the logits of row pos - 1 (Dream's shift)."""
+    mask_id = apd_ext.load_model(DLLM, dtype=torch.float32, device="cpu").config.mask_token_id
+    ids = torch.tensor([seq])
+    ids[0, pos] = mask_id
+    full = torch.zeros(1, 1, len(seq), len(seq))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask={"full_attention": full}).logits[0].double()
+    return float(torch.log_softmax(logits[pos - 1], -1)[seq[pos]])
+
+
+def test_dream_mc_single_token(pair, probs, hf_dllm):
+    """One scored token: with its mask drawn (p = 1) the weighted loss is the exact dLLM
+    conditional; the estimator's expectation is that value, so the mean of many draws
+    lands within its standard error; a seed fixes every draw."""
+    from apd_ext.integrations.lm_eval import dream_mask_draws, dream_mc_nll, masked_nll
+    dllm, _, tok = pair
+    eos = dllm.config.eos_token_ids[0]
+    ctx = tok(arith.prompt_of(probs[0].question) + "Starts with", add_special_tokens=False)["input_ids"]
+    # A wrong start value: a token the pair does not predict, so the conditional is far from 0.
+    cont = tok(f" {int(probs[0].answer.split()[2].rstrip('.')) + 1}", add_special_tokens=False)["input_ids"][:1]
+    seq = ctx + cont + [eos]
+    exact = -_hf_dllm_logprob(hf_dllm, seq, len(ctx))
+    assert exact > 0.5
+    full = masked_nll(dllm, seq, len(ctx), torch.ones(1, 1, dtype=torch.bool), torch.ones(1, dtype=torch.float64))
+    assert float(full[0]) == pytest.approx(exact, rel=1e-4)
+    half = masked_nll(dllm, seq, len(ctx), torch.tensor([[True], [False]]), torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert half.tolist() == pytest.approx([2 * exact, 0.0], rel=1e-4)  # Dream's 1/p weighting
+
+    n = 2048
+    draws = masked_nll(dllm, seq, len(ctx), *dream_mask_draws(torch.Generator().manual_seed(1), n, 1))
+    se = float(draws.std()) / n ** 0.5
+    assert 0 < se < 0.1 * exact and abs(float(draws.mean()) - exact) < 4 * se
+    kw = dict(eos=eos, mc_num=64, max_length=512)
+    a = dream_mc_nll(dllm, ctx, cont, generator=torch.Generator().manual_seed(3), **kw)
+    b = dream_mc_nll(dllm, ctx, cont, generator=torch.Generator().manual_seed(3), **kw)
+    c = dream_mc_nll(dllm, ctx, cont, generator=torch.Generator().manual_seed(4), **kw)
+    assert a == b and a != c and all(map(torch.isfinite, torch.tensor([a, c])))
+
+
+def test_dream_mask_draws_stratified():
+    from apd_ext.integrations.lm_eval import MC_EPS, dream_mask_draws
+    mask, p = dream_mask_draws(torch.Generator().manual_seed(0), 1000, 7)
+    assert mask.shape == (1000, 7) and p.shape == (1000,)
+    # one u0, n evenly spaced ratios: one per stratum of width 1/n of [eps, 1)
+    assert ((p - MC_EPS) / (1 - MC_EPS) * 1000).floor().sort().values.tolist() == list(range(1000))
+    assert abs(float(mask.double().mean()) - float(p.mean())) < 0.02  # masked at rate p
+
+
+def test_dream_mc_multi_token_seeds_agree(pair, probs):
+    """A 5-token continuation: mean of the per-request estimates at two seeds agree within their errors."""
+    from apd_ext.integrations.lm_eval import dream_mask_draws, masked_nll
+    dllm, _, tok = pair
+    eos = dllm.config.eos_token_ids[0]
+    ctx = tok(arith.prompt_of(probs[1].question), add_special_tokens=False)["input_ids"]
+    cont = tok(probs[1].answer, add_special_tokens=False)["input_ids"][:5]
+    seq = ctx + cont + [eos]
+    n = 512
+    m = [masked_nll(dllm, seq, len(ctx), *dream_mask_draws(torch.Generator().manual_seed(s), n, 5)) for s in (10, 11)]
+    se = (float(m[0].var() + m[1].var()) / n) ** 0.5
+    assert torch.isfinite(m[0]).all() and float(m[0].mean()) > 0
+    assert abs(float(m[0].mean() - m[1].mean())) < 4 * se
+
+
+def test_dllm_loglikelihood_through_lm_eval(pair, probs):
+    """method apd: loglikelihood = -dream_mc_nll with request i seeded seed + i; batching-free."""
+    from apd_ext.integrations.lm_eval import dream_mc_nll
+    dllm, _, tok = pair
+    lm = APDLM(**ARGS, mc_num=16, seed=7)
+    ctx = arith.prompt_of(probs[0].question) + "Starts with"
+    reqs = [_ll_instance(ctx, f" {v}", i) for i, v in enumerate((3, 13))]
+    res = lm.loglikelihood(reqs)
+    for i, (r, v) in enumerate(zip(res, (3, 13))):
+        c, x = lm._encode_pair(ctx, f" {v}")
+        ref = dream_mc_nll(dllm, c, x, dllm.config.eos_token_ids[0], mc_num=16,
+                           generator=torch.Generator().manual_seed(7 + i), max_length=lm.max_length)
+        assert r == (-ref, False) and r[0] < 0
+    with pytest.raises(ValueError, match="mc_num"):
+        APDLM(**ARGS, mc_num=0)
+
+
+def test_mc_task_data():
+    from apd_ext.integrations.tasks.apd_arith_mc import utils as mc  # noqa: F401 (namespace package)
+    items = [json.loads(line) for line in open(task_dir("apd_arith_mc") / "arith_mc_test.jsonl")]
+    assert 100 <= len(items) <= 200
+    for it in items:
+        assert len(it["choices"]) == 4 == len(set(it["choices"]))
+        assert it["choices"][it["label"]] == str(it["final"])
+        assert it["worked"].rstrip().endswith("=") and "####" not in it["worked"]
+    assert len({it["label"] for it in items}) == 4  # the gold position varies
+
+
+def test_mc_task_cli_end_to_end(tmp_path, hf_ar, pair):
+    """`apd-lm-eval --tasks apd_arith_mc` by name, method ar: acc and acc_norm equal an
+    independent transformers scoring of the same docs."""
+    _, _, tok = pair
+    n = 6
+    margs = f"verifier={AR},tokenizer={DLLM},method=ar,dtype=float32,device=cpu,batch_size=4"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(apd_ext.__file__)),
+                                          os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "apd_ext.integrations.lm_eval", "--model", "apd", "--model_args", margs,
+           "--tasks", "apd_arith_mc", "--limit", str(n), "--output_path", str(tmp_path / "out")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = list((tmp_path / "out").rglob("results_*.json"))
+    got = json.loads(res.read_text())["results"]["apd_arith_mc"]
+    items = [json.loads(line) for line in open(task_dir("apd_arith_mc") / "arith_mc_test.jsonl")][:n]
+    acc = acc_norm = 0
+    for it in items:
+        ctx = arith.prompt_of(it["question"]) + it["worked"]
+        cids = tok(ctx, add_special_tokens=False)["input_ids"]
+        lls = []
+        for ch in it["choices"]:
+            whole = tok(ctx + " " + ch, add_special_tokens=False)["input_ids"]
+            assert whole[:len(cids)] == cids
+            lls.append(_hf_logprob(hf_ar, cids, whole[len(cids):])[0])
+        norm = [ll / len((" " + ch).encode()) for ll, ch in zip(lls, it["choices"])]
+        acc += max(range(4), key=lls.__getitem__) == it["label"]
+        acc_norm += max(range(4), key=norm.__getitem__) == it["label"]
+    assert got["acc,none"] == pytest.approx(acc / n)
+    assert got["acc_norm,none"] == pytest.approx(acc_norm / n)

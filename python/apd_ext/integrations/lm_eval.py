@@ -17,6 +17,19 @@ happens without any user code in two ways:
 generate_leftright, generate_diffusion or generate_ar. Generation text is cut
 at the ``until`` stop strings exactly as lm-eval's HF model does (decode with
 special tokens skipped, then lm-eval's own ``postprocess_generated_text``).
+
+Likelihoods (lm-eval's TemplateLM does the context / continuation split as its
+HF model: encode context + continuation together, split at the context's
+length, trailing context whitespace moved to the continuation):
+
+- ``method=ar``: exact, through the verifier alone, as HFLM scores a causal LM
+  (``loglikelihood_rolling``: lm-eval's disjoint rolling windows of max_length).
+- ``apd``, ``leftright``, ``diffusion``: the dLLM's Monte-Carlo estimate as
+  Dream's own evaluation code computes it (DreamLM/Dream, eval/eval.py,
+  ``nll_type=mc``, ``log_type=ftb``; see :func:`dream_mc_nll`), ``mc_num``
+  samples per request, seeded by ``seed`` + request index. It estimates a lower
+  bound (the masked-diffusion ELBO), not the exact log-likelihood; ``is_greedy``
+  is always False (as Dream's), and there is no rolling likelihood.
 """
 from __future__ import annotations
 
@@ -28,23 +41,104 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 METHODS = ("apd", "leftright", "diffusion", "ar")
 # Request gen_kwargs this model understands (after lm-eval's normalize_gen_kwargs).
 _GEN_KEYS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# Dream's eval: mask ratio t ~ U[0, 1] mapped to (1 - eps) t + eps (its sampling_eps).
+MC_EPS = 1e-3
+# Rows of [V] logits one forward may return (fp32: 256 x 152064 x 4 B = 156 MB),
+# and token rows one forward may run: bounds the memory of a likelihood batch.
+_LOGIT_ROWS = 256
+_TOKEN_ROWS = 16384
+
 # Stats of the most recently built model's requests: read by main() to write them
 # next to lm-eval's results (the CLI builds the model itself, out of our reach).
 _LAST: List["APDLM"] = []
 
 
-def task_dir() -> Path:
-    """The folder of the shipped ``apd_arith`` task (``--include_path`` or ``--tasks <dir>/apd_arith.yaml``)."""
-    return Path(__file__).resolve().parent / "tasks" / "apd_arith"
+def task_dir(name: str = "apd_arith") -> Path:
+    """The folder of a shipped task, ``apd_arith`` or ``apd_arith_mc`` (``--tasks <dir>/<name>.yaml``)."""
+    return Path(__file__).resolve().parent / "tasks" / name
+
+
+def dream_mask_draws(generator: torch.Generator, n: int, T: int, eps: float = MC_EPS):
+    """Dream's forward noising of the continuation, n samples of T positions.
+
+    As Dream's ``_forward_process``: one u0 ~ U[0, 1), ratios t_i = (u0 + i / n)
+    mod 1 (stratified over the n samples, Kingma et al. 2021 App. I.1),
+    p_i = (1 - eps) t_i + eps, then every position masked independently with
+    probability p_i. Dream stratifies within each forward batch of batch_size
+    rows; here over all n samples of a request, so batching never changes a value.
+    -> (mask [n, T] bool, p [n] float64), drawn on the CPU from ``generator``.
+    """
+    u0 = torch.rand(1, generator=generator, dtype=torch.float64)
+    t = (u0 + torch.arange(n, dtype=torch.float64) / n) % 1.0  # [n]
+    p = (1.0 - eps) * t + eps  # [n]
+    mask = torch.rand(n, T, generator=generator, dtype=torch.float64) < p[:, None]  # [n, T]
+    return mask, p
+
+
+@torch.no_grad()
+def masked_nll(dllm, seq: List[int], first: int, mask: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per sample, sum over masked positions of -log p_dLLM(token) / p (Dream's weighting).
+
+    seq: the full sequence (context + continuation + EOS); positions
+    [first, first + T) are the scored ones and mask [n, T] says which of them
+    are replaced by [MASK] in sample i (p [n]: its mask ratio). Each sample is
+    one bidirectional dLLM forward over the whole sequence; the logits are read
+    shifted (row j - 1 predicts position j), as Dream does. Samples with no
+    masked position add 0 and cost no forward. -> [n] float64.
+    """
+    n, T = mask.shape
+    L = len(seq)
+    if not 1 <= first <= L - T:
+        raise ValueError(f"first: expected in [1, {L - T}], got {first}")
+    dev = dllm.device
+    mask_id = int(dllm.config.mask_token_id)
+    ids = torch.tensor(seq, dtype=torch.long, device=dev)  # [L]
+    target = ids[first:first + T]  # [T]
+    out = torch.zeros(n, dtype=torch.float64)
+    rows = mask.any(1).nonzero().flatten()  # samples with something to score
+    chunk = max(1, min(_TOKEN_ROWS // L, _LOGIT_ROWS // T))
+    for s in range(0, rows.numel(), chunk):
+        r = rows[s:s + chunk]  # [B]
+        B = r.numel()
+        m = mask[r].to(dev)  # [B, T]
+        toks = ids.expand(B, L).clone()  # [B, L]
+        toks[:, first:first + T] = torch.where(m, mask_id, target)
+        zero = torch.zeros(B, dtype=torch.long, device=dev)
+        logits = dllm.forward(toks, dllm.new_cache(B, L), zero, zero + L,
+                              logit_rows=(zero + first - 1, T)).float()  # [B, T, V]
+        lp = logits.gather(-1, target.expand(B, T)[..., None]).squeeze(-1) - logits.logsumexp(-1)  # [B, T]
+        out[r] = (-(lp.double() * m).sum(1)).cpu() / p[r]
+    return out
+
+
+def dream_mc_nll(dllm, context: List[int], continuation: List[int], eos: int, *, mc_num: int,
+                 generator: torch.Generator, max_length: int, eps: float = MC_EPS) -> float:
+    """Dream's Monte-Carlo estimate of -log p(continuation | context) (an upper bound on the NLL).
+
+    DreamLM/Dream eval/eval.py (``_eval_target_nll_mc``, ``log_type='ftb'``):
+    the sequence is context + continuation + EOS, cut on the left to
+    max_length; the continuation alone is noised (:func:`dream_mask_draws`),
+    position 0 and the final EOS never; the estimate is the mean over mc_num
+    samples of :func:`masked_nll`.
+    """
+    seq = (list(context) + list(continuation) + [eos])[-max_length:]
+    L = len(seq)
+    first = max(L - 1 - len(continuation), 1)
+    T = L - 1 - first
+    if T <= 0:
+        return 0.0
+    mask, p = dream_mask_draws(generator, mc_num, T, eps)
+    return float(masked_nll(dllm, seq, first, mask, p).mean())
 
 
 def _arg(name: str, value, kind, lo=None, allow_none: bool = False):
@@ -61,7 +155,7 @@ def _arg(name: str, value, kind, lo=None, allow_none: bool = False):
     return value
 
 
-class APDLM(LM):
+class APDLM(TemplateLM):
     """lm-eval LM over a dLLM (and, for method apd, its AR verifier) loaded with apd_ext.load_model.
 
     dllm / verifier: checkpoint folders (verifier needed for method apd and ar;
@@ -71,8 +165,10 @@ class APDLM(LM):
     diffusion sampler. temperature / top_p / top_k: when given they override the
     task's gen_kwargs; otherwise do_sample=False means greedy and do_sample=True
     takes the task's temperature / top_p / top_k. seed: request i (in lm-eval's
-    order) uses seed + i, so batching never changes a text. batch_size: prompts
-    per generate call. stats_path: a JSONL file of per-request stats.
+    order) uses seed + i, so batching never changes a text or an estimate.
+    batch_size: prompts per generate call, sequences per ar likelihood forward.
+    mc_num: Monte-Carlo samples per dLLM loglikelihood request (Dream's 128).
+    stats_path: a JSONL file of per-request stats.
     model_args win over the CLI's --batch_size / --device.
     """
 
@@ -81,7 +177,7 @@ class APDLM(LM):
                  acceptance: str = "coupled", compat=None, temperature=None, top_p=None, top_k=None,
                  seed: int = 0, dtype: str = "bfloat16", device: str = "cuda", batch_size=8,
                  max_batch_size=None, cuda_graphs: bool = False, max_gen_toks: int = 256,
-                 max_length=None, stats_path=None, **unknown) -> None:
+                 max_length=None, mc_num: int = 128, stats_path=None, **unknown) -> None:
         super().__init__()
         if unknown:
             raise ValueError(f"model_args: unknown argument(s) {sorted(unknown)} for model 'apd'")
@@ -112,6 +208,7 @@ class APDLM(LM):
         self.alg = alg
         self.seed = _arg("seed", seed, int, 0)
         self.max_gen_toks = _arg("max_gen_toks", max_gen_toks, int, 1)
+        self.mc_num = _arg("mc_num", mc_num, int, 1)
         self.cuda_graphs = _arg("cuda_graphs", cuda_graphs, bool)
         self.sampling = {k: v for k, v in (("temperature", _arg("temperature", temperature, float, 0.0, True)),
                                           ("top_p", _arg("top_p", top_p, float, 0.0, True)),
@@ -151,15 +248,91 @@ class APDLM(LM):
 
     # ------------------------------------------------------------------ lm-eval API
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError(
-            "model 'apd' has no loglikelihood: a diffusion LLM gives no exact sequence likelihood; "
-            "use generate_until tasks (output_type: generate_until)")
+    @property
+    def eot_token_id(self) -> int:
+        return self._eos()
 
-    def loglikelihood_rolling(self, requests):
-        raise NotImplementedError(
-            "model 'apd' has no loglikelihood_rolling: a diffusion LLM gives no exact sequence likelihood; "
-            "use generate_until tasks (output_type: generate_until)")
+    def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> List[int]:
+        # As generate_until's prompts: no special tokens (the Qwen tokenizers add none anyway).
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """requests: ((context, continuation), context ids, continuation ids), from
+        TemplateLM.loglikelihood. -> (log-likelihood, is_greedy) per request."""
+        pairs = [(list(c), list(x)) for _, c, x in requests]
+        for i, (_, x) in enumerate(pairs):
+            if len(x) > self.max_length:
+                raise ValueError(f"loglikelihood: request {i}'s continuation has {len(x)} tokens, more than "
+                                 f"the model's max_length {self.max_length}")
+        if self.method == "ar":
+            res = self._ar_scores(pairs)
+        else:
+            res = []
+            for i, (c, x) in enumerate(pairs):
+                gen = torch.Generator().manual_seed(self.seed + i)
+                nll = dream_mc_nll(self.dllm, c, x, self._eos(), mc_num=self.mc_num, generator=gen,
+                                   max_length=self.max_length)
+                res.append((-nll, False))  # Dream's eval reports no greedy flag
+        for (args, _, _), r in zip(requests, res):
+            if args is not None:
+                self.cache_hook.add_partial("loglikelihood", args, r)
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
+        """Exact for method ar: lm-eval's disjoint rolling windows of max_length
+        (context_len 1, the EOT token first), as HFLM; summed per request."""
+        if self.method != "ar":
+            raise NotImplementedError(
+                f"model 'apd' method {self.method!r}: no loglikelihood_rolling (Dream's Monte-Carlo estimator "
+                "scores a continuation given a context only); use method=ar")
+        windows, owner = [], []
+        for i, (text,) in enumerate(r.args for r in requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((ctx, cont))
+                owner.append(i)
+        out = [0.0] * len(requests)
+        for i, (ll, _) in zip(owner, self._ar_scores(windows)):
+            out[i] += ll
+        for r, ll in zip(requests, out):
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, ll)
+        return out
+
+    @torch.no_grad()
+    def _ar_scores(self, pairs) -> List[tuple]:
+        """Exact (sum log p, is_greedy) of each continuation under the verifier, as HFLM:
+        input (context + continuation)[-(max_length + 1):][:-1], the last len(continuation)
+        logits rows. Longest first, batch_size sequences (and at most _LOGIT_ROWS logits rows) a forward."""
+        model, dev = self.verifier, self._device
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        res: List[Optional[tuple]] = [None] * len(pairs)
+        k = 0
+        while k < len(order):
+            batch = [order[k]]
+            while (k + len(batch) < len(order) and len(batch) < self.batch_size and
+                   (len(batch) + 1) * max(len(pairs[j][1]) for j in batch + [order[k + len(batch)]]) <= _LOGIT_ROWS):
+                batch.append(order[k + len(batch)])
+            k += len(batch)
+            inps = [(pairs[j][0] + pairs[j][1])[-(self.max_length + 1):][:-1] for j in batch]
+            conts = [pairs[j][1] for j in batch]
+            n_rows = max(1, max(len(x) for x in conts))
+            starts = [len(p) - len(x) for p, x in zip(inps, conts)]
+            Lw = max(s for s in starts) + n_rows  # every row's [start, start + n_rows) inside the window
+            B = len(batch)
+            ids = torch.zeros(B, Lw, dtype=torch.long)  # [B, Lw], right-padded
+            for b, p in enumerate(inps):
+                ids[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+            q_len = torch.tensor([len(p) for p in inps], device=dev)  # [B]
+            logits = model.forward(ids.to(dev), model.new_cache(B, Lw), torch.zeros_like(q_len), q_len,
+                                   logit_rows=(torch.tensor(starts, device=dev), n_rows)).float()  # [B, n_rows, V]
+            logp = torch.log_softmax(logits, dim=-1)
+            for b, (j, x) in enumerate(zip(batch, conts)):
+                tok = torch.tensor(x, dtype=torch.long, device=dev)  # [n]
+                lp = logp[b, :len(x)]  # [n, V]
+                ll = float(lp.gather(-1, tok[:, None]).sum())
+                res[j] = (ll, bool((lp.argmax(-1) == tok).all()))
+        return res
 
     @property
     def tokenizer_name(self) -> str:
@@ -303,7 +476,8 @@ def stats_next_to_results(lm: "APDLM", output_path: str, since: float) -> Option
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """lm-eval's CLI with model 'apd' registered; per-request stats next to the results."""
+    """lm-eval's CLI with model 'apd' registered and the shipped tasks (apd_arith,
+    apd_arith_mc) on its include path; per-request stats next to the results."""
     from lm_eval.__main__ import cli_evaluate
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -313,6 +487,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             out = argv[i + 1]
         elif a.startswith("--output_path="):
             out = a.split("=", 1)[1]
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        # The shipped tasks by name (--tasks apd_arith_mc): the model is registered
+        # already, so lm-eval may resolve task names after building it.
+        argv += ["--include_path", str(task_dir().parent)]
     t0 = time.time() - 1.0
     old = sys.argv
     sys.argv = ["lm_eval"] + argv
