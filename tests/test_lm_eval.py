@@ -360,7 +360,7 @@ def test_mc_task_data():
 
 def test_mc_task_cli_end_to_end(tmp_path, hf_ar, pair):
     """`apd-lm-eval --tasks apd_arith_mc` by name, method ar: acc and acc_norm equal an
-    independent transformers scoring of the same docs."""
+    independent transformers scoring of the same docs; `lm_eval --tasks <yaml>` agrees."""
     _, _, tok = pair
     n = 6
     margs = f"verifier={AR},tokenizer={DLLM},method=ar,dtype=float32,device=cpu,batch_size=4"
@@ -388,3 +388,38 @@ def test_mc_task_cli_end_to_end(tmp_path, hf_ar, pair):
         acc_norm += max(range(4), key=norm.__getitem__) == it["label"]
     assert got["acc,none"] == pytest.approx(acc / n)
     assert got["acc_norm,none"] == pytest.approx(acc_norm / n)
+    # plain `lm_eval` on the task file: its utils.py registers the model; same scores
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "apd", "--model_args", margs, "--tasks",
+           str(task_dir("apd_arith_mc") / "apd_arith_mc.yaml"), "--limit", str(n), "--output_path", str(tmp_path / "o2")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (res,) = list((tmp_path / "o2").rglob("results_*.json"))
+    plain = json.loads(res.read_text())["results"]["apd_arith_mc"]
+    assert (plain["acc,none"], plain["acc_norm,none"]) == (got["acc,none"], got["acc_norm,none"])
+
+
+def test_mc_task_dllm_python_api(pair):
+    """method apd on apd_arith_mc through simple_evaluate: every choice's logged
+    loglikelihood is Dream's estimate recomputed alone (request doc * 4 + choice,
+    seeded seed + that index), and acc follows from them."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    from apd_ext.integrations.lm_eval import dream_mc_nll
+    dllm, _, tok = pair
+    n, mc = 3, 8
+    lm = APDLM(**ARGS, method="apd", mc_num=mc, seed=2)
+    tm = TaskManager(include_path=str(task_dir().parent), include_defaults=False)
+    res = simple_evaluate(model=lm, tasks=["apd_arith_mc"], task_manager=tm, limit=n, log_samples=True)
+    samples = sorted(res["samples"]["apd_arith_mc"], key=lambda s: s["doc_id"])
+    hits = 0
+    for s in samples:
+        d = s["doc"]
+        ctx = arith.prompt_of(d["question"]) + d["worked"]
+        lls = [float(r[0][0]) for r in s["resps"]]
+        for c, ll in enumerate(lls):
+            ci, xi = lm._encode_pair(ctx, " " + d["choices"][c])
+            ref = dream_mc_nll(dllm, ci, xi, dllm.config.eos_token_ids[0], mc_num=mc, max_length=lm.max_length,
+                               generator=torch.Generator().manual_seed(2 + 4 * s["doc_id"] + c))
+            assert ll == pytest.approx(-ref, rel=1e-6)
+        hits += max(range(4), key=lls.__getitem__) == d["label"]
+    assert res["results"]["apd_arith_mc"]["acc,none"] == pytest.approx(hits / n)

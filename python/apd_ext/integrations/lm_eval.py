@@ -267,8 +267,11 @@ class APDLM(TemplateLM):
         if self.method == "ar":
             res = self._ar_scores(pairs)
         else:
+            from tqdm import tqdm
+
             res = []
-            for i, (c, x) in enumerate(pairs):
+            for i, (c, x) in enumerate(tqdm(pairs, desc=f"Dream MC loglikelihood ({self.mc_num} samples)",
+                                            disable=disable_tqdm)):
                 gen = torch.Generator().manual_seed(self.seed + i)
                 nll = dream_mc_nll(self.dllm, c, x, self._eos(), mc_num=self.mc_num, generator=gen,
                                    max_length=self.max_length)
