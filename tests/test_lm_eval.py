@@ -163,6 +163,11 @@ def test_bad_input():
         APDLM(**{**ARGS, "R": 1.5})
     with pytest.raises(ValueError, match="batch_size"):
         APDLM(**{**ARGS, "batch_size": "auto"})
+    short = APDLM(**{**ARGS, "method": "ar", "max_length": 8})
+    with pytest.raises(ValueError, match="request 1's continuation has .* max_length 8"):
+        short.loglikelihood([_ll_instance("Question:", " 1", 0), _ll_instance("Question:", " 1 2 3 4 5 6 7 8 9", 1)])
+    with pytest.raises(ValueError, match="mc_num"):
+        APDLM(**ARGS, mc_num="many")
     with pytest.raises(ValueError, match="repetition_penalty"):
         lm.generate_until([_instance("Question: x\nAnswer:\n", {"until": [], "repetition_penalty": 1.1}, 0)])
 
