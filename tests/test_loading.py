@@ -125,10 +125,11 @@ def test_truncated_shard_names_the_file_and_tensor(sharded, tmp_path):
         apd_ext.load_model(folder)
 
 
-# A ~100 MB bf16 Dream folder loaded as float32 (~200 MB resident) in a fresh
-# process. main's loader held every converted tensor while the runtime stacked
-# q/k/v and gate/up (~1.5x resident, plus the mapped file); streaming holds one
-# 32 MiB stage. The bound is generous for allocator slack, still well below 1.5x.
+# A ~100 MB bf16 Dream folder, layer-heavy (what a real model is), loaded as
+# float32 (~200 MB resident) in a fresh process. main's loader held every
+# converted tensor while the runtime stacked q/k/v and gate/up: it grew by 1.64x
+# resident here (measured), 112 MiB over the bound below; streaming grew 1.04x.
+# The bound allows the staging buffer and 16 MiB of allocator slack.
 _PEAK_CHILD = r"""
 import json, sys, torch, apd_ext
 def status(key):
@@ -146,7 +147,7 @@ print(json.dumps(dict(before=before, peak=status("VmHWM"), resident=resident)))
 
 def test_peak_memory_of_a_converting_load_is_bounded(tmp_path):
     torch.manual_seed(0)
-    H, I, L, Vb = 512, 1536, 8, 32000
+    H, I, L, Vb = 512, 2048, 12, 4096
     cfg = dict(model_type="Dream", architectures=["DreamModel"], hidden_size=H, intermediate_size=I,
                num_hidden_layers=L, num_attention_heads=8, num_key_value_heads=2, vocab_size=Vb,
                rope_theta=10000.0, mask_token_id=Vb - 1, torch_dtype="bfloat16", tie_word_embeddings=False)
@@ -168,6 +169,7 @@ def test_peak_memory_of_a_converting_load_is_bounded(tmp_path):
                        env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout.strip().splitlines()[-1])
+    from apd_ext.models.loader import STAGE_BYTES
+
     assert m["resident"] > 180 << 20
-    growth = (m["peak"] - m["before"]) / m["resident"]
-    assert growth <= 1.25, m
+    assert m["peak"] - m["before"] <= 1.05 * m["resident"] + STAGE_BYTES + (16 << 20), m
