@@ -2,7 +2,7 @@
 on real-sized sharded Dream folders (issue 24 part 4).
 
     python bench/bench_load.py --dir /tmp/apd_load_bench [--shapes 1.5b,7b] [--rounds 3]
-           [--baseline-rev main] [--no-baseline | --baseline-only] [--baseline-7b] [--delete-7b]
+           [--baseline-rev main] [--no-baseline | --baseline-only] [--baseline-7b] [--write-only] [--delete-7b]
 
 Writes, once (cached in --dir), random-bf16 sharded Dream folders of two shapes:
   1.5b: Qwen2.5-1.5B's shape (hidden 1536, 28 layers, 12 / 2 heads, intermediate
@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--baseline-only", action="store_true", help="only the old loader (when memory is short)")
     ap.add_argument("--baseline-7b", action="store_true", help="also run the old loader on 7b (~21 GiB peak)")
+    ap.add_argument("--write-only", action="store_true", help="write the folders, load nothing")
     ap.add_argument("--delete-7b", action="store_true", help="delete the 14.2 GiB 7b folder afterwards")
     args = ap.parse_args(argv)
     os.makedirs(args.dir, exist_ok=True)
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
         s = SHAPES[key]
         folder = os.path.join(args.dir, f"dream-{key}")
         write_folder(folder, s)
+        if args.write_only:
+            continue
         runs = {} if args.baseline_only else {"ours": []}
         if base is not None and (key != "7b" or args.baseline_7b):
             runs[f"{args.baseline_rev}"] = []

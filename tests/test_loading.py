@@ -173,3 +173,14 @@ def test_peak_memory_of_a_converting_load_is_bounded(tmp_path):
 
     assert m["resident"] > 180 << 20
     assert m["peak"] - m["before"] <= 1.05 * m["resident"] + STAGE_BYTES + (16 << 20), m
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cuda_load_streams_through_the_stage(sharded, dtype):
+    # Every tensor goes CPU stage -> copy_ onto the GPU (converted there or on the way).
+    gpu, cpu = apd_ext.load_model(sharded, dtype=dtype, device="cuda"), apd_ext.load_model(sharded, dtype=dtype)
+    assert gpu.device.type == "cuda" and gpu.layers[1].w_gate_up.device.type == "cuda"
+    for a, b in zip(gpu.layers, cpu.layers):
+        assert torch.equal(a.w_qkv.cpu(), b.w_qkv) and torch.equal(a.w_gate_up.cpu(), b.w_gate_up)
+    assert torch.equal(gpu.lm_head.cpu(), cpu.lm_head)
