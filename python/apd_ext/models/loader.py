@@ -12,8 +12,8 @@ every page a copy touches stays in the RSS until the file closes (safetensors
 0.8, measured: copying a 0.43 GiB shard into place peaked at +0.87 GiB; a
 Dream-7B shard is 4 GiB, +28% of the model). Memory traffic: the checkpoint
 read once, the resident bytes written once. Measured (bench/NOTES.md,
-"Loading"): a 1.5B-shaped bf16 folder loaded as float32 peaks at 1.078x
-resident (main's loader: 1.56x)."""
+"Loading"): a 1.5B-shaped bf16 folder loaded as float32 peaks at 1.081x
+resident (main's loader: 1.558x); a Dream-7B-shaped one loaded as bf16, 1.036x."""
 from __future__ import annotations
 
 import json
