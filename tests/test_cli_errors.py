@@ -158,7 +158,7 @@ def test_library_warns_when_the_context_cuts_the_budget():
     from apd_ext.tiny import tokenizer
 
     d, a = paths()
-    dllm, ver = apd_ext.load_model(str(d)), apd_ext.load_model(str(a))
+    dllm, ver = apd_ext.load_model(str(d), dtype=torch.float32), apd_ext.load_model(str(a), dtype=torch.float32)
     ids = tokenizer()(QUESTION, return_tensors="pt", add_special_tokens=False).input_ids  # [1, L]
     with pytest.warns(UserWarning, match=r"leaves room for \d+ of the max_new_tokens=600"):
         apd_ext.generate(dllm, ver, ids, R=0.7, W=16, M=8, max_new_tokens=600, seed=0, temperature=0.0)
@@ -173,7 +173,7 @@ def test_library_pair_with_different_tokenizers_blames_the_pair(tmp_path):
 
     make_tiny_qwen2(tmp_path / "v500", vocab=500, eos_token_id=0, bos_token_id=0, pad_token_id=1, seed=3)
     dllm_dir, _ = apd_ext.tiny.paths()
-    dllm = apd_ext.load_model(str(dllm_dir))
+    dllm = apd_ext.load_model(str(dllm_dir), dtype=torch.float32)
     verifier = apd_ext.load_model(str(tmp_path / "v500"))
     with pytest.raises(ValueError, match=r"dllm / verifier: the prompt's token id 560 is in the dLLM's "
                                          r"vocabulary \(568\) but not in the verifier's \(500\)"):
@@ -183,3 +183,61 @@ def test_library_pair_with_different_tokenizers_blames_the_pair(tmp_path):
     engine = apd_ext.engine.Engine(dllm, verifier, max_batch=1)
     with pytest.raises(ValueError, match=r"dllm / verifier: the prompt's token id 560"):
         engine.add_request([3, 560, 7], None, request_id="r")
+
+
+# ------------------------------------------------ issue 26 items 5 and 10
+# A device that is not present: cuda:99 is absent on every machine (a GPU-less
+# one says so; a GPU one counts its devices), plain cuda only where torch sees none.
+_ABSENT = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+_IDS = ["index_99", "no_gpu"]  # not "cuda": conftest skips tests with that keyword on a GPU-less machine
+
+
+@pytest.mark.parametrize("device", _ABSENT, ids=_IDS[: len(_ABSENT)])
+@pytest.mark.parametrize("argv", [["generate", "--prompt", QUESTION], ["demo"], ["sweep", "--limit", "1"],
+                                  ["bench"], ["serve"]], ids=lambda a: a[0])
+def test_every_command_names_an_absent_device(capsys, argv, device):
+    assert cli.main(argv + ["--device", device]) == 2
+    _one_error(capsys, f"--device: '{device}' is not present here")
+
+
+@pytest.mark.parametrize("device", _ABSENT, ids=_IDS[: len(_ABSENT)])
+def test_load_model_names_an_absent_device(device):
+    with pytest.raises(ValueError, match=rf"^device: '{device}' is not present here"):
+        apd_ext.load_model(paths()[0], device=device)
+
+
+def test_load_model_device_auto_and_bad_names():
+    model = apd_ext.load_model(paths()[0], device="auto")
+    assert model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match=r"^device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got 'gpu0'"):
+        apd_ext.load_model(paths()[0], device="gpu0")
+    with pytest.raises(ValueError, match=r"^device: expected .* \(the kernels run on the CPU and CUDA only\)"):
+        apd_ext.load_model(paths()[0], device="meta")
+
+
+@pytest.fixture
+def weights_only(tmp_path):
+    """A folder holding only the safetensors (no config.json, no tokenizer)."""
+    folder = tmp_path / "weights_only"
+    folder.mkdir()
+    shutil.copy(paths()[0] / "model.safetensors", folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("flag", ["--dllm", "--verifier"])
+def test_folder_without_config_json_says_so_first(capsys, weights_only, flag):
+    assert cli.main(["generate", flag, str(weights_only), "--prompt", QUESTION, "--device", "cpu"]) == 2
+    line = _one_error(capsys, f"{flag}: no config.json in {weights_only}")
+    assert "tokenizer" not in line
+    with pytest.raises(FileNotFoundError, match="^src: no config.json in"):
+        apd_ext.load_model(weights_only)
+
+
+@pytest.mark.parametrize("argv", [["generate", "--prompt", QUESTION, "--device", "cpu"], ["demo"], ["serve"],
+                                  ["sweep", "--limit", "1"]], ids=lambda a: a[0])
+def test_a_file_where_a_folder_is_expected(capsys, argv):
+    f = str(paths()[0] / "model.safetensors")
+    assert cli.main(argv + ["--dllm", f]) == 2
+    _one_error(capsys, f"--dllm: '{f}' is a file, expected a checkpoint folder")
+    with pytest.raises(NotADirectoryError, match="^src: .* is a file, expected a checkpoint folder"):
+        apd_ext.load_model(f)

@@ -52,8 +52,9 @@ def setup():
         ids[b, P - len(p):] = torch.tensor(p)
         mask[b, P - len(p):] = 1
     assert len(set(map(len, prompts))) > 1  # really ragged
-    return dict(dllm=_hf(dllm_dir), ar=_hf(ar_dir), dllm_rt=apd_ext.load_model(str(dllm_dir)),
-                ar_rt=apd_ext.load_model(str(ar_dir)), prompts=prompts, ids=ids, mask=mask, tok=tok)
+    f32 = dict(dtype=torch.float32)  # the shipped pair is stored (and by default loads) in bf16
+    return dict(dllm=_hf(dllm_dir), ar=_hf(ar_dir), dllm_rt=apd_ext.load_model(str(dllm_dir), **f32),
+                ar_rt=apd_ext.load_model(str(ar_dir), **f32), prompts=prompts, ids=ids, mask=mask, tok=tok)
 
 
 def _expected(s, max_new=MAX_NEW, cut=None, **sampling):

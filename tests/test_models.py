@@ -215,7 +215,9 @@ def test_tied_bf16_checkpoint_loads_as_fp32(tmp_path):
     hf.save_pretrained(tmp_path / "bf16")
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys() and f.get_tensor("model.norm.weight").dtype == torch.bfloat16
-    model = apd_ext.load_model(tmp_path / "bf16")
+    assert json.load(open(tmp_path / "bf16" / "config.json"))["dtype"] == "bfloat16"
+    assert apd_ext.load_model(tmp_path / "bf16").dtype == torch.bfloat16  # the checkpoint's dtype by default
+    model = apd_ext.load_model(tmp_path / "bf16", dtype=torch.float32)  # an explicit dtype wins
     assert model.dtype == torch.float32 and model.lm_head is model.embed
     ids = ids_batch(2, 9, seed=16)
     out = model.forward(ids, model.new_cache(2, 9), i64(0, 0), i64(9, 9))

@@ -263,7 +263,7 @@ def test_step_loop_cancel_frees_the_row_and_spares_the_others():
     torch.set_num_threads(1)
     try:
         d, a = tiny.paths()
-        dllm, ver = apd_ext.load_model(d), apd_ext.load_model(a)
+        dllm, ver = apd_ext.load_model(d, dtype=torch.float32), apd_ext.load_model(a, dtype=torch.float32)
         tok = tiny.tokenizer()
         ids = tok(f"Question: {QUESTIONS[0]}\nAnswer:\n", add_special_tokens=False)["input_ids"]
         params = [dict(R=0.3, W=4, M=4, temperature=0.9, seed=s, max_new_tokens=60, stop_token_ids=[])

@@ -59,3 +59,28 @@ def check_range(name: str, value: float, lo: float, hi: float) -> float:
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         fail(name, "one of " + ", ".join(repr(c) for c in choices), repr(value))
+
+
+def check_device(name: str, device) -> torch.device:
+    """A device the runtime can use now: "auto" / None is CUDA when torch sees a
+    GPU, else the CPU. A CUDA device that is not present (no GPU, a CPU-only
+    torch, an index past the count) is one ValueError naming `name`, not torch's
+    "Torch not compiled with CUDA enabled" deep in the first copy."""
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        fail(name, "'cpu', 'cuda', 'cuda:N' or 'auto'", repr(device))
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        fail(name, "'cpu', 'cuda', 'cuda:N' or 'auto' (the kernels run on the CPU and CUDA only)", repr(str(dev)))
+    if not torch.cuda.is_available():
+        why = "this torch is a CPU-only build" if torch.version.cuda is None else "none visible to torch"
+        raise ValueError(f"{name}: {str(dev)!r} is not present here: no CUDA device ({why}); use 'cpu' or 'auto'")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"{name}: {str(dev)!r} is not present here: {count} CUDA device(s), "
+                         f"cuda:0 .. cuda:{count - 1}")
+    return dev

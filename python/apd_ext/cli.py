@@ -114,15 +114,9 @@ def _add_generate(sub) -> None:
 def _device_dtype(args):
     import torch
 
-    dev = args.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(dev)
-    except RuntimeError as e:
-        raise UsageError(f"--device: expected cpu, cuda, cuda:N or auto, got {args.device!r}") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here")
+    from apd_ext._validate import check_device
+
+    device = check_device("--device", args.device)
     name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
 
@@ -225,10 +219,12 @@ def cmd_generate(args) -> int:
         raise UsageError("--verifier: required for --method apd (an AR checkpoint folder)")
     if args.method == "ar" and not args.verifier:
         raise UsageError("--verifier: required for --method ar (the AR model that decodes)")
+    from apd_ext.models.config import check_folder
+
     for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
-        if folder is not None and not os.path.isdir(folder):
-            raise UsageError(f"{flag}: checkpoint folder {folder!r} not found; only local folders load "
-                             "(no Hub downloads): see the README, 'Getting the checkpoints'")
+        if folder is not None:  # before the tokenizer: a wrong path is named first
+            check_folder(flag, folder, hint="only local folders load (no Hub downloads): see the README, "
+                         "'Getting the checkpoints'")
     tok = _load_tokenizer(args.dllm)
     prompt_text = args.prompt
     d_def, _ = _embedded_defaults()

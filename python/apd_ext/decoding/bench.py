@@ -64,10 +64,9 @@ def add_arguments(p) -> None:
 
 
 def _resolve(args):
-    dev = args.device
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(dev)
+    from apd_ext._validate import check_device
+
+    device = check_device("--device", args.device)
     cuda = device.type == "cuda"
     shapes = args.shapes if args.shapes != "auto" else ("real" if cuda else "tiny")
     return (device, shapes, args.steps or (16 if cuda else 6), args.prompt_len or (256 if cuda else 64),
@@ -187,8 +186,6 @@ def run(args, progress: bool = False) -> List[dict]:
 
     device, shapes, steps, plen, repeats = _resolve(args)
     whole = args.whole if args.whole is not None else device.type == "cuda"
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
     if repeats < 1:
         raise ValueError(f"--repeats: expected an int >= 1, got {repeats}")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

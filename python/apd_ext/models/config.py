@@ -152,13 +152,22 @@ def read_json(path: str) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_folder_config(folder: str) -> tuple[dict, dict]:
-    """config.json (required) and generation_config.json (optional) of a checkpoint folder."""
+def check_folder(name: str, folder: str, hint: str = "") -> None:
+    """A checkpoint folder, checked before anything reads it (so a wrong path
+    is named first, not as a tokenizer or safetensors error): a file says it is
+    a file, a folder without config.json says so. hint ends the not-found line."""
+    if os.path.isfile(folder):
+        raise NotADirectoryError(f"{name}: {folder!r} is a file, expected a checkpoint folder "
+                                 "(the folder holding config.json and the *.safetensors)")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    cfg_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{cfg_path}: missing (every checkpoint folder needs a config.json)")
+        raise FileNotFoundError(f"{name}: checkpoint folder {folder!r} not found" + (f"; {hint}" if hint else ""))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(f"{name}: no config.json in {folder} (every checkpoint folder needs one)")
+
+
+def read_folder_config(folder: str, name: str = "src") -> tuple[dict, dict]:
+    """config.json (required) and generation_config.json (optional) of a checkpoint folder."""
+    check_folder(name, folder)
     gen_path = os.path.join(folder, "generation_config.json")
     gen = read_json(gen_path) if os.path.isfile(gen_path) else {}
-    return read_json(cfg_path), gen
+    return read_json(os.path.join(folder, "config.json")), gen

@@ -86,8 +86,10 @@ class Qwen2Runtime:
         self, kind: str, config: ModelConfig, tensors: dict, *, path: Optional[str] = None, fuse_mlp: bool = True
     ):
         """tensors: the checkpoint's tensors by name, already on the device and in
-        the dtype. q/k/v are concatenated here (a copy); fuse_mlp also stacks
-        gate/up into one GEMM (a copy, so load_model skips it for live models)."""
+        the dtype. q/k/v are concatenated here (a copy) unless tensors already
+        holds the fused "self_attn.qkv_proj.weight" / ".bias"; fuse_mlp also
+        stacks gate/up into one GEMM (a copy, so load_model skips it for live
+        models) unless "mlp.gate_up_proj.weight" is given (then used as is)."""
         self.kind = kind
         self.config = config
         self.path = path
@@ -102,14 +104,20 @@ class Qwen2Runtime:
         for i in range(config.num_layers):
             p = f"model.layers.{i}."
             t = lambda n: tensors[p + n]  # noqa: E731
-            gate, up, gate_up = t("mlp.gate_proj.weight"), t("mlp.up_proj.weight"), None
-            if fuse_mlp:
+            # The fused buffers come from load_model when it read them in place
+            # (a folder); otherwise they are stacked here (a copy).
+            gate, up = t("mlp.gate_proj.weight"), t("mlp.up_proj.weight")
+            gate_up = tensors.get(p + "mlp.gate_up_proj.weight")
+            if gate_up is None and fuse_mlp:
                 gate_up = torch.cat([gate, up])
+            if gate_up is not None:
                 gate, up = gate_up[: config.intermediate_size], gate_up[config.intermediate_size :]
+            w_qkv = tensors.get(p + "self_attn.qkv_proj.weight")
+            b_qkv = tensors.get(p + "self_attn.qkv_proj.bias")
             self.layers.append(
                 _Layer(
-                    w_qkv=torch.cat([t(f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                    b_qkv=torch.cat([t(f"self_attn.{n}_proj.bias") for n in "qkv"]),
+                    w_qkv=w_qkv if w_qkv is not None else torch.cat([t(f"self_attn.{n}_proj.weight") for n in "qkv"]),
+                    b_qkv=b_qkv if b_qkv is not None else torch.cat([t(f"self_attn.{n}_proj.bias") for n in "qkv"]),
                     w_o=t("self_attn.o_proj.weight"),
                     w_gate=gate,
                     w_up=up,

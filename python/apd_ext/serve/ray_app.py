@@ -61,9 +61,12 @@ def add_arguments(p: argparse.ArgumentParser, d_def: Optional[str] = None, a_def
 def _check(args) -> None:
     from apd_ext.cli import UsageError
 
+    from apd_ext._validate import check_device
+    from apd_ext.models.config import check_folder
+
+    check_device("--device", args.device)  # here, not in a replica's traceback
     for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
-        if not os.path.isdir(folder):
-            raise UsageError(f"{flag}: expected a checkpoint folder, got {folder!r} (not a directory)")
+        check_folder(flag, folder)
     for flag, v, lo in (("--replicas", args.replicas, 1), ("--port", args.port, 1), ("--max-batch", args.max_batch, 1),
                         ("--M", args.M, 1), ("--max-len", args.max_len, 0), ("--kv-budget", args.kv_budget, 0)):
         if v < lo:

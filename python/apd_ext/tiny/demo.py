@@ -94,23 +94,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="AR verifier folder (default: embedded)")
     ap.add_argument("--tasks", default=None, help="JSONL task file (default: embedded test set)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
 
-    import torch
-
     import apd_ext
+    from apd_ext._validate import check_device
     from apd_ext.cli import UsageError
+    from apd_ext.models.config import check_folder
     from apd_ext.tasks import arith
     from apd_ext.tiny import test_file, unknown_words
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {args.device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: no CUDA device is available here (use --device cpu)")
+    args.device = str(check_device("--device", args.device))  # one line, before any loading
+    for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
+        if folder is not None:
+            check_folder(flag, folder)
     if args.question is not None and not args.question.strip():
         raise UsageError("--question: expected a word problem, got an empty string")
     if args.question is not None and unknown_words(args.question):

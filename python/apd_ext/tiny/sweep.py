@@ -140,15 +140,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         ap.error(f"--limit: expected an int >= 1, got {args.limit}")
 
+    from apd_ext._validate import check_device
+    from apd_ext.models.config import check_folder
     from apd_ext.tasks import arith
     from apd_ext.tiny import test_file
     from apd_ext.tiny.demo import load_pair
+
+    args.device = str(check_device("--device", args.device))  # one line, before any loading
+    for flag, folder in (("--dllm", args.dllm), ("--verifier", args.verifier)):
+        if folder is not None:
+            check_folder(flag, folder)
 
     probs = arith.load_jsonl(args.tasks or test_file())[: args.limit]
     dllm, ar, tok = load_pair(args.dllm, args.verifier, args.dtype, args.device)
