@@ -373,12 +373,15 @@ def test_qwen3_fields_the_runtime_would_ignore_are_refused(tmp_path):
     assert kind == "ar" and c.qk_norm and c.head_dim == 24
 
 
-# Dream family config.json dicts, transcribed field by field. Sources: the model
-# cards' config.json on the Hugging Face Hub (apple/DiffuCoder-7B-Instruct,
-# Dream-org/Dream-Coder-v0-Instruct-7B, d3LLM/d3LLM_Dream). The special ids were
-# checked against a third-party registry of those checkpoints (mask 151666, eos
-# and pad 151643, Dream-Coder's bos 151665); the architecture fields are the
-# Qwen2.5(-Coder)-7B layout the three are converted from (Dream-v0's, above).
+# Dream family config.json dicts, field by field. The three checkpoints
+# (apple/DiffuCoder-7B-Instruct, Dream-org/Dream-Coder-v0-Instruct-7B,
+# d3LLM/d3LLM_Dream) are Dream's architecture converted from Qwen2.5(-Coder)-7B:
+# the architecture fields are Dream-v0-Instruct-7B's config.json (as in the test
+# above); the special ids are those a public third-party registry of these
+# checkpoints records (mask 151666, eos / pad 151643, Dream-Coder's bos 151665;
+# DiffuCoder's tokenizer pad <|dlm_pad|> is not a config field). The published
+# config.json files themselves could not be read from this machine: re-check
+# the fields against them when the folders are at hand (`apd check-pair` too).
 _DREAM_7B_LAYOUT = {
     "architectures": ["DreamModel"], "model_type": "Dream", "attention_dropout": 0.0, "hidden_act": "silu",
     "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_window_layers": 28,
@@ -392,11 +395,13 @@ DREAM_CODER_7B = {**_DREAM_7B_LAYOUT, "max_position_embeddings": 32768, "bos_tok
                   "eos_token_id": 151643, "pad_token_id": 151643, "mask_token_id": 151666}
 D3LLM_DREAM = {**_DREAM_7B_LAYOUT, "max_position_embeddings": 131072, "bos_token_id": 151643,
                "eos_token_id": 151643, "pad_token_id": 151643, "mask_token_id": 151666}
-# generation_config.json: Dream's diffusion sampler settings (alg, steps, eps ...)
-# are the released sampler's, not the model's; APD reads only the ids from it.
-DREAM_FAMILY_GEN = {"alg": "entropy", "alg_temp": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
-                    "eps": 0.001, "mask_token_id": None, "pad_token_id": 151643, "steps": 512,
-                    "temperature": 0.2, "top_k": None, "top_p": 0.95}
+# generation_config.json of Dream-v0-Instruct-7B (as a public mirror of it shows):
+# the diffusion sampler's settings (alg, steps, eps ...) belong to the released
+# sampler, not the model; APD reads only the ids from it (mask_token_id null:
+# config.json's wins).
+DREAM_FAMILY_GEN = {"_from_model_config": True, "alg": "origin", "alg_temp": None, "bos_token_id": 151643,
+                    "eos_token_id": 151643, "eps": 0.001, "mask_token_id": None, "output_history": False,
+                    "pad_token_id": 151643, "steps": 512, "temperature": 0.0, "top_k": None, "top_p": None}
 
 
 @pytest.mark.parametrize("name,cfg", [("DiffuCoder-7B", DIFFUCODER_7B), ("Dream-Coder-v0-Instruct-7B", DREAM_CODER_7B),

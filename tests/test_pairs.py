@@ -4,9 +4,6 @@ Qwen3 compatible with 151665-151668 banned, a pair whose tokenizers differ
 incompatible; and APD end to end with a Qwen3 verifier."""
 import json
 import os
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -15,8 +12,6 @@ import apd_ext
 from apd_ext import pairs
 from model_utils import make_tiny_qwen3
 from qwen_vocab import QWEN25_VOCAB, qwen3_tokenizer, write_real_vocab_pair
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Qwen3's chat template, shortened to the no-tools, no-thinking branch: unlike
 # Qwen2.5's (and Dream's) it adds no default system prompt.
