@@ -137,10 +137,13 @@ def _id_array(vocab: dict):
 def _load_tokenizer(folder: str, who: str):
     if not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
         raise ValueError(f"{who}: {folder} has no tokenizer (tokenizer.json / tokenizer_config.json)")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    # With a tokenizer.json the fast class reads it directly: AutoTokenizer would
+    # also read config.json and warn about model types it does not know (Dream).
+    cls = PreTrainedTokenizerFast if os.path.isfile(os.path.join(folder, "tokenizer.json")) else AutoTokenizer
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return cls.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # noqa: BLE001  (transformers raises many types here)
         raise ValueError(f"{who}: {folder}: no usable tokenizer: {e}") from None
 
