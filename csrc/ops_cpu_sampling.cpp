@@ -49,7 +49,8 @@ at::Tensor sample_draft_cpu(const at::Tensor& logits_in,     // [B, M, V]
                             const at::Tensor& valid_len_in,  // [B] int
                             const at::Tensor& seeds_in,      // [B] int64
                             const at::Tensor& steps_in,      // [B] int
-                            double temperature, int64_t top_k, double top_p, c10::string_view compat) {
+                            double temperature, int64_t top_k, double top_p, c10::string_view compat,
+                            int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "sample_draft";
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const apd::DType dtype = logits_dtype(op, "logits", logits);
@@ -58,10 +59,12 @@ at::Tensor sample_draft_cpu(const at::Tensor& logits_in,     // [B, M, V]
       apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, kCpu);
   check_valid_len(op, rows.valid_len, M);
   const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  const apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
+  apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
+  p.ban_start = ban_start, p.ban_end = ban_end;
   dispatch_dtype(dtype, [&](auto tag) { apd::cpu::sample_draft<decltype(tag)>(p); });
   return draft;
 }
@@ -76,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cpu(
     const at::Tensor& steps_in,      // [B] int
     double R, double temperature, int64_t top_k, double top_p,
     const at::Tensor& eos_in,        // [E] int64
-    c10::string_view acceptance, c10::string_view compat) {
+    c10::string_view acceptance, c10::string_view compat, int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "mixture_accept";
   const at::Tensor d = unit_stride_vocab(op, "dllm_logits", dllm_in);
   const at::Tensor a = unit_stride_vocab(op, "ar_logits", ar_in);
@@ -94,12 +97,14 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cpu(
   check_valid_len(op, rows.valid_len, M);
   const apd::ops::MixtureConfig mc =
       apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
 
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
-  const apd::MixtureAcceptParams p =
+  apd::MixtureAcceptParams p =
       apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, target, n_accept);
+  p.ban_start = ban_start, p.ban_end = ban_end;
   dispatch_dtype(dtype, [&](auto tag) { apd::cpu::mixture_accept<decltype(tag)>(p); });
   return {target, n_accept};
 }

@@ -53,7 +53,8 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
                              const at::Tensor& valid_len_in,  // [B] int
                              const at::Tensor& seeds_in,      // [B] int64
                              const at::Tensor& steps_in,      // [B] int
-                             double temperature, int64_t top_k, double top_p, c10::string_view compat) {
+                             double temperature, int64_t top_k, double top_p, c10::string_view compat,
+                            int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "sample_draft";
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -63,11 +64,13 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
   const apd::ops::RowVectors rows =
       apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, dev);
   const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  const apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
+  apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
+  p.ban_start = ban_start, p.ban_end = ban_end;
   check_launch(op, apd::launch_sample_draft(p, c10::cuda::getCurrentCUDAStream()));
   return draft;
 }
@@ -82,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
     const at::Tensor& steps_in,      // [B] int
     double R, double temperature, int64_t top_k, double top_p,
     const at::Tensor& eos_in,        // [E] int64
-    c10::string_view acceptance, c10::string_view compat) {
+    c10::string_view acceptance, c10::string_view compat, int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "mixture_accept";
   const at::Tensor d = unit_stride_vocab(op, "dllm_logits", dllm_in);
   const c10::cuda::CUDAGuard guard(d.device());
@@ -98,13 +101,15 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
   const at::Tensor eos = eos_int64(op, eos_in, dev);
   const apd::ops::MixtureConfig mc =
       apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
-  const apd::MixtureAcceptParams p =
+  apd::MixtureAcceptParams p =
       apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, target, n_accept);
+  p.ban_start = ban_start, p.ban_end = ban_end;
   check_launch(op, apd::launch_mixture_accept(p, c10::cuda::getCurrentCUDAStream()));
   return {target, n_accept};
 }

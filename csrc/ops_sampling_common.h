@@ -115,6 +115,12 @@ inline MixtureConfig mixture_config(const char* op, double R, double temperature
   return {cfg, acceptance == "argmax" ? apd::Acceptance::kArgmax : apd::Acceptance::kCoupled};
 }
 
+// Banned ids [ban_start, ban_end) (SEMANTICS.md "Banned ids"); equal bounds: none.
+inline void check_banned(const char* op, int64_t ban_start, int64_t ban_end) {
+  TORCH_CHECK(ban_start >= 0 && ban_start <= ban_end, op, ": banned ids must be a range 0 <= ban_start <= ban_end, got [",
+              ban_start, ", ", ban_end, ")");
+}
+
 // Parameter blocks from checked tensors: logits unit-stride along V, all int
 // tensors contiguous int64, outputs freshly allocated.
 inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     // [B, M, V]

@@ -8,15 +8,16 @@ TORCH_LIBRARY(apd, m) {
   // Sampling core (DESIGN.md §4).
   // logits [B, M, V] (fp32/bf16/fp16); pos_start, valid_len, steps [B] int; seeds [B] int64.
   // compat: "" (the correct sampler) or "official" (the released code's).
+  // ban_start, ban_end: banned ids [ban_start, ban_end) read as -inf (default none).
   m.def(
       "sample_draft(Tensor logits, Tensor pos_start, Tensor valid_len, Tensor seeds, Tensor steps, "
-      "float temperature, int top_k, float top_p, str compat) -> Tensor");
+      "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0) -> Tensor");
   // dllm_logits [B, M, V_D], ar_logits [B, M, V_A], draft [B, M] int64, eos_ids [E] int64.
   // acceptance: "coupled" | "argmax". Returns (target [B, M] int64, n_accept [B] int64).
   m.def(
       "mixture_accept(Tensor dllm_logits, Tensor ar_logits, Tensor draft, Tensor pos_start, "
       "Tensor valid_len, Tensor seeds, Tensor steps, float R, float temperature, int top_k, "
-      "float top_p, Tensor eos_ids, str acceptance, str compat) -> (Tensor, Tensor)");
+      "float top_p, Tensor eos_ids, str acceptance, str compat, int ban_start=0, int ban_end=0) -> (Tensor, Tensor)");
   // draft, target [B, M] int64; valid_len [B]; eos_ids [E] int64 -> n_accept [B] int64.
   m.def("accept_prefix(Tensor draft, Tensor target, Tensor valid_len, Tensor eos_ids) -> Tensor");
   // Masked-window attention (DESIGN.md §5).

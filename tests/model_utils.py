@@ -138,3 +138,52 @@ def hf_logits(model, input_ids: torch.Tensor, *, bidirectional: bool = False) ->
     B, L = input_ids.shape
     mask = bidirectional_mask(B, L, L, dtype=next(model.parameters()).dtype) if bidirectional else None
     return model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+def make_tiny_qwen3(
+    path,
+    vocab: int = 509,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 24,
+    seed: int = 0,
+    tie: bool = False,
+    intermediate: int = TINY_INTERMEDIATE,
+    eos_token_id=2,
+    bos_token_id: Optional[int] = 1,
+    pad_token_id: Optional[int] = 0,
+):
+    """A causal Qwen3 checkpoint (model_type "qwen3": q_norm / k_norm, no q/k/v
+    bias, explicit head_dim, here 24 != hidden / heads = 16 by default) written by
+    transformers' own Qwen3ForCausalLM at `path`; returns that HF model."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        tie_word_embeddings=tie,
+        max_position_embeddings=512,
+        rope_theta=TINY_ROPE_THETA,
+        rms_norm_eps=1e-6,
+        attn_implementation="eager",
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # norms away from 1 so that a q/k norm wiring error shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(os.fspath(path))
+    return model

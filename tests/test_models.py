@@ -9,7 +9,7 @@ import torch
 import apd_ext
 from apd_ext.models import BucketedGraphs, KVCache, check_compatible, random_model
 from apd_ext.models.config import parse_config
-from tests.model_utils import bidirectional_mask, hf_logits, make_tiny_dream, make_tiny_qwen2
+from tests.model_utils import bidirectional_mask, hf_logits, make_tiny_dream, make_tiny_qwen2, make_tiny_qwen3
 
 V = 509
 ATOL = {torch.float32: 2e-5}
@@ -298,6 +298,133 @@ def test_real_dream_and_qwen25_configs_parse():
     }
     kind, c = parse_config(qwen, {"eos_token_id": [151645, 151643], "pad_token_id": 151643})
     assert kind == "ar" and c.head_dim == 64 and c.eos_token_ids == [151645, 151643] and c.mask_token_id is None
+
+
+# ------------------------------------------------------------------- Qwen3
+@pytest.fixture(scope="module", params=[(False, 24), (True, 16)], ids=["untied-hd24", "tied-hd16"])
+def qwen3(tmp_path_factory, request):
+    """Qwen3 folders written by transformers' Qwen3ForCausalLM: head_dim 24 != 64 / 4
+    with untied embeddings, and head_dim 16 == 64 / 4 with tied embeddings."""
+    pytest.importorskip("transformers")
+    tie, head_dim = request.param
+    path = tmp_path_factory.mktemp("qwen3")
+    return path, make_tiny_qwen3(path, tie=tie, head_dim=head_dim, seed=4)
+
+
+def test_qwen3_full_sequence_matches_transformers(qwen3):
+    path, hf = qwen3
+    model = apd_ext.load_model(path)
+    c = model.config
+    assert model.kind == "ar" and c.qk_norm and not c.qkv_bias and c.head_dim == hf.config.head_dim
+    assert c.tie_word_embeddings == hf.config.tie_word_embeddings
+    ids = ids_batch(3, 13, seed=7)
+    lens = i64(13, 9, 2)
+    out = model.forward(ids, model.new_cache(3, 20), i64(0, 0, 0), lens)
+    for b in range(3):
+        n = int(lens[b])
+        torch.testing.assert_close(out[b, :n], hf_logits(hf, ids[b : b + 1, :n])[0], atol=2e-5, rtol=1e-5)
+
+
+def test_qwen3_cached_steps_match_transformers(qwen3):
+    # Prompt then one-token and three-token steps through the cache, as the verifier runs.
+    path, hf = qwen3
+    model = apd_ext.load_model(path)
+    ids = ids_batch(2, 14, seed=8)
+    full = hf_logits(hf, ids)
+    cache = model.new_cache(2, 16)
+    model.forward(ids[:, :8], cache, i64(0, 0), i64(8, 8))
+    out = model.forward(ids[:, 8:9], cache, i64(8, 8), i64(1, 1))
+    torch.testing.assert_close(out[:, 0], full[:, 8], atol=2e-5, rtol=1e-5)
+    out = model.forward(ids[:, 9:12], cache, i64(9, 9), i64(3, 3))
+    torch.testing.assert_close(out, full[:, 9:12], atol=2e-5, rtol=1e-5)
+
+
+def test_qwen3_as_dllm_windowed_matches_bidirectional_transformers(qwen3):
+    # The same Qwen3 layout run bidirectionally (a live model flagged kind="dllm"):
+    # a full forward equals transformers with an all-visible mask, and a window
+    # over [left, 20) on a cache of the same tokens equals the full forward's rows.
+    _, hf = qwen3
+    model = apd_ext.load_model(hf, kind="dllm", mask_token_id=508)
+    assert model.kind == "dllm" and model.config.qk_norm
+    ids = ids_batch(2, 20, seed=9)
+    ids[:, 15:] = 508
+    full = model.forward(ids, model.new_cache(2, 24), i64(0, 0), i64(20, 20))
+    torch.testing.assert_close(full, hf_logits(hf, ids, bidirectional=True), atol=2e-5, rtol=1e-5)
+    cache = model.new_cache(2, 24)
+    model.forward(ids, cache, i64(0, 0), i64(20, 20))
+    win = torch.stack([ids[0, 6:20], torch.cat([ids[1, 11:20], ids[1, :5]])])
+    out = model.forward(win, cache, i64(6, 11), i64(14, 9))
+    torch.testing.assert_close(out[0], full[0, 6:20], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :9], full[1, 11:20], atol=2e-5, rtol=1e-5)
+
+
+def test_qwen3_fields_the_runtime_would_ignore_are_refused(tmp_path):
+    pytest.importorskip("transformers")
+    make_tiny_qwen3(tmp_path)
+    with open(tmp_path / "config.json") as f:
+        good = json.load(f)
+    for change, name in (
+        ({"attention_bias": True}, "attention_bias"),
+        ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding_attention"),
+        ({"use_sliding_window": True}, "use_sliding_window"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "yarn"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            parse_config({**good, **change})
+    kind, c = parse_config(good)
+    assert kind == "ar" and c.qk_norm and c.head_dim == 24
+
+
+# Dream family config.json dicts, field by field. The three checkpoints
+# (apple/DiffuCoder-7B-Instruct, Dream-org/Dream-Coder-v0-Instruct-7B,
+# d3LLM/d3LLM_Dream) are Dream's architecture converted from Qwen2.5(-Coder)-7B:
+# the architecture fields are Dream-v0-Instruct-7B's config.json (as in the test
+# above); the special ids are those a public third-party registry of these
+# checkpoints records (mask 151666, eos / pad 151643, Dream-Coder's bos 151665;
+# DiffuCoder's tokenizer pad <|dlm_pad|> is not a config field). The published
+# config.json files themselves could not be read from this machine: re-check
+# the fields against them when the folders are at hand (`apd check-pair` too).
+_DREAM_7B_LAYOUT = {
+    "architectures": ["DreamModel"], "model_type": "Dream", "attention_dropout": 0.0, "hidden_act": "silu",
+    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_window_layers": 28,
+    "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4, "rms_norm_eps": 1e-6,
+    "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 152064,
+}
+DIFFUCODER_7B = {**_DREAM_7B_LAYOUT, "max_position_embeddings": 32768, "bos_token_id": 151643,
+                 "eos_token_id": 151643, "pad_token_id": 151643, "mask_token_id": 151666}
+DREAM_CODER_7B = {**_DREAM_7B_LAYOUT, "max_position_embeddings": 32768, "bos_token_id": 151665,
+                  "eos_token_id": 151643, "pad_token_id": 151643, "mask_token_id": 151666}
+D3LLM_DREAM = {**_DREAM_7B_LAYOUT, "max_position_embeddings": 131072, "bos_token_id": 151643,
+               "eos_token_id": 151643, "pad_token_id": 151643, "mask_token_id": 151666}
+# generation_config.json of Dream-v0-Instruct-7B (as a public mirror of it shows):
+# the diffusion sampler's settings (alg, steps, eps ...) belong to the released
+# sampler, not the model; APD reads only the ids from it (mask_token_id null:
+# config.json's wins).
+DREAM_FAMILY_GEN = {"_from_model_config": True, "alg": "origin", "alg_temp": None, "bos_token_id": 151643,
+                    "eos_token_id": 151643, "eps": 0.001, "mask_token_id": None, "output_history": False,
+                    "pad_token_id": 151643, "steps": 512, "temperature": 0.0, "top_k": None, "top_p": None}
+
+
+@pytest.mark.parametrize("name,cfg", [("DiffuCoder-7B", DIFFUCODER_7B), ("Dream-Coder-v0-Instruct-7B", DREAM_CODER_7B),
+                                      ("d3LLM-Dream", D3LLM_DREAM)])
+def test_dream_family_configs_parse(name, cfg):
+    kind, c = parse_config(cfg, DREAM_FAMILY_GEN, where=name)
+    assert kind == "dllm" and c.mask_token_id == 151666 and c.eos_token_ids == [151643]
+    assert (c.head_dim, c.num_heads, c.num_kv_heads, c.vocab_size) == (128, 28, 4, 152064)
+    assert c.qkv_bias and not c.qk_norm
+    # generation_config.json's ids win over config.json's (Dream-Coder's bos too)
+    assert c.bos_token_id == 151643 and c.pad_token_id == 151643
+    # One clear error naming each field the runtime would silently ignore.
+    for change, field_name in (
+        ({"rope_scaling": {"type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+        ({"use_sliding_window": True, "sliding_window": 4096}, "use_sliding_window"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ):
+        with pytest.raises(ValueError, match=f"{name}: .*{field_name}"):
+            parse_config({**cfg, **change}, DREAM_FAMILY_GEN, where=name)
 
 
 def _edit_config(path, **changes):

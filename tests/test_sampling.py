@@ -307,10 +307,13 @@ def _opcheck_args():
         (torch.ops.apd.mixture_accept.default,
          (dl, al, draft, pos, vl, sd, st, 0.7, 0.7, 3, 0.95, eos, "argmax", "official")),
         (torch.ops.apd.accept_prefix.default, (draft, draft.flip(1), vl, eos)),
+        (torch.ops.apd.sample_draft.default, (dl, pos, vl, sd, st, 0.7, 5, 0.9, "", 3, 9)),
+        (torch.ops.apd.mixture_accept.default,
+         (dl, al, draft, pos, vl, sd, st, 0.7, 0.7, 0, 0.95, eos, "coupled", "", 30, 36)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_opcheck(case):
     op, args = _opcheck_args()[case]
     torch.library.opcheck(op, args)
@@ -356,6 +359,10 @@ def _bad_input_cases():
         ("target", lambda: ops.accept_prefix(draft, draft[:, :1], vl)),
         ("valid_len", lambda: ops.accept_prefix(draft, draft, torch.tensor([M + 1, 0]))),
         ("draft", lambda: ops.accept_prefix(draft.float(), draft, vl)),
+        ("banned", lambda: sd_(dl, *rows, banned=(5, 3))),
+        ("banned", lambda: sd_(dl, *rows, banned=(-1, 3))),
+        ("banned", lambda: sd_(dl, *rows, banned=[151665])),
+        ("banned", lambda: mx(banned=(True, 3))),
     ]
 
 
@@ -378,3 +385,85 @@ def test_direct_op_checks_do_not_crash():
         torch.ops.apd.mixture_accept(dl, dl, torch.zeros(B, M, dtype=torch.int64), args[0], torch.tensor([1]),
                                      args[2], args[3], 2.0, 0.0, 0, 1.0, torch.empty(0, dtype=torch.int64),
                                      "coupled", "")
+
+
+# ---------------------------------------------------------------------------
+# Banned ids (SEMANTICS.md "Banned ids"): [start, end) read as logit -inf
+# ---------------------------------------------------------------------------
+
+BANS = ((3, 7), (0, 2), (500, 509), (200, 200))  # inside, at the start, at the end (past V_A = 500), empty
+
+
+def _favour(x, lo, hi):
+    """x with the ids [lo, hi) raised above every other entry: banning them must matter."""
+    x = x.float().clone()
+    x[..., lo:hi] = x.amax(-1, keepdim=True) + 4.0
+    return x
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("ban", BANS, ids=str)
+def test_banned_ids_are_never_drafted_and_equal_minus_inf(ban, dtype):
+    gen = torch.Generator().manual_seed(ban[0] + 3 * DTYPES.index(dtype))
+    B, M, V = 3, 40, 509
+    lo, hi = ban
+    dl = _favour(_logits((B, M, V), dtype, gen), lo, hi).to(dtype)
+    rows = _rows(B, M, gen)
+    inf = dl.clone()
+    inf[..., lo:hi] = float("-inf")
+    for temperature, top_k, top_p in SAMPLERS:
+        for compat in (None, "official"):
+            sk = dict(temperature=temperature, top_k=top_k, top_p=top_p, compat=compat)
+            got = ops.sample_draft(dl, *rows, banned=ban, **sk)
+            want, fragile = ref.sample_draft_impl(dl, *rows, banned=ban, **sk)
+            _assert_matches(got, want, fragile, f"banned {ban} {sk}")
+            assert not ((got >= lo) & (got < hi)).any()
+            # exactly as if the logits were -inf (the same noise, the same filter)
+            assert torch.equal(got, ops.sample_draft(inf, *rows, **sk)), sk
+    if hi > lo:  # without the ban the favoured ids win the argmax
+        free = ops.sample_draft(dl, *rows)
+        valid = free >= 0  # rows past valid_len are -1
+        assert valid.any() and ((free >= lo) & (free < hi))[valid].all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("ban", BANS, ids=str)
+def test_banned_ids_are_never_targets_or_accepted(ban, dtype):
+    gen = torch.Generator().manual_seed(7 + ban[0] + DTYPES.index(dtype))
+    B, M, V_D, V_A = 3, 30, 509, 500
+    lo, hi = ban
+    dl = _favour(_logits((B, M, V_D), dtype, gen), lo, hi)
+    al = _favour(dl[..., :V_A] + 0.5 * torch.randn(B, M, V_A, generator=gen), lo, hi)
+    dl, al = dl.to(dtype), al.to(dtype)
+    rows = _rows(B, M, gen)
+    inf_d, inf_a = dl.clone(), al.clone()
+    inf_d[..., lo:hi] = float("-inf")
+    inf_a[..., lo:hi] = float("-inf")
+    for i, (R, acceptance, compat) in enumerate(MIXTURES):
+        temperature, top_k, top_p = SAMPLERS[i % len(SAMPLERS)]
+        sk = dict(temperature=temperature, top_k=top_k, top_p=top_p, compat=compat)
+        draft = ops.sample_draft(dl, *rows, **sk)  # unbanned: the favoured ids, which must never be accepted
+        kw = dict(R=R, acceptance=acceptance, banned=ban, **sk)
+        target, n = _check_mixture(dl, al, draft, rows, None, kw)
+        assert not ((target >= lo) & (target < hi)).any(), kw
+        hit = (draft >= lo) & (draft < hi)
+        i_ = torch.arange(M)[None, :]
+        assert not (hit & (i_ >= 1) & (i_ < n[:, None])).any(), kw  # a_0 aside, never accepted
+        mixed_argmax = (acceptance == "argmax" or compat == "official") and R in (0.0, 1.0)
+        if not mixed_argmax:  # there 0 * -inf makes an all -inf column NaN; a ban is -inf instead
+            want_t, want_n = ops.mixture_accept(inf_d, inf_a, draft, *rows, R=R, acceptance=acceptance, **sk)
+            assert torch.equal(target, want_t) and torch.equal(n, want_n), kw
+
+
+def test_all_but_banned_minus_inf_is_a_bad_row():
+    B, M, V = 1, 2, 11
+    x = torch.full((B, M, V), float("-inf"))
+    x[..., 4:6] = 1.0
+    rows = (torch.zeros(B, dtype=torch.int64), torch.full((B,), M), torch.zeros(B, dtype=torch.int64),
+            torch.zeros(B, dtype=torch.int64))
+    for t in (0.0, 0.7):
+        assert ops.sample_draft(x, *rows, temperature=t, banned=(4, 6)).tolist() == [[-1, -1]]
+        assert ref.sample_draft(x, *rows, temperature=t, banned=(4, 6)).tolist() == [[-1, -1]]
+        target, _ = ops.mixture_accept(x, x, torch.zeros(B, M, dtype=torch.int64), *rows, R=0.5, temperature=t,
+                                       banned=(4, 6))
+        assert target.tolist() == [[-1, -1]]

@@ -527,3 +527,44 @@ def test_cuda_graph_mixture_accept(backend):
     torch.cuda.synchronize()
     fresh = torch.ops.apd.mixture_accept(*args)
     assert torch.equal(static_out[0], fresh[0]) and torch.equal(static_out[1], fresh[1])
+
+
+# Banned ids (SEMANTICS.md "Banned ids"): the device kernels against the CPU
+# kernels with the same range; the ranges straddle a 4-entry load group,
+# start at 0, reach past V_A, and (152k) are Qwen3's 151665-151668. The
+# banned ids are raised above every other entry so that a missed ban shows.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V_D,V_A,ban", [(509, 509, (3, 7)), (509, 500, (0, 1)), (509, 500, (497, 509)),
+                                         (152064, 151936, (151665, 151669))])
+def test_banned_ids_match_cpu(V_D, V_A, ban, dtype, backend):
+    emu_quick(backend, V_D < 1000 and (dtype == torch.bfloat16 or ban == (3, 7)))
+    B, M = 2, emu_rows(backend, 12)
+    lo, hi = ban
+    seq = seq_inputs(B, M, V_D + lo)
+    for layout in ("contiguous", "padded"):
+        d = make_logits(B, M, V_D, dtype, seed=lo + 1, layout=layout)
+        a = make_logits(B, M, V_A, dtype, seed=lo + 2, layout=layout)
+        d[..., lo:hi] = d.float().amax(-1, keepdim=True).to(dtype) + 4
+        a[..., lo:min(hi, V_A)] = a.float().amax(-1, keepdim=True).to(dtype) + 4
+        for sampler in SAMPLERS:
+            tau, top_k, top_p, compat = sampler
+            kw = dict(temperature=tau, top_k=top_k, top_p=top_p, compat=compat, banned=ban)
+            got = OPS.sample_draft(d, *seq, **kw)
+            want = ops.sample_draft(d.cpu(), *cpu(seq), **kw)
+            _, fragile = reference.sample_draft_impl(d.cpu(), *cpu(seq), **kw)
+            assert_ids_match(got, want, fragile, f"banned {ban} {dtype} {layout} {sampler}", exact=tau == 0.0)
+            assert not ((got >= lo) & (got < hi)).any()
+        free = OPS.sample_draft(d, *seq, temperature=0.7)  # unbanned: the raised ids, never accepted
+        for sampler in MIX_SAMPLERS[:4]:
+            for R in (0.0, 0.3, 1.0):
+                for acc in (None, "argmax"):
+                    tau, top_k, top_p, compat = sampler
+                    kw = dict(R=R, temperature=tau, top_k=top_k, top_p=top_p, acceptance=acc, banned=ban)
+                    t_dev, n_dev = OPS.mixture_accept(d, a, free, *seq, **kw)
+                    t_cpu, _ = ops.mixture_accept(d.cpu(), a.cpu(), free.cpu(), *cpu(seq), **kw)
+                    _, _, fragile = reference.mixture_accept_impl(d.cpu(), a.cpu(), free.cpu(), *cpu(seq), **kw)
+                    assert_ids_match(t_dev, t_cpu, fragile, f"mixture banned {ban} {layout} {kw}",
+                                     exact=acc == "argmax")
+                    assert not ((t_dev >= lo) & (t_dev < hi)).any()
+                    n_ref = reference._accept_scan(free.cpu(), t_dev.cpu(), seq[1].cpu(), None, min(V_D, V_A))
+                    assert torch.equal(n_dev.cpu(), n_ref)

@@ -17,6 +17,7 @@ from apd_ext.generate import (  # noqa: F401,E402  (APD loop and baselines)
     generate_leftright,
 )
 from apd_ext import engine  # noqa: F401,E402  (continuous-batching Engine: apd_ext.engine.Engine)
+from apd_ext.pairs import check_pair  # noqa: F401,E402  (the pair checker: `apd check-pair`)
 
 
 def build_info() -> dict:

@@ -135,10 +135,6 @@ def _load_tokenizer(folder: str):
         raise UsageError(f"{folder}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
 
 
-def _has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
-
-
 def _encode(tok, prompt: str, chat: bool) -> List[int]:
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -253,11 +249,9 @@ def cmd_generate(args) -> int:
     if args.method in ("apd", "ar"):
         verifier = apd_ext.load_model(args.verifier, dtype=dtype, device=device)
     if args.method == "apd":
-        tok_v = _load_tokenizer(args.verifier) if _has_tokenizer(args.verifier) else None
-        if tok_v is not None:
-            apd_ext.check_compatible(dllm, verifier, tok, tok_v)
-        else:
-            apd_ext.check_compatible(dllm, verifier)
+        # The configs here; the tokenizers in the Engine's pair check (apd_ext.pairs,
+        # cached per folder pair), which also finds the ids to ban.
+        apd_ext.check_compatible(dllm, verifier)
 
     _check_fits(ids, args, dllm, verifier)
     ref_model = dllm if dllm is not None else verifier
@@ -370,6 +364,25 @@ def _lazy(module: str):
     return run
 
 
+def _add_check_pair(sub) -> None:
+    p = sub.add_parser("check-pair", help="check that a dLLM and a verifier can run APD together",
+                       description="Read both folders' configs and tokenizers and report the shared id range, "
+                                   "ids in one model only, special-token collisions, the EOS sets, the mask id "
+                                   "and the chat templates. Verdict: compatible; compatible with banned ids "
+                                   "(never drafted, never accepted); or incompatible (exit status 1).")
+    p.add_argument("dllm", metavar="DLLM", help="the diffusion LLM's checkpoint folder")
+    p.add_argument("verifier", metavar="VERIFIER", help="the AR verifier's checkpoint folder")
+    p.set_defaults(func=_cmd_check_pair)
+
+
+def _cmd_check_pair(args) -> int:
+    from apd_ext.pairs import check_pair
+
+    report = check_pair(args.dllm, args.verifier)
+    print(report.format())
+    return 0 if report.compatible else 1
+
+
 _LAZY = {
     "demo": ("apd_ext.tiny.demo", "APD on the embedded tiny model pair"),
     "sweep": ("apd_ext.tiny.sweep", "sweep R / W / M on the embedded tiny model pair"),
@@ -378,10 +391,11 @@ _LAZY = {
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apd", description="Adaptive Parallel Decoding for diffusion LLMs.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,bench,demo,sweep}")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,serve,bench,check-pair,demo,sweep}")
     _add_generate(sub)
     _add_serve(sub)
     _add_bench(sub)
+    _add_check_pair(sub)
     for name, (_, help_) in _LAZY.items():
         sub.add_parser(name, help=help_, add_help=False)
     return ap

@@ -91,6 +91,20 @@ def _eos_tensor(eos_ids, device) -> torch.Tensor:
     return torch.tensor(list(eos_ids), dtype=torch.int64, device=device)
 
 
+def _check_banned(banned) -> tuple:
+    """banned: None (no banned ids) or (start, end) ints, 0 <= start <= end: the ids
+    [start, end) read as logit -inf (docs/SEMANTICS.md "Banned ids")."""
+    if banned is None:
+        return 0, 0
+    if (not isinstance(banned, (tuple, list)) or len(banned) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in banned)):
+        raise TypeError(f"banned: expected None or a (start, end) pair of ints, got {banned!r}")
+    start, end = banned
+    if not 0 <= start <= end:
+        fail("banned", "a range (start, end) with 0 <= start <= end", banned)
+    return int(start), int(end)
+
+
 def _check_lengths_now(check_lengths: bool) -> bool:
     return check_lengths and not torch.compiler.is_compiling()
 
@@ -106,6 +120,7 @@ def sample_draft(
     top_k: int = 0,
     top_p: float = 1.0,
     compat: str | None = None,
+    banned: tuple[int, int] | None = None,
     check_lengths: bool = True,
 ) -> torch.Tensor:
     """Draft one token per masked row from the dLLM marginals (DESIGN.md §4, Op 1).
@@ -124,15 +139,19 @@ def sample_draft(
     or all -inf) are -1. Any strides (the vocabulary dim is copied only when it
     is not unit-stride). check_lengths validates 0 <= valid_len <= M on the
     host (a stream sync on CUDA; skip it on a hot path when known valid).
+    banned: None or (start, end): ids [start, end) are never drafted, as if
+    their logits were -inf (the pair checker's banned ids, SEMANTICS.md).
     """
     _check_logits("logits", logits)
     B, M, _ = logits.shape
     _check_row_vectors(B, logits.device, pos_start, valid_len, seeds, steps)
     temperature, top_k, top_p = _check_sampler(temperature, top_k, top_p)
     compat = _check_compat(compat)
+    ban_start, ban_end = _check_banned(banned)
     if _check_lengths_now(check_lengths):
         _check_valid_len_values(valid_len, M)
-    return torch.ops.apd.sample_draft(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat)
+    return torch.ops.apd.sample_draft(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat,
+                                      ban_start, ban_end)
 
 
 def mixture_accept(
@@ -151,6 +170,7 @@ def mixture_accept(
     eos_ids=None,
     acceptance: str | None = None,
     compat: str | None = None,
+    banned: tuple[int, int] | None = None,
     check_lengths: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target ids and accepted prefix lengths (DESIGN.md §4, Op 2).
@@ -165,6 +185,10 @@ def mixture_accept(
     n_accept[b] = a_0 = 1 followed by the rows where draft == target, capped at
     valid_len[b] and cut just after the first accepted id in eos_ids (None,
     an int, a list of ints or an int tensor [E]); 0 when valid_len[b] == 0.
+
+    banned: None or (start, end): ids [start, end) read as -inf in both rows
+    (their lse included) and in the target, so they are never a target and
+    never accepted (the pair checker's banned ids, SEMANTICS.md).
 
     Returns (target [B, M] int64, -1 on invalid and bad rows; n_accept [B] int64).
     """
@@ -186,11 +210,12 @@ def mixture_accept(
     if compat == "official" and acceptance == "coupled":
         fail("acceptance", '"argmax" or None with compat="official"', "'coupled'")
     eos = _eos_tensor(eos_ids, device)
+    ban_start, ban_end = _check_banned(banned)
     if _check_lengths_now(check_lengths):
         _check_valid_len_values(valid_len, M)
     return torch.ops.apd.mixture_accept(
         dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature, top_k, top_p, eos,
-        acceptance, compat,
+        acceptance, compat, ban_start, ban_end,
     )
 
 
@@ -219,14 +244,15 @@ def accept_prefix(
 
 
 @torch.library.register_fake("apd::sample_draft")
-def _sample_draft_fake(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat):
+def _sample_draft_fake(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat,
+                       ban_start=0, ban_end=0):
     torch._check(logits.dim() == 3, lambda: "sample_draft: logits must be [B, M, V]")
     return logits.new_empty(logits.shape[:2], dtype=torch.int64)
 
 
 @torch.library.register_fake("apd::mixture_accept")
 def _mixture_accept_fake(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature,
-                         top_k, top_p, eos_ids, acceptance, compat):
+                         top_k, top_p, eos_ids, acceptance, compat, ban_start=0, ban_end=0):
     torch._check(dllm_logits.dim() == 3 and ar_logits.dim() == 3, lambda: "mixture_accept: logits must be 3-D")
     B, M = dllm_logits.shape[:2]
     return dllm_logits.new_empty((B, M), dtype=torch.int64), dllm_logits.new_empty((B,), dtype=torch.int64)

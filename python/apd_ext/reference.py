@@ -239,6 +239,15 @@ def _sample_rows(l, seeds, steps, pos, temperature, top_k, top_p, official, exac
     return torch.where(bad, -1, ids), (fragile | near) & ~bad
 
 
+def _ban(x: torch.Tensor, banned) -> torch.Tensor:
+    """x [..., V] with the banned ids [start, end) set to -inf (SEMANTICS.md "Banned ids")."""
+    if banned is None or banned[0] >= banned[1]:
+        return x
+    x = x.clone()
+    x[..., banned[0] : banned[1]] = float("-inf")
+    return x
+
+
 def _row_coords(pos_start, seeds, steps, M):
     B = pos_start.shape[0]
     pos = (pos_start.to(torch.int64)[:, None] + torch.arange(M, device=pos_start.device)).reshape(-1)
@@ -258,22 +267,23 @@ def _resolve_modes(acceptance, compat):
 
 
 def sample_draft_impl(logits, pos_start, valid_len, seeds, steps, *, temperature=0.0, top_k=0,
-                      top_p=1.0, compat=None):
+                      top_p=1.0, compat=None, banned=None):
     """sample_draft plus the fragile flags [B, M] (see _sample_rows)."""
     B, M, V = logits.shape
     pos, sd, st = _row_coords(pos_start, seeds, steps, M)
-    ids, fragile = _sample_rows(logits.float().reshape(B * M, V), sd, st, pos, temperature, top_k,
+    ids, fragile = _sample_rows(_ban(logits.float(), banned).reshape(B * M, V), sd, st, pos, temperature, top_k,
                                 top_p, compat == "official", dtype=logits.dtype)
     valid = _valid_rows(valid_len, M)
     return torch.where(valid, ids.view(B, M), -1), fragile.view(B, M) & valid
 
 
 def sample_draft(logits, pos_start, valid_len, seeds, steps, *, temperature=0.0, top_k=0, top_p=1.0,
-                 compat=None):
+                 compat=None, banned=None):
     """Reference of apd.sample_draft: draft [B, M] int64 = sample(logits) per row
-    (DESIGN.md §4, Op 1); rows >= valid_len and bad rows are -1."""
+    (DESIGN.md §4, Op 1); rows >= valid_len and bad rows are -1. banned: None or
+    (start, end), ids [start, end) read as -inf."""
     return sample_draft_impl(logits, pos_start, valid_len, seeds, steps, temperature=temperature,
-                             top_k=top_k, top_p=top_p, compat=compat)[0]
+                             top_k=top_k, top_p=top_p, compat=compat, banned=banned)[0]
 
 
 def _accept_scan(draft, target, valid_len, eos_ids, V):
@@ -295,13 +305,15 @@ def accept_prefix(draft, target, valid_len, eos_ids=None):
 
 def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, *, R,
                         temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, acceptance=None,
-                        compat=None):
+                        compat=None, banned=None):
     """mixture_accept plus the fragile flags [B, M] of the target rows."""
     acceptance, official = _resolve_modes(acceptance, compat)
     B, M, V_D = dllm_logits.shape
     V = min(V_D, ar_logits.shape[-1])
-    d = dllm_logits.float()
-    a = ar_logits.float()
+    # Banned ids are -inf in both rows (so neither lse counts them) and in the
+    # argmax mixture (set after mixing: 0 * -inf would be NaN at R = 0 or 1).
+    d = _ban(dllm_logits.float(), banned)
+    a = _ban(ar_logits.float(), banned)
     R_t = torch.tensor(_f32(R), dtype=torch.float32)
     if official:  # the Python scalar 1 - R (fp64), as torch hands it to the op (fp32)
         one_minus_R = torch.tensor(_f32(1.0 - float(R)), dtype=torch.float32)
@@ -325,6 +337,7 @@ def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, see
             w = round_to(round_to(R_t * d[..., :V], dt) + round_to(one_minus_R * a[..., :V], dt), dt)
         else:
             w = R_t * d[..., :V] + one_minus_R * a[..., :V]
+        w = _ban(w, banned)
         w = w.reshape(B * M, V)
         bad = ~torch.isfinite(w.max(-1).values)
         ids, fragile = _argmax_rows(torch.where(bad[:, None], 0.0, w))
@@ -336,13 +349,15 @@ def mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, see
 
 
 def mixture_accept(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, *, R,
-                   temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, acceptance=None, compat=None):
+                   temperature=0.0, top_k=0, top_p=1.0, eos_ids=None, acceptance=None, compat=None,
+                   banned=None):
     """Reference of apd.mixture_accept: (target [B, M] int64, n_accept [B] int64)
-    (DESIGN.md §4, Op 2)."""
+    (DESIGN.md §4, Op 2). banned: None or (start, end), ids [start, end) read as
+    -inf in both rows and the target."""
     target, n, _ = mixture_accept_impl(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds,
                                        steps, R=R, temperature=temperature, top_k=top_k,
                                        top_p=top_p, eos_ids=eos_ids, acceptance=acceptance,
-                                       compat=compat)
+                                       compat=compat, banned=banned)
     return target, n
 
 # ---------------------------------------------------------------------------

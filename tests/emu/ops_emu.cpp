@@ -93,7 +93,7 @@ at::Tensor ids_int64(const char* op, const char* name, const at::Tensor& t, int6
 
 at::Tensor sample_draft_emu(const at::Tensor& logits_in, const at::Tensor& pos_start, const at::Tensor& valid_len,
                             const at::Tensor& seeds, const at::Tensor& steps, double temperature, int64_t top_k,
-                            double top_p, c10::string_view compat) {
+                            double top_p, c10::string_view compat, int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "apd_emu.sample_draft";
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const apd::DType dtype = apd::ops::logits_dtype(op, "logits", logits);
@@ -101,11 +101,13 @@ at::Tensor sample_draft_emu(const at::Tensor& logits_in, const at::Tensor& pos_s
   const apd::ops::RowVectors rows =
       apd::ops::row_vectors(op, pos_start, valid_len, seeds, steps, B, at::Device(at::kCPU));
   const apd::SamplerConfig cfg = apd::ops::sampler_config(op, temperature, top_k, top_p, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31, got ", B * M);
   auto alloc = [&] { return std::vector<at::Tensor>{at::empty({B, M}, logits.options().dtype(at::kLong))}; };
   if (B * M == 0) return alloc()[0];
   return run_schedules(op, {"draft"}, alloc, [&](std::vector<at::Tensor>& o) {
-    const apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, o[0]);
+    apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, o[0]);
+    p.ban_start = ban_start, p.ban_end = ban_end;
     return apd::launch_sample_draft(p, nullptr);
   })[0];
 }
@@ -115,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
                                                       const at::Tensor& valid_len, const at::Tensor& seeds,
                                                       const at::Tensor& steps, double R, double temperature,
                                                       int64_t top_k, double top_p, const at::Tensor& eos_in,
-                                                      c10::string_view acceptance, c10::string_view compat) {
+                                                      c10::string_view acceptance, c10::string_view compat,
+                                                      int64_t ban_start, int64_t ban_end) {
   constexpr const char* op = "apd_emu.mixture_accept";
   const at::Device cpu(at::kCPU);
   const at::Tensor d = unit_stride_vocab(op, "dllm_logits", dllm_in);
@@ -127,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
   const apd::ops::RowVectors rows = apd::ops::row_vectors(op, pos_start, valid_len, seeds, steps, B, cpu);
   const at::Tensor eos = apd::ops::eos_int64(op, eos_in, cpu);
   const apd::ops::MixtureConfig mc = apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
+  apd::ops::check_banned(op, ban_start, ban_end);
   auto alloc = [&] {
     return std::vector<at::Tensor>{at::empty({B, M}, d.options().dtype(at::kLong)),
                                    at::empty({B}, d.options().dtype(at::kLong))};
@@ -136,8 +140,9 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
     return {o[0], o[1]};
   }
   auto o = run_schedules(op, {"target", "n_accept"}, alloc, [&](std::vector<at::Tensor>& out) {
-    const apd::MixtureAcceptParams p =
+    apd::MixtureAcceptParams p =
         apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, out[0], out[1]);
+    p.ban_start = ban_start, p.ban_end = ban_end;
     return apd::launch_mixture_accept(p, nullptr);
   });
   return {o[0], o[1]};
@@ -237,10 +242,10 @@ int64_t last_sync_points() { return int64_t(apd_emu::collectives_resolved()); }
 
 TORCH_LIBRARY(apd_emu, m) {
   m.def("sample_draft(Tensor logits, Tensor pos_start, Tensor valid_len, Tensor seeds, Tensor steps, "
-        "float temperature, int top_k, float top_p, str compat) -> Tensor");
+        "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0) -> Tensor");
   m.def("mixture_accept(Tensor dllm_logits, Tensor ar_logits, Tensor draft, Tensor pos_start, Tensor valid_len, "
         "Tensor seeds, Tensor steps, float R, float temperature, int top_k, float top_p, Tensor eos_ids, "
-        "str acceptance, str compat) -> (Tensor, Tensor)");
+        "str acceptance, str compat, int ban_start=0, int ban_end=0) -> (Tensor, Tensor)");
   m.def("accept_prefix(Tensor draft, Tensor target, Tensor valid_len, Tensor eos_ids) -> Tensor");
   m.def("window_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_start, Tensor q_len, Tensor kv_len, "
         "bool causal, float scale, str impl, int num_splits) -> Tensor");

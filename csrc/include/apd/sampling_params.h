@@ -29,6 +29,7 @@ struct SampleDraftParams {
   const int64_t* seeds;        // [B] uint64 bit pattern
   const int64_t* steps;        // [B]
   SamplerConfig cfg;
+  int64_t ban_start, ban_end;  // banned ids [ban_start, ban_end) read as -inf (empty when equal)
   int64_t* draft;              // [B, M] contiguous, out
 };
 
@@ -48,6 +49,7 @@ struct MixtureAcceptParams {
   float one_minus_R;           // 1 - R: fp32 1.0f - R by default; float(1.0 - double R) under
                                // compat="official" (the Python scalar the released code passes)
   SamplerConfig cfg;
+  int64_t ban_start, ban_end;  // banned ids [ban_start, ban_end): -inf in BOTH rows (lse included)
   Acceptance acceptance;
   const int64_t* eos_ids;      // [E]
   int64_t num_eos;

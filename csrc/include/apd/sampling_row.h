@@ -78,6 +78,23 @@ APD_HD bool better(float score_a, int64_t idx_a, float score_b, int64_t idx_b) {
 }
 
 // ---------------------------------------------------------------------------
+// Banned ids (SEMANTICS.md "Banned ids")
+// ---------------------------------------------------------------------------
+
+// Ids the pair checker found unsafe (two tokenizers give them different
+// tokens) form one range [start, end) and read as logit -inf in every row the
+// sampling ops see: the draft row, both rows of the mixture (so the lse of
+// each excludes them) and the target. An -inf entry is never drawn, kept by a
+// filter or accepted, and a row of nothing but banned / -inf entries is bad.
+// One unsigned compare: v - start wraps to a huge value below start.
+APD_HD bool is_banned(int64_t v, int64_t start, int64_t end) {
+  return uint64_t(v - start) < uint64_t(end - start);
+}
+APD_HD float unless_banned(float x, int64_t v, int64_t start, int64_t end) {
+  return is_banned(v, start, end) ? -INFINITY : x;
+}
+
+// ---------------------------------------------------------------------------
 // Bad rows and row reductions
 // ---------------------------------------------------------------------------
 

@@ -97,12 +97,13 @@ class Engine:
         cfg = config if config is not None else APDConfig()
         if not isinstance(cfg, APDConfig):
             raise TypeError(f"config: expected an APDConfig or None, got {type(cfg).__name__}")
+        self.banned = None  # (start, end): ids never drafted or accepted (the pair checker's)
         if verifier is None:
             check_kind("dllm", dllm, "dllm")
             if isinstance(K, bool) or not isinstance(K, int) or K < 1:
                 fail("K", "an int >= 1 (tokens per step) when verifier is None", K)
         else:
-            check_pair(dllm, verifier)
+            self.banned = check_pair(dllm, verifier)
             if K is not None:
                 fail("K", "None when a verifier is given (APD accepts adaptively)", K)
         _check_count("max_batch", max_batch)
@@ -248,7 +249,8 @@ class Engine:
         with timer("sampling"):
             draft = self._per_group(groups, lambda g, sel: ops.sample_draft(
                 sel(d_logits), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d), temperature=g.cfg.temperature,
-                top_k=g.cfg.top_k, top_p=g.cfg.top_p, compat=g.cfg.compat, check_lengths=False))  # [n, rows]
+                top_k=g.cfg.top_k, top_p=g.cfg.top_p, compat=g.cfg.compat, banned=self.banned,
+                check_lengths=False))  # [n, rows]
 
         if self.ver is not None:
             # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
@@ -266,7 +268,7 @@ class Engine:
                     sel(d_logits), sel(a_logits), sel(draft), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d),
                     R=g.cfg.R, temperature=g.cfg.temperature, top_k=g.cfg.top_k, top_p=g.cfg.top_p,
                     eos_ids=g.stop_d, acceptance=g.cfg.sampling_acceptance, compat=g.cfg.compat,
-                    check_lengths=False)[1])  # [n]
+                    banned=self.banned, check_lengths=False)[1])  # [n]
         else:
             with timer("sampling"):
                 n_acc = self._per_group(groups, lambda g, sel: ops.accept_prefix(

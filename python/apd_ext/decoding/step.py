@@ -16,15 +16,20 @@ from apd_ext.decoding.common import (
 )
 
 
-def check_pair(dllm, verifier) -> None:
+def check_pair(dllm, verifier):
+    """The pair checks at load: kinds, devices, check_compatible's config checks,
+    and for two folders with tokenizers the full pair report (apd_ext.pairs,
+    cached per folder pair). Returns the banned id range (start, end) or None."""
     check_kind("dllm", dllm, "dllm")
     check_kind("verifier", verifier, "ar")
     from apd_ext import check_compatible
+    from apd_ext.pairs import banned_for_models
 
     check_compatible(dllm, verifier)
     dd, dv = model_device(dllm), model_device(verifier)
     if dd != dv:
         raise ValueError(f"verifier: expected a model on {dd} (the dLLM's device), got one on {dv}")
+    return banned_for_models(dllm, verifier)
 
 
 class Window:

@@ -18,6 +18,10 @@ def _vocab(tok, name: str) -> dict:
 def check_compatible(dllm, verifier, tokenizer_dllm=None, tokenizer_verifier=None) -> None:
     """Raise ValueError naming the mismatch; return None when the pair is usable.
 
+    The cheap check (configs, optional tokenizers, no bans): apd_ext.check_pair
+    (apd_ext/pairs.py) is the full report on two folders, with the ids to ban
+    when only special tokens collide; the Engine runs that one at load.
+
     Checks: the kinds ("dllm" then "ar"); every special id (EOS, BOS, pad, and
     the dLLM's mask id) inside the vocabulary that must score it; the BOS ids
     agree and the EOS sets share an id. With tokenizers: each fits its model's

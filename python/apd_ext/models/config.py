@@ -1,10 +1,17 @@
 """The model description the runtime needs, read from a Hugging Face config.json
 (plus generation_config.json) or from a live transformers config object.
 
-Only the Qwen2 architecture is supported, in two flavours:
-- model_type "qwen2" (Qwen2 / Qwen2.5): causal, kind "ar";
-- model_type "Dream" (Dream-v0, architectures ["DreamModel"]): the same weights
-  run bidirectionally, kind "dllm", with a mask token id.
+One decoder layout (RMSNorm, GQA attention with RoPE, SwiGLU MLP) in three
+flavours, the differences carried as data (ModelConfig.qkv_bias / qk_norm):
+- model_type "qwen2" (Qwen2 / Qwen2.5): causal, kind "ar", q/k/v bias;
+- model_type "qwen3" (Qwen3 dense): causal, kind "ar", no q/k/v bias, a per-head
+  RMSNorm on q and k before RoPE (q_norm / k_norm), an explicit head_dim;
+- model_type "Dream" (Dream-v0 and its family: DiffuCoder, Dream-Coder,
+  d3LLM-Dream; architectures ["DreamModel"]): Qwen2 weights run
+  bidirectionally, kind "dllm", with a mask token id.
+A Qwen3 checkpoint flagged as a dLLM (kind="dllm" on a live model) runs the
+Qwen3 layout bidirectionally. Fields that would change the math but that the
+runtime does not implement are refused by name, never ignored.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 # model_type (lower-cased) -> kind
-MODEL_KINDS = {"qwen2": "ar", "dream": "dllm"}
+MODEL_KINDS = {"qwen2": "ar", "qwen3": "ar", "dream": "dllm"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,8 @@ class ModelConfig:
     eos_token_ids: list = field(default_factory=list)  # list[int], may be empty
     pad_token_id: Optional[int] = None
     bos_token_id: Optional[int] = None
+    qkv_bias: bool = True  # q/k/v projections carry a bias (Qwen2 / Dream; Qwen3 attention_bias)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
 
 
 def _ids(value) -> list:
@@ -59,6 +68,34 @@ def _require(cfg: Mapping[str, Any], key: str, where: str):
     return cfg[key]
 
 
+# Fields whose non-default value changes the forward but that this runtime does
+# not implement: field -> (the value(s) it runs, what the runtime would do instead).
+# Checked for every model_type (absent or null is fine).
+_IGNORED = {
+    "attention_bias": ((False,), "a q/k/v/o bias (Qwen3 attention_bias=true)"),
+    "mlp_bias": ((False,), "an MLP bias"),
+    "partial_rotary_factor": ((1, 1.0), "RoPE on part of each head"),
+    "attn_logit_softcapping": ((None,), "attention logit soft-capping"),
+    "final_logit_softcapping": ((None,), "final logit soft-capping"),
+    "pretraining_tp": ((1,), "tensor-parallel-sliced linear layers"),
+    "num_experts": ((None, 0), "mixture-of-experts layers"),
+}
+
+
+def _refuse_ignored(cfg: Mapping[str, Any], mt: str, where: str) -> None:
+    """One clear error naming a field the runtime would otherwise silently ignore."""
+    for key, (ok, what) in _IGNORED.items():
+        if key == "attention_bias" and mt != "qwen3":
+            continue  # Qwen2 / Dream always have q/k/v bias; their configs carry no meaningful flag
+        if key in cfg and cfg[key] is not None and cfg[key] not in ok:
+            raise ValueError(f"{where}: {key}={cfg[key]!r} is not supported ({what} is not implemented)")
+    types = cfg.get("layer_types")
+    if types is not None:
+        other = sorted({str(t) for t in types} - {"full_attention"})
+        if other:
+            raise ValueError(f"{where}: layer_types {other} are not supported (only full_attention layers)")
+
+
 def parse_config(
     cfg: Mapping[str, Any],
     gen: Optional[Mapping[str, Any]] = None,
@@ -76,8 +113,8 @@ def parse_config(
     mt = str(model_type).lower()
     if mt not in MODEL_KINDS:
         raise ValueError(
-            f"{where}: unsupported model_type '{model_type}' (expected 'qwen2' for an AR model "
-            f"or 'Dream' for a diffusion LLM)"
+            f"{where}: unsupported model_type '{model_type}' (expected 'qwen2' or 'qwen3' for an AR "
+            f"model or 'Dream' for a diffusion LLM)"
         )
     if kind is None:
         kind = MODEL_KINDS[mt]
@@ -89,6 +126,7 @@ def parse_config(
         raise ValueError(f"{where}: hidden_act must be 'silu' (SwiGLU), got {act!r}")
     if cfg.get("use_sliding_window", False):
         raise ValueError(f"{where}: use_sliding_window=true is not supported")
+    _refuse_ignored(cfg, mt, where)
     rope = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
@@ -123,6 +161,7 @@ def parse_config(
     if kind == "ar":
         mask = None
 
+    qwen3 = mt == "qwen3"
     config = ModelConfig(
         model_type=str(model_type),
         vocab_size=int(_require(cfg, "vocab_size", where)),
@@ -140,6 +179,8 @@ def parse_config(
         eos_token_ids=eos,
         pad_token_id=_first(gen.get("pad_token_id"), cfg.get("pad_token_id")),
         bos_token_id=_first(gen.get("bos_token_id"), cfg.get("bos_token_id")),
+        qkv_bias=not qwen3,  # attention_bias=true is refused above for qwen3
+        qk_norm=qwen3,
     )
     return kind, config
 

@@ -32,7 +32,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def expected_shapes(c: ModelConfig) -> dict:
-    """Every tensor the runtime reads, with its shape (the Qwen2 / Dream names)."""
+    """Every tensor the runtime reads, with its shape (the Qwen2 / Qwen3 / Dream names)."""
     H, D = c.hidden_size, c.head_dim
     q, kv = c.num_heads * D, c.num_kv_heads * D
     shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
@@ -40,14 +40,16 @@ def expected_shapes(c: ModelConfig) -> dict:
         shapes["lm_head.weight"] = (c.vocab_size, H)
     for i in range(c.num_layers):
         p = f"model.layers.{i}."
+        if c.qkv_bias:  # Qwen2 / Dream
+            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                           p + "self_attn.v_proj.bias": (kv,)})
+        if c.qk_norm:  # Qwen3: one RMSNorm weight per head_dim, shared by the heads
+            shapes.update({p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)})
         shapes.update(
             {
                 p + "self_attn.q_proj.weight": (q, H),
-                p + "self_attn.q_proj.bias": (q,),
                 p + "self_attn.k_proj.weight": (kv, H),
-                p + "self_attn.k_proj.bias": (kv,),
                 p + "self_attn.v_proj.weight": (kv, H),
-                p + "self_attn.v_proj.bias": (kv,),
                 p + "self_attn.o_proj.weight": (H, q),
                 p + "mlp.gate_proj.weight": (c.intermediate_size, H),
                 p + "mlp.up_proj.weight": (c.intermediate_size, H),

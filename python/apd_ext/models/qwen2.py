@@ -1,5 +1,7 @@
-"""The Qwen2-architecture forward (Qwen2 / Qwen2.5 causal, Dream bidirectional)
-over the apd window_attention kernel and a preallocated KVCache.
+"""The Qwen2-architecture forward (Qwen2 / Qwen2.5 and Qwen3 causal, Dream
+bidirectional) over the apd window_attention kernel and a preallocated KVCache.
+Qwen3's differences are data on the layer (no q/k/v bias, a per-head q/k
+RMSNorm before RoPE, head_dim independent of hidden / heads), not a second model.
 
 One forward processes a window of Lw rows per sequence: row j of sequence b is
 absolute position q_start[b] + j, valid while j < q_len[b]. Its K/V are written
@@ -49,7 +51,8 @@ def _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal):
 @dataclass
 class _Layer:
     w_qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]   q, k, v projections stacked once at load
-    b_qkv: torch.Tensor  # [(Hq + 2 Hkv) D]
+    b_qkv: Optional[torch.Tensor]  # [(Hq + 2 Hkv) D], None without q/k/v bias (Qwen3)
+    qk_norm: Optional[torch.Tensor]  # [Hq + Hkv, D] q_norm rows then k_norm rows (Qwen3), else None
     w_o: torch.Tensor  # [H, Hq D]
     w_gate: torch.Tensor  # [I, H]
     w_up: torch.Tensor  # [I, H]
@@ -117,7 +120,11 @@ class Qwen2Runtime:
             self.layers.append(
                 _Layer(
                     w_qkv=w_qkv if w_qkv is not None else torch.cat([t(f"self_attn.{n}_proj.weight") for n in "qkv"]),
-                    b_qkv=b_qkv if b_qkv is not None else torch.cat([t(f"self_attn.{n}_proj.bias") for n in "qkv"]),
+                    b_qkv=(b_qkv if b_qkv is not None else torch.cat([t(f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                    if config.qkv_bias else None,
+                    qk_norm=torch.cat([t("self_attn.q_norm.weight").expand(config.num_heads, -1),
+                                       t("self_attn.k_norm.weight").expand(config.num_kv_heads, -1)])
+                    if config.qk_norm else None,
                     w_o=t("self_attn.o_proj.weight"),
                     w_gate=gate,
                     w_up=up,
@@ -257,6 +264,8 @@ class Qwen2Runtime:
             h = _rms_norm(x, L.ln_attn, c.rms_norm_eps)
             qkv = F.linear(h, L.w_qkv, L.b_qkv).view(*lead, Hq + 2 * Hkv, D)
             qk = qkv[..., : Hq + Hkv, :]  # q and k heads rotate together
+            if L.qk_norm is not None:  # Qwen3: per-head RMSNorm over D, before RoPE
+                qk = F.rms_norm(qk, (D,), eps=c.rms_norm_eps) * L.qk_norm  # [.., Hq + Hkv, D]
             qk = _rope(qk, cos, sin_signed)  # [B, Lw, Hq + Hkv, D]
             q = qk[..., :Hq, :]  # [B, Lw, Hq, D]
             k_cache, v_cache = cache.layer(i)  # [B, max_len + 1, Hkv, D] each

@@ -363,20 +363,21 @@ inline float exp_nonpos(float x) {
 // log-sum-exp of one row, fp32 result from an fp64 sum (non-finite for bad
 // rows): a vectorised max pass, a vectorised exp pass into tmp [n], then four
 // fp64 accumulators.
+// Banned ids [lo, hi) count as -inf (not in the sum).
 template <typename T>
-float row_lse(const T* x, int64_t n, float* tmp) {
+float row_lse(const T* x, int64_t n, float* tmp, int64_t lo, int64_t hi) {
   float mx = -INFINITY;
   int nan = 0;  // an int, not a bool: GCC finds no vector type for a bool reduction and leaves the loop scalar
 #pragma omp simd reduction(max : mx) reduction(| : nan)
   for (int64_t v = 0; v < n; ++v) {
-    const float f = to_float(x[v]);
+    const float f = unless_banned(to_float(x[v]), v, lo, hi);
     mx = f > mx ? f : mx;
     nan |= int(f != f);
   }
   if (nan || mx == INFINITY) return NAN;
   if (mx == -INFINITY) return -INFINITY;
 #pragma omp simd
-  for (int64_t v = 0; v < n; ++v) tmp[v] = exp_nonpos(to_float(x[v]) - mx);
+  for (int64_t v = 0; v < n; ++v) tmp[v] = exp_nonpos(unless_banned(to_float(x[v]), v, lo, hi) - mx);
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
   const int64_t n4 = n - n % 4;
   for (int64_t v = 0; v < n4; v += 4) {
@@ -421,12 +422,16 @@ void sample_draft(const SampleDraftParams& p) {
     auto run = [&](auto zf) {
       return detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
+    // Banned ids: a select per entry (no branch; empty range when none).
+    const int64_t lo = p.ban_start, hi = p.ban_end;
     if (!(tau > 0.0f))
-      p.draft[r] = run([row](int64_t v) { return to_float(row[v]); });
+      p.draft[r] = run([row, lo, hi](int64_t v) { return unless_banned(to_float(row[v]), v, lo, hi); });
     else if (p.cfg.official)
-      p.draft[r] = run([row, tau, dt](int64_t v) { return official_temper(to_float(row[v]), tau, dt); });
+      p.draft[r] = run([row, tau, dt, lo, hi](int64_t v) {
+        return unless_banned(official_temper(to_float(row[v]), tau, dt), v, lo, hi);
+      });
     else
-      p.draft[r] = run([row, tau](int64_t v) { return temper(to_float(row[v]), tau); });
+      p.draft[r] = run([row, tau, lo, hi](int64_t v) { return unless_banned(temper(to_float(row[v]), tau), v, lo, hi); });
   });
 }
 
@@ -446,6 +451,7 @@ void mixture_accept(const MixtureAcceptParams& p) {
     }
     const T* d = dl + b * p.d_stride_b + i * p.d_stride_m;
     const T* a = al + b * p.a_stride_b + i * p.a_stride_m;
+    const int64_t lo = p.ban_start, hi = p.ban_end;
     if (p.acceptance == Acceptance::kArgmax) {
       SamplerConfig greedy = p.cfg;
       greedy.temperature = 0.0f;
@@ -453,7 +459,9 @@ void mixture_accept(const MixtureAcceptParams& p) {
       const DType dt = p.cfg.dtype;
       auto wf = [&](int64_t v) {
         const float dv = to_float(d[v]), av = to_float(a[v]);
-        return off ? official_target(dv, av, p.R, one_minus_R, dt) : mixture_argmax(dv, av, p.R, one_minus_R);
+        // The ban on the mixed value, not on d and a: 0 * -inf would be NaN at R = 0 or 1.
+        return unless_banned(off ? official_target(dv, av, p.R, one_minus_R, dt)
+                                 : mixture_argmax(dv, av, p.R, one_minus_R), v, lo, hi);
       };
       p.target[r] = detail::sample_row(wf, V, greedy, 0, 0, 0, s);
       return;
@@ -461,17 +469,19 @@ void mixture_accept(const MixtureAcceptParams& p) {
     // Coupled: lse of both full rows (skipped where the mixture ignores them).
     const bool shift = p.R != 1.0f && p.R != 0.0f;
     float* tmp = s.z.data();  // free until sample_row fills it
-    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D, tmp) : 0.0f,
-                                           shift ? detail::row_lse(a, p.V_A, tmp) : 0.0f);
+    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D, tmp, lo, hi) : 0.0f,
+                                           shift ? detail::row_lse(a, p.V_A, tmp, lo, hi) : 0.0f);
     auto run = [&](auto zf) {  // as in sample_draft: no branch, captures by value
       return detail::sample_row(zf, V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
     if (tau > 0.0f)
-      p.target[r] = run([d, a, mr, tau](int64_t v) {
-        return temper(mixture_coupled(to_float(d[v]), to_float(a[v]), mr), tau);
+      p.target[r] = run([d, a, mr, tau, lo, hi](int64_t v) {
+        return unless_banned(temper(mixture_coupled(to_float(d[v]), to_float(a[v]), mr), tau), v, lo, hi);
       });
     else
-      p.target[r] = run([d, a, mr](int64_t v) { return mixture_coupled(to_float(d[v]), to_float(a[v]), mr); });
+      p.target[r] = run([d, a, mr, lo, hi](int64_t v) {
+        return unless_banned(mixture_coupled(to_float(d[v]), to_float(a[v]), mr), v, lo, hi);
+      });
   });
   for (int64_t b = 0; b < p.B; ++b)
     p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], V,

@@ -171,12 +171,17 @@ struct alignas(kVec * sizeof(T)) Pack4 {
 };
 
 // One logit row [n] with stride 1. `vec` says the row start is aligned for
-// Pack4 loads; entries at or past n read as -inf (callers mask them by index).
+// Pack4 loads; entries at or past n read as -inf (callers mask them by index),
+// and so do the banned ids [ban_lo, ban_hi) (SEMANTICS.md "Banned ids"): every
+// pass (lse, max, staging, filter, noisy argmax) reads through load4, so one
+// select per entry here bans them everywhere. finish_fused_stage's direct
+// reads touch staged entries only, and a banned entry (-inf) is never staged.
 template <typename T>
 struct RowPtr {
   const T* p;
   int n;
   bool vec;
+  int ban_lo, ban_hi;  // clamped to [0, n]; equal when nothing is banned
 
   APD_DEVICE void load4(int v0, float (&x)[kVec]) const {
     if (vec && v0 + kVec <= n) {
@@ -187,13 +192,18 @@ struct RowPtr {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) x[j] = v0 + j < n ? load_float(p[v0 + j]) : -INFINITY;
     }
+    if (v0 < ban_hi && v0 + kVec > ban_lo) {  // rare: the group overlaps the banned range
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) x[j] = unless_banned(x[j], v0 + j, ban_lo, ban_hi);
+    }
   }
 };
 
 template <typename T>
-APD_DEVICE RowPtr<T> make_row(const void* base, int64_t offset, int64_t n) {
+APD_DEVICE RowPtr<T> make_row(const void* base, int64_t offset, int64_t n, int64_t ban_start, int64_t ban_end) {
   const T* p = static_cast<const T*>(base) + offset;
-  return RowPtr<T>{p, int(n), reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0};
+  const int64_t lo = ban_start < n ? ban_start : n, hi = ban_end < n ? ban_end : n;
+  return RowPtr<T>{p, int(n), reinterpret_cast<uintptr_t>(p) % sizeof(Pack4<T>) == 0, int(lo), int(hi > lo ? hi : lo)};
 }
 
 // ---------------------------------------------------------------------------
@@ -227,6 +237,8 @@ struct CoupledSource {
 
 // mixture_accept, acceptance="argmax": x = R d + (1 - R) a on raw logits
 // (compat="official": each op rounded to the logits' dtype, official_target).
+// Banned ids are -inf in d and a already; x is set to -inf again because
+// R = 0 or 1 would turn 0 * -inf into NaN (a bad row).
 template <typename T>
 struct ArgmaxSource {
   static constexpr DType kDType = kDTypeOf<T>;
@@ -240,8 +252,9 @@ struct ArgmaxSource {
     a.load4(v0, av);
 #pragma unroll
     for (int j = 0; j < kVec; ++j)
-      x[j] = official ? official_target(dv[j], av[j], R, one_minus_R, kDType)
-                      : mixture_argmax(dv[j], av[j], R, one_minus_R);
+      x[j] = unless_banned(official ? official_target(dv[j], av[j], R, one_minus_R, kDType)
+                                    : mixture_argmax(dv[j], av[j], R, one_minus_R),
+                           v0 + j, d.ban_lo, d.ban_hi);
   }
 };
 
@@ -1360,7 +1373,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
     if (threadIdx.x == 0) *out = -1;
     return;
   }
-  const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V)};
+  const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V, p.ban_start, p.ban_end)};
   const RowContext ctx{int(p.V), p.cfg.temperature, p.cfg.official, uint64_t(p.seeds[b]),
                        uint64_t(p.steps[b]), p.pos_start[b] + i};
   RowSampler<DraftSource<T>> sampler(src, ctx, sm);
@@ -1601,8 +1614,8 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
     if (threadIdx.x == 0) *out = -1;
     return;
   }
-  const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D);
-  const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A);
+  const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D, p.ban_start, p.ban_end);
+  const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A, p.ban_start, p.ban_end);
   const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), p.cfg.temperature, p.cfg.official,
                        uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i};
   int64_t id;
