@@ -136,7 +136,8 @@ def load_model(
     src: a checkpoint folder (str / PathLike) or a live transformers Qwen2ForCausalLM.
     dtype: torch.float32 / bfloat16 / float16; default float32 for a folder and the
         model's own dtype for a live model.
-    device: default "cpu" for a folder and the model's own device for a live model.
+    device: default "cpu" for a folder and the model's own device for a live model;
+        "auto": "cuda" when a CUDA device is available, else "cpu".
     kind / mask_token_id: only for a live model ("ar" by default; "dllm" runs the
         same weights bidirectionally and needs mask_token_id).
     A live model's tensors are reused without copying when dtype and device
@@ -144,6 +145,8 @@ def load_model(
     """
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype: expected torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+    if device == "auto":  # the README's snippets: CUDA when present, else the CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(src, (str, os.PathLike)):
         folder = os.fspath(src)
         if not os.path.isdir(folder):
