@@ -295,6 +295,20 @@ def test_accuracy_bars_on_fixed_slice(pair):
 
 # ----------------------------------------------------------------------------- sweep
 
+def test_one_op_slice_accuracy(pair):
+    """The one-event held-out slice (the README's kind of question): AR greedy and
+    APD at the embedded pair's defaults both >= 90% on all 200 problems."""
+    import apd_ext
+    dllm, ar, tok = pair
+    probs = arith.load_jsonl(one_op_file())
+    kw = dict(temperature=0.0, seed=0, max_new_tokens=DEFAULTS["max_new_tokens"])
+    ar_acc, _ = _accuracy(lambda x: apd_ext.generate_ar(ar, x, **kw), tok, probs)
+    apd_acc, apd_tpf = _accuracy(lambda x: apd_ext.generate(dllm, ar, x, apd_ext.tiny.apd_config()), tok, probs)
+    assert ar_acc >= 0.90, ar_acc
+    assert apd_acc >= 0.90, apd_acc
+    assert apd_tpf >= 2.5, apd_tpf
+
+
 def test_sweep_writes_csv_and_png(tmp_path):
     from apd_ext.tiny import sweep
     prefix = tmp_path / "sw"
