@@ -28,6 +28,9 @@ TEST_DEPS := $(DEPS) pytest pytest-timeout pybind11 cmake matplotlib "nvidia-cut
 EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 # ninja's "[3/12] ... -c csrc/x.cu -o ..." lines, shortened to "[3/12] csrc/x.cu".
 # (pip indents them; ninja prints a line as each file finishes.)
+# pip's own lines, one per package it fetches and the final install, instead of
+# a silent minute (pip -q) or pages of "Requirement already satisfied".
+PIP_PROGRESS := sed -un 's/^\(Collecting\|Downloading\|Installing collected\|Successfully installed\)/  &/p'
 PROGRESS := sed -un 's|^ *\(\[[0-9]*/[0-9]*\]\).* -c \([^ ]*\) .*|  \1 compiled \2|; s|$(CURDIR)/||; /^  \[/p'
 
 ifeq ($(HAVE_GPU),1)
@@ -45,15 +48,16 @@ endif
 $(VENV)/.deps-stamp: pyproject.toml
 	@echo "== setting up $(VENV): $(TORCH_SPEC) + test deps"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(TEST_DEPS)
+	$(VENV)/bin/python -m pip install --upgrade pip setuptools wheel | $(PIP_PROGRESS)
+	$(VENV)/bin/python -m pip install "$(TORCH_SPEC)" $(TEST_DEPS) | $(PIP_PROGRESS)
 	touch $@
 
 $(CPU_VENV)/.deps-stamp: pyproject.toml
 	@echo "== setting up $(CPU_VENV): $(CPU_TORCH_SPEC) (CPU) + runtime deps"
 	test -x $(CPU_VENV)/bin/python || $(PYTHON) -m venv $(CPU_VENV)
-	$(CPU_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel
-	$(CPU_VENV)/bin/python -m pip install -q "$(CPU_TORCH_SPEC)" $(DEPS)
+	@echo "   (torch and the runtime deps: about a minute on a first run; one line per package)"
+	$(CPU_VENV)/bin/python -m pip install --upgrade pip setuptools wheel | $(PIP_PROGRESS)
+	$(CPU_VENV)/bin/python -m pip install "$(CPU_TORCH_SPEC)" $(DEPS) | $(PIP_PROGRESS)
 	touch $@
 
 setup: $(VENV)/.deps-stamp
@@ -107,6 +111,10 @@ test: test-cpp test-py
 
 demo: build
 	$(DEMO_VENV)/bin/apd demo
+	@echo
+	@echo "== apd is installed in $(DEMO_VENV). To run it (apd demo --help, apd generate, apd sweep):"
+	@echo "     source $(DEMO_VENV)/bin/activate     # then: apd ..."
+	@echo "   or call it by its path: $(DEMO_VENV)/bin/apd ..."
 
 bench: build
 	$(DEMO_VENV)/bin/python bench/bench_sampling.py

@@ -161,7 +161,7 @@ def test_bench_writes_csv_and_plot(tmp_path, capsys):
         import matplotlib  # noqa: F401
         assert png.stat().st_size > 0
     except ImportError:
-        assert "matplotlib is not installed" in out
+        assert "pip install 'apd-ext[plot]'" in out
 
 
 def test_embedded_pair_wraps_a_bare_question(capsys):
@@ -174,3 +174,73 @@ def test_embedded_pair_wraps_a_bare_question(capsys):
     result = json.loads(capsys.readouterr().out)
     # Without the `Question: ...\nAnswer:\n` wrapper the tiny pair answers garbage.
     assert "#### 16" in result["text"]
+
+
+# ----------------------------------------------------------------------------- defaults, extras
+
+def test_one_set_of_defaults_for_the_embedded_pair(ckpts, capsys):
+    """`apd generate` on the embedded pair takes apd_ext.tiny.DEFAULTS (as `apd demo`,
+    the server and the README's snippets do); on other folders APDConfig's own."""
+    d_def, _ = cli._embedded_defaults()
+    if d_def is None:
+        pytest.skip("the embedded tiny pair is not installed")
+    from apd_ext import tiny
+    from apd_ext.config import APDConfig
+    from apd_ext.tiny import demo
+
+    assert cli.main(["generate", "--prompt", "Ben has 20 cards. He sells 5 cards. How many cards does Ben have now?",
+                     "--json"]) == 0
+    apd = json.loads(capsys.readouterr().out)["config"]["apd"]
+    assert {k: apd[k] for k in tiny.DEFAULTS} == tiny.DEFAULTS
+    assert (demo.DEFAULT_R, demo.DEFAULT_W, demo.DEFAULT_M, demo.MAX_NEW) == \
+        tuple(tiny.DEFAULTS[k] for k in ("R", "W", "M", "max_new_tokens"))
+    assert {k: getattr(tiny.apd_config(), k) for k in tiny.DEFAULTS} == tiny.DEFAULTS
+    # another pair: the generic defaults (APDConfig's), except the budget this test sets
+    assert cli.main(_gen_args(ckpts, "--json")) == 0
+    apd = json.loads(capsys.readouterr().out)["config"]["apd"]
+    base = APDConfig()
+    assert (apd["R"], apd["W"], apd["M"], apd["temperature"], apd["top_p"]) == \
+        (base.R, base.W, base.M, base.temperature, base.top_p)
+    assert cli.GENERIC_DEFAULTS == {k: getattr(base, k) for k in cli.GENERIC_DEFAULTS}
+    # an explicit value wins, and --W none still means no dLLM KV cache
+    assert cli.main(_gen_args(ckpts, "--json", "--W", "none", "--M", "7", "--temperature", "0")) == 0
+    apd = json.loads(capsys.readouterr().out)["config"]["apd"]
+    assert (apd["W"], apd["M"], apd["temperature"]) == (None, 7, 0.0)
+
+
+@pytest.fixture
+def without(monkeypatch):
+    """Makes `import NAME` fail for the given top-level modules (as when an extra is missing)."""
+    def hide(*names):
+        for name in list(sys.modules):
+            if name.split(".")[0] in names:
+                monkeypatch.delitem(sys.modules, name)
+        for name in names:
+            monkeypatch.setitem(sys.modules, name, None)
+    return hide
+
+
+def test_serve_without_its_extra_is_one_line(without, capsys):
+    without("ray")
+    assert cli.main(["serve", "--port", "8765"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "apd: error: apd serve: serve needs ray, which is not installed: pip install 'apd-ext[serve]'"
+
+
+def test_lm_eval_without_its_extra_is_one_line(without, capsys):
+    without("lm_eval")
+    assert cli.lm_eval_main() == 2
+    assert capsys.readouterr().err.strip().endswith("pip install 'apd-ext[eval]'")
+    # `python -m apd_ext.integrations.lm_eval`, the README's command, in a process without lm_eval
+    code = ("import sys, runpy; sys.modules['lm_eval'] = None; "
+            "runpy.run_module('apd_ext.integrations.lm_eval', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("pip install 'apd-ext[eval]'") and \
+        len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_plot_without_its_extra_names_it(without):
+    without("matplotlib")
+    assert cli.missing_extra("plot") == "plot needs matplotlib, which is not installed: pip install 'apd-ext[plot]'"

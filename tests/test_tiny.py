@@ -9,7 +9,7 @@ import torch
 
 from apd_ext.tasks import arith
 # Imported under another name: a module-level `test_file` would be collected as a test.
-from apd_ext.tiny import paths, test_file as arith_test_file
+from apd_ext.tiny import DEFAULTS, paths, test_file as arith_test_file, test_file_1op as one_op_file
 
 DLLM_DIR, AR_DIR = paths()
 _STEP = re.compile(r"^(\w+)(?: in)?(?: (\d+))?: (\d+) ([-+*/]) (\d+) = (\d+)\.$")
@@ -50,6 +50,69 @@ def test_answers_are_correct_step_by_step():
             assert c == want and 1 <= c <= 50 and (op != "/" or a % b == 0)
             cur = c
         assert cur == p.final
+
+
+def _check_steps(p):
+    lines = p.answer.split("\n")
+    cur = int(re.match(r"^Starts with (\d+)\.$", lines[0]).group(1))
+    for ln in lines[1:-1]:
+        m = _STEP.match(ln)
+        assert m, ln
+        a, op, b, c = int(m.group(3)), m.group(4), int(m.group(5)), int(m.group(6))
+        assert a == cur and c == {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+        assert op != "/" or a % b == 0
+        assert 1 <= c <= arith._MAXV
+        cur = c
+    assert lines[-1] == f"#### {cur}" and p.final == cur
+    return len(lines) - 2
+
+
+def test_varied_style_answers_and_op_counts():
+    """The varied style: right step-by-step answers, n_ops events, its phrasings all drawn."""
+    probs = arith.make_split("train", 400, seed=5, style="varied")
+    counts = {_check_steps(p) for p in probs}
+    assert counts == {1, 2, 3, 4}
+    for n in (1, 3):
+        assert {_check_steps(p) for p in arith.make_split("test", 50, seed=5, style="varied", n_ops=n)} == {n}
+    text = " ".join(p.question for p in probs)
+    for phrase in ("gives away", " gets ", " sells ", " buys ", "have left?", "are left?", "have now?"):
+        assert phrase in text, phrase
+    assert probs == arith.make_split("train", 400, seed=5, style="varied")  # deterministic
+    with pytest.raises(ValueError, match="n_ops"):
+        arith.generate_varied(__import__("random").Random(0), n_ops=5)
+    with pytest.raises(ValueError, match="style"):
+        next(arith.stream("train", 0, style="fancy"))
+
+
+def test_one_op_held_out_file():
+    """200 one-event problems, regenerable, all in the test split (so never in any train stream)."""
+    from apd_ext.tiny.train import finetune_problems, make_1op_test
+    probs = arith.load_jsonl(one_op_file())
+    assert len(probs) == 200 and len({p.question for p in probs}) == 200
+    assert probs == make_1op_test(0)
+    assert all(_check_steps(p) == 1 and arith.split_of(p.question) == "test" for p in probs)
+    train = {p.question for p in finetune_problems(4000, 0)}
+    assert not train & {p.question for p in probs}
+
+
+def test_pair_tokenizer_loads_without_warnings(caplog):
+    """The README's tokenizer line, the lm-eval model and the serve replicas load the
+    pair's tokenizer through apd_ext.load_tokenizer: no "model of type Dream"
+    log line and no rope_scaling FutureWarning (AutoTokenizer on the Dream folder
+    gives both)."""
+    import logging
+    import warnings
+
+    import apd_ext
+    caplog.set_level(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for d in (DLLM_DIR, AR_DIR):
+            tok = apd_ext.load_tokenizer(d)
+            assert tok("Question: Ava has 12 apples.", add_special_tokens=False)["input_ids"]
+        lm_eval = pytest.importorskip("apd_ext.integrations.lm_eval")
+        lm_eval.APDLM(dllm=str(DLLM_DIR), verifier=str(AR_DIR), dtype="float32", device="cpu")
+    assert not [r for r in caplog.records if "model of type" in r.getMessage()]
 
 
 def test_scorer_hand_written():
@@ -231,6 +294,20 @@ def test_accuracy_bars_on_fixed_slice(pair):
 
 
 # ----------------------------------------------------------------------------- sweep
+
+def test_one_op_slice_accuracy(pair):
+    """The one-event held-out slice (the README's kind of question): AR greedy and
+    APD at the embedded pair's defaults both >= 90% on all 200 problems."""
+    import apd_ext
+    dllm, ar, tok = pair
+    probs = arith.load_jsonl(one_op_file())
+    kw = dict(temperature=0.0, seed=0, max_new_tokens=DEFAULTS["max_new_tokens"])
+    ar_acc, _ = _accuracy(lambda x: apd_ext.generate_ar(ar, x, **kw), tok, probs)
+    apd_acc, apd_tpf = _accuracy(lambda x: apd_ext.generate(dllm, ar, x, apd_ext.tiny.apd_config()), tok, probs)
+    assert ar_acc >= 0.90, ar_acc
+    assert apd_acc >= 0.90, apd_acc
+    assert apd_tpf >= 2.5, apd_tpf
+
 
 def test_sweep_writes_csv_and_png(tmp_path):
     from apd_ext.tiny import sweep

@@ -18,6 +18,8 @@ from apd_ext.generate import (  # noqa: F401,E402  (APD loop and baselines)
 )
 from apd_ext import engine  # noqa: F401,E402  (continuous-batching Engine: apd_ext.engine.Engine)
 from apd_ext.pairs import check_pair  # noqa: F401,E402  (the pair checker: `apd check-pair`)
+from apd_ext import tiny  # noqa: F401,E402  (the embedded tiny pair: apd_ext.tiny.paths(), .tokenizer())
+from apd_ext.tokenization import load_tokenizer  # noqa: F401,E402  (a local folder's tokenizer)
 
 
 def build_info() -> dict:

@@ -27,6 +27,25 @@ class UsageError(Exception):
     """A problem with the command line or its inputs (exit status 2)."""
 
 
+# Optional features -> (the modules they import, the pyproject extra that installs them).
+EXTRAS = {
+    "serve": (("ray.serve", "fastapi", "httpx"), "serve"),
+    "lm-eval": (("lm_eval",), "eval"),
+    "plot": (("matplotlib",), "plot"),
+}
+
+
+def missing_extra(feature: str) -> Optional[str]:
+    """None when ``feature``'s modules import, else the one line that says what to install."""
+    modules, extra = EXTRAS[feature]
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            return f"{feature} needs {mod.split('.')[0]}, which is not installed: pip install 'apd-ext[{extra}]'"
+    return None
+
+
 def _embedded_defaults():
     """(dllm_dir, ar_dir) of the embedded tiny pair, when it is installed."""
     try:
@@ -86,19 +105,20 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--method", choices=METHODS, default="apd")
-    p.add_argument("--R", type=float, default=0.7, help="mixture weight in [0, 1] (apd)")
-    p.add_argument("--W", type=window, default=16, help="recompute window, or 'none' for no dLLM KV cache")
-    p.add_argument("--M", type=int, default=100, help="max masked lookahead (apd, leftright)")
+    p.add_argument("--R", type=float, default=_UNSET, help="mixture weight in [0, 1] (apd)" + _DEF["R"])
+    p.add_argument("--W", type=window, default=_UNSET,
+                   help="recompute window, or 'none' for no dLLM KV cache" + _DEF["W"])
+    p.add_argument("--M", type=int, default=_UNSET, help="max masked lookahead (apd, leftright)" + _DEF["M"])
     p.add_argument("--K", type=int, default=1, help="tokens per step (leftright)")
     p.add_argument("--steps", type=positive_int, default=None, help="diffusion steps >= 1 (default: max-new-tokens)")
     p.add_argument("--alg", default="entropy", choices=("origin", "maskgit_plus", "topk_margin", "entropy"),
                    help="diffusion sampler")
     p.add_argument("--acceptance", default="coupled", choices=("coupled", "argmax"))
     p.add_argument("--compat", default=None, choices=("official",), help="reproduce the released code's sampling")
-    p.add_argument("--temperature", type=float, default=0.2)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=_UNSET, help="sampling temperature" + _DEF["temperature"])
+    p.add_argument("--top-p", type=float, default=_UNSET, help="nucleus mass" + _DEF["top_p"])
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=positive_int, default=256)
+    p.add_argument("--max-new-tokens", type=positive_int, default=_UNSET, help=_DEF["max_new_tokens"].strip())
     p.add_argument("--truncate", action="store_true",
                    help="when prompt + max-new-tokens exceeds the context, generate fewer tokens (with a "
                    "warning) instead of failing")
@@ -109,6 +129,24 @@ def _add_generate(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--no-color", action="store_true", help="never colour the streamed blocks")
     p.set_defaults(func=cmd_generate)
+
+
+# `apd generate`'s defaults: the embedded pair's own (apd_ext.tiny.DEFAULTS) when
+# it runs that pair, APDConfig's (the paper's GSM8K setting) for any other.
+_UNSET = argparse.SUPPRESS  # a knob not given (W=None is a value: no dLLM KV cache)
+GENERIC_DEFAULTS = {"R": 0.7, "W": 16, "M": 100, "temperature": 0.2, "top_p": 0.95, "max_new_tokens": 256}
+_DEF = {k: f" [embedded pair: see README; other models: {v}]" for k, v in GENERIC_DEFAULTS.items()}
+
+
+def _fill_defaults(args, embedded: bool) -> None:
+    """Unset knobs take the embedded pair's defaults on it, else the generic ones."""
+    if embedded:
+        from apd_ext.tiny import DEFAULTS as base
+    else:
+        base = GENERIC_DEFAULTS
+    for k in GENERIC_DEFAULTS:
+        if getattr(args, k, _UNSET) is _UNSET:
+            setattr(args, k, base[k])
 
 
 def _device_dtype(args):
@@ -122,15 +160,10 @@ def _device_dtype(args):
 
 
 def _load_tokenizer(folder: str):
-    from transformers import AutoTokenizer
+    from apd_ext.tokenization import load_tokenizer
 
-    d_def, a_def = _embedded_defaults()
-    if d_def is not None and os.path.realpath(folder) in (os.path.realpath(d_def), os.path.realpath(a_def)):
-        from apd_ext.tiny import tokenizer  # without AutoTokenizer's config.json warnings
-
-        return tokenizer(folder)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        return load_tokenizer(folder)
     except Exception as e:  # noqa: BLE001  (transformers raises many types here)
         raise UsageError(f"{folder}: no usable tokenizer (tokenizer.json / tokenizer_config.json): {e}") from e
 
@@ -224,6 +257,7 @@ def cmd_generate(args) -> int:
     tok = _load_tokenizer(args.dllm)
     prompt_text = args.prompt
     d_def, _ = _embedded_defaults()
+    _fill_defaults(args, d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def))
     if d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def) and "Answer:" not in prompt_text:
         # The embedded pair is trained on `Question: ...\nAnswer:\n` only; a bare
         # question (or one whose trailing newline a shell `$(...)` ate) is wrapped.
@@ -320,7 +354,16 @@ def _add_serve(sub) -> None:
                        description="Start Ray Serve replicas (one APD Engine each) behind an OpenAI-style "
                        "HTTP API; binds 127.0.0.1 unless --host says otherwise. Runs until Ctrl-C.")
     ray_app.add_arguments(p, d_def, a_def)
-    p.set_defaults(func=ray_app.cmd_serve)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from apd_ext.serve import ray_app
+
+    need = missing_extra("serve")
+    if need:
+        raise UsageError(f"apd serve: {need}")
+    return ray_app.cmd_serve(args)
 
 
 def _add_bench(sub) -> None:
@@ -346,7 +389,7 @@ def cmd_bench(args) -> int:
     if bench.plot(rows, args.plot):
         print(f"wrote {args.plot}")
     else:
-        print("no plot: matplotlib is not installed (pip install matplotlib)")
+        print(f"no plot: {missing_extra('plot')}")
     return 0
 
 
@@ -435,6 +478,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def lm_eval_main() -> int:
+    """The `apd-lm-eval` console script: lm-eval's CLI with model "apd", or one
+    line naming the eval extra when lm-eval is not installed."""
+    need = missing_extra("lm-eval")
+    if need:
+        print(f"apd-lm-eval: error: {need}", file=sys.stderr)
+        return 2
+    from apd_ext.integrations.lm_eval import main as _lm_eval_main
+
+    return _lm_eval_main()
 
 
 if __name__ == "__main__":

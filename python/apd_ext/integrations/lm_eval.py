@@ -41,8 +41,15 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+
+try:
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.api.registry import register_model
+except ImportError as _e:  # the eval extra is not installed
+    _NEED = "apd_ext.integrations.lm_eval needs lm_eval, which is not installed: pip install 'apd-ext[eval]'"
+    if __name__ == "__main__":  # `python -m apd_ext.integrations.lm_eval`: one line, no traceback
+        sys.exit(f"apd: error: {_NEED}")
+    raise ImportError(_NEED) from _e
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -182,7 +189,7 @@ class APDLM(TemplateLM):
         if unknown:
             raise ValueError(f"model_args: unknown argument(s) {sorted(unknown)} for model 'apd'")
         import apd_ext
-        from transformers import AutoTokenizer
+        from apd_ext.tokenization import load_tokenizer
 
         if method not in METHODS:
             raise ValueError(f"model_args method: expected one of {list(METHODS)}, got {method!r}")
@@ -225,7 +232,7 @@ class APDLM(TemplateLM):
         tok_dir = tokenizer or dllm or verifier
         if not isinstance(tok_dir, str) or not os.path.isdir(tok_dir):
             raise ValueError(f"model_args tokenizer: expected a local tokenizer folder, got {tok_dir!r}")
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        self.tokenizer = load_tokenizer(tok_dir)
         self._tok_dir = tok_dir
         model = self.dllm if self.dllm is not None else self.verifier
         self.max_length = _arg("max_length", max_length, int, 2, allow_none=True) or \

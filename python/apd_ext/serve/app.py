@@ -26,7 +26,7 @@ class APDServer:
         import apd_ext
         from apd_ext.config import APDConfig
         from apd_ext.engine import Engine
-        from transformers import AutoTokenizer
+        from apd_ext.tokenization import is_embedded_pair_folder, load_tokenizer
 
         if threads:
             torch.set_num_threads(threads)
@@ -34,8 +34,14 @@ class APDServer:
         dt = getattr(torch, name)
         self.dllm = apd_ext.load_model(dllm_dir, dtype=dt, device=device)
         self.verifier = apd_ext.load_model(verifier_dir, dtype=dt, device=device)
-        self.tok = AutoTokenizer.from_pretrained(dllm_dir, local_files_only=True)
-        self.engine = Engine(self.dllm, self.verifier, APDConfig(M=M), max_batch=max_batch,
+        self.tok = load_tokenizer(dllm_dir)
+        if is_embedded_pair_folder(dllm_dir):  # its one set of defaults (apd_ext.tiny.DEFAULTS)
+            from apd_ext.tiny import apd_config
+
+            base = apd_config(M=min(M, apd_config().M))
+        else:
+            base = APDConfig(M=M)
+        self.engine = Engine(self.dllm, self.verifier, base, max_batch=max_batch,
                              max_len=max_len or None, kv_budget=kv_budget or None)
         self.loop = StepLoop(self.engine)
         self.eos = set(self.engine.default_stop)

@@ -11,9 +11,11 @@ import argparse
 import sys
 from pathlib import Path
 
-# Defaults of the demo and the sweep (the sweep varies R, W, M around them).
-DEFAULT_R, DEFAULT_W, DEFAULT_M = 0.7, 16, 56
-MAX_NEW = 56
+from apd_ext.tiny import DEFAULTS
+
+# The embedded pair's defaults (apd_ext.tiny.DEFAULTS); the sweep varies R, W, M around them.
+DEFAULT_R, DEFAULT_W, DEFAULT_M = DEFAULTS["R"], DEFAULTS["W"], DEFAULTS["M"]
+MAX_NEW = DEFAULTS["max_new_tokens"]
 _COLOURS = ["\033[38;5;45m", "\033[38;5;214m", "\033[38;5;120m", "\033[38;5;207m"]
 _RESET, _BOLD = "\033[0m", "\033[1m"
 
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--R", type=float, default=DEFAULT_R)
     ap.add_argument("--W", type=window, default=DEFAULT_W, help="recompute window, or 'none'")
     ap.add_argument("--M", type=positive_int, default=DEFAULT_M)
-    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--temperature", type=float, default=DEFAULTS["temperature"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=positive_int, default=MAX_NEW)
     ap.add_argument("--dllm", default=None, help="dLLM checkpoint folder (default: embedded)")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"APD R={args.R} W={args.W} M={args.M} temperature={args.temperature}"
           f" ({'blocks accepted per step alternate colours' if colour else 'streaming'}):")
     out = apd_ext.generate(dllm, ar, prompt, R=args.R, W=args.W, M=args.M,
-                           temperature=args.temperature, seed=args.seed,
+                           temperature=args.temperature, top_p=DEFAULTS["top_p"], seed=args.seed,
                            max_new_tokens=args.max_new_tokens, callback=_streamer(tok, colour))
     print()
     text = generated_text(tok, out)

@@ -1,6 +1,7 @@
 """Retrains the embedded tokenizer, AR model and dLLM from the task's seeds.
 
     python -m apd_ext.tiny.train [--work DIR] [--out DIR] [--stage all|tok|ar|dllm|export]
+                                 [--finetune PAIR_DIR]
 
 Stages (each resumes from the checkpoints it finds in --work):
   tok    byte-level BPE (vocab <= 1024) on train-split text, specials eos/pad/mask;
@@ -9,6 +10,12 @@ Stages (each resumes from the checkpoints it finds in --work):
          with the masked-diffusion objective and Dream's shifted logits;
   export bf16 HF folders: <out>/ar (qwen2) and <out>/dllm (model_type "Dream").
 
+--finetune PAIR_DIR starts the ar and dllm stages from an exported pair's
+weights (PAIR_DIR/ar, PAIR_DIR/dllm) and keeps its tokenizer; the data are
+half the original 2-4-event problems and half the varied style (1 to 4 events,
+more phrasings; arith.generate_varied), and export then rewrites only the
+model.safetensors files, leaving every other file of the pair as it is.
+
 Every batch and every mask is a pure function of (seed, step), so a resumed
 run sees the same data as an uninterrupted one. CPU threads: --threads.
 
@@ -16,7 +23,13 @@ The shipped pair: `--seed 0`, defaults otherwise, 1 thread on a shared 2-core
 CPU: AR 1500 steps in 1709 s (99% on 100 test problems), dLLM 1500 steps in
 about 1800 s (its first 500 steps ran under a 1800-step cosine schedule, then
 resumed with --dllm-steps 1500: the learning rate of those steps differs from
-a fresh run by under 10%).
+a fresh run by under 10%). Then fine-tuned (issue 26, one-event questions):
+`--finetune python/apd_ext/data/tiny --n-train 40000 --warmup 20`, AR
+--ar-lr 5e-4 for 200 steps of a 300-step schedule (stopped there: 100/100 on
+the one-event slice), dLLM --dllm-lr 3e-4, 150 steps of a 400-step schedule
+then resumed with --dllm-steps 275; 1 thread each, two processes at once on
+the shared 2-core CPU (load average 11 to 17): AR 200 steps in about 18 min,
+dLLM 275 in about 27 min.
 """
 
 from __future__ import annotations
@@ -87,11 +100,17 @@ def load_tok(path: Path):
 
 # ----------------------------------------------------------------------------- data
 
+def finetune_problems(n: int, seed: int) -> list:
+    """The fine-tuning mix: n // 2 plain (2-4 events) and n - n // 2 varied train problems."""
+    return (arith.make_split("train", n // 2, seed)
+            + arith.make_split("train", n - n // 2, seed, style="varied"))
+
+
 class Data:
     """Tokenized train problems: prompt ids and answer ids (answer ends with EOS)."""
 
-    def __init__(self, tok, n: int, seed: int):
-        probs = arith.make_split("train", n, seed)
+    def __init__(self, tok, n: int, seed: int, probs: list | None = None):
+        probs = arith.make_split("train", n, seed) if probs is None else probs
         self.prompts = tok([arith.prompt_of(p.question) for p in probs], add_special_tokens=False)["input_ids"]
         self.answers = [a + [EOS_ID] for a in tok([p.answer for p in probs], add_special_tokens=False)["input_ids"]]
         self.n = len(probs)
@@ -226,21 +245,40 @@ def run_training(kind: str, model, data: Data, args, work: Path, logf: Path) -> 
             model.train()
 
 
-def quick_eval(kind: str, model, work: Path, args, logf: Path, n: int | None = None) -> float:
+def quick_eval(kind: str, model, work: Path, args, logf: Path, n: int | None = None,
+               test_file: Path | None = None) -> float:
     from apd_ext.tiny import evaluate
     tok = load_tok(work / "tok")
-    probs = arith.load_jsonl(args.test_file)[: n or args.eval_n]
+    test_file = test_file or args.test_file
+    probs = arith.load_jsonl(test_file)[: n or args.eval_n]
     model.eval()
     with torch.no_grad():
         if kind == "ar":
             res = evaluate.ar_greedy(model, tok, probs, max_new=args.max_new)
         else:
             res = evaluate.dllm_leftright(model, tok, probs, max_new=args.max_new, mask_id=MASK_ID)
-    log(f"{kind} eval on {len(probs)}: accuracy {res['accuracy']:.3f}", logf)
+    log(f"{kind} eval on {len(probs)} of {test_file.name}: accuracy {res['accuracy']:.3f}", logf)
     return res["accuracy"]
 
 
 # ----------------------------------------------------------------------------- export
+
+def export_weights(work: Path, out: Path, logf: Path) -> None:
+    """Fine-tuned weights into an existing pair: only model.safetensors changes."""
+    from safetensors.torch import save_file
+    for kind in ("ar", "dllm"):
+        d = out / kind
+        if not (d / "config.json").is_file():
+            raise SystemExit(f"--out: {d} holds no exported pair (no config.json)")
+        st = torch.load(work / f"{kind}.pt", weights_only=True)["model"]
+        tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in st.items()}
+        if kind == "ar":
+            tensors.pop("lm_head.weight", None)  # tied: the head is the embedding
+        else:
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        log(f"exported {kind} weights -> {d / 'model.safetensors'}", logf)
+
 
 def export(work: Path, out: Path, logf: Path) -> None:
     from safetensors.torch import save_file
@@ -302,6 +340,12 @@ def load_exported(d: Path, dtype=torch.float32):
 
 # ----------------------------------------------------------------------------- main
 
+def make_1op_test(seed: int, n: int = 200) -> list:
+    """The one-event held-out slice: varied style, test split, its own seed
+    (seed + 1000), so neither the hash split nor the stream meets training."""
+    return arith.make_split("test", n, seed + 1000, style="varied", n_ops=1)
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent.parent
     ap = argparse.ArgumentParser(prog="python -m apd_ext.tiny.train", description=__doc__,
@@ -325,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=100)
     ap.add_argument("--test-file", type=Path, default=here / "data" / "arith_test.jsonl")
+    ap.add_argument("--test-file-1op", type=Path, default=here / "data" / "arith_test_1op.jsonl")
+    ap.add_argument("--finetune", type=Path, default=None, metavar="PAIR_DIR",
+                    help="start from this exported pair's weights and tokenizer (e.g. the shipped "
+                         "python/apd_ext/data/tiny) and train on the plain + varied mix")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.work
@@ -335,29 +383,41 @@ def main(argv: list[str] | None = None) -> int:
     if not args.test_file.exists():
         arith.save_jsonl(arith.make_split("test", 500, args.seed), args.test_file)
         log(f"wrote {args.test_file}", logf)
+    if not args.test_file_1op.exists():
+        arith.save_jsonl(make_1op_test(args.seed), args.test_file_1op)
+        log(f"wrote {args.test_file_1op}", logf)
+    ft = args.finetune
+    if ft is not None and "tok" in stages:
+        raise SystemExit("--finetune keeps the pair's tokenizer: use --stage ar, dllm, export or all")
+    if ft is not None and not (work / "tok" / "tokenizer.json").exists():
+        (work / "tok").mkdir(parents=True, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copy(ft / "dllm" / f, work / "tok" / f)
     if stages != ["export"] and not (work / "tok" / "tokenizer.json").exists():
         train_tokenizer(work / "tok", args.seed)
         log(f"tokenizer: {len(load_tok(work / 'tok'))} tokens", logf)
     if "ar" in stages or "dllm" in stages:
         tok = load_tok(work / "tok")
-        data = Data(tok, args.n_train, args.seed)
-        log(f"data: {data.n} train problems", logf)
-    if "ar" in stages:
+        probs = finetune_problems(args.n_train, args.seed) if ft is not None else None
+        data = Data(tok, args.n_train, args.seed, probs)
+        log(f"data: {data.n} train problems" + (" (plain + varied)" if ft is not None else ""), logf)
+    for kind in ("ar", "dllm"):
+        if kind not in stages:
+            continue
         t0 = time.time()
-        model = new_model(len(tok), args.seed)
-        run_training("ar", model, data, args, work, logf)
-        log(f"ar: trained in {time.time() - t0:.0f} s", logf)
-        quick_eval("ar", model, work, args, logf)
-    if "dllm" in stages:
-        t0 = time.time()
-        model = new_model(len(tok), args.seed)
-        if not (work / "dllm.pt").exists():  # initialise from the trained AR weights
-            model.load_state_dict(torch.load(work / "ar.pt", weights_only=True)["model"])
-        run_training("dllm", model, data, args, work, logf)
-        log(f"dllm: trained in {time.time() - t0:.0f} s", logf)
-        quick_eval("dllm", model, work, args, logf)
+        if ft is not None and not (work / f"{kind}.pt").exists():
+            model = load_exported(ft / kind)
+            log(f"{kind}: starting from {ft / kind}", logf)
+        else:
+            model = new_model(len(tok), args.seed)
+            if kind == "dllm" and not (work / "dllm.pt").exists():  # from the trained AR weights
+                model.load_state_dict(torch.load(work / "ar.pt", weights_only=True)["model"])
+        run_training(kind, model, data, args, work, logf)
+        log(f"{kind}: trained in {time.time() - t0:.0f} s", logf)
+        quick_eval(kind, model, work, args, logf)
+        quick_eval(kind, model, work, args, logf, test_file=args.test_file_1op)
     if "export" in stages:
-        export(work, args.out, logf)
+        export(work, args.out, logf) if ft is None else export_weights(work, args.out, logf)
     log(f"done in {time.time() - t_start:.0f} s", logf)
     return 0
 

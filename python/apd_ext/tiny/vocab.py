@@ -23,8 +23,9 @@ def known_words() -> frozenset:
 
     rng = random.Random("apd_ext.tiny.vocab")
     words = {"question", "answer"}  # the prompt frame (arith.prompt_of)
-    for _ in range(_N_SAMPLES):
-        words.update(w.lower() for w in _WORD.findall(arith.generate_problem(rng).question) if not w.isdigit())
+    for _ in range(_N_SAMPLES):  # both styles the pair is trained on (arith: plain and varied)
+        for pr in (arith.generate_problem(rng), arith.generate_varied(rng)):
+            words.update(w.lower() for w in _WORD.findall(pr.question) if not w.isdigit())
     return frozenset(words)
 
 
@@ -51,6 +52,8 @@ def vocabulary_summary() -> str:
         "knows only its training task: arithmetic word problems such as 'Ava has 12 apples. She buys 3 more "
         "apples. She gives 4 apples to Max. How many apples does Ava have now?', numbers 1 to 50. "
         f"Names: {names}; friends: {', '.join(arith._FRIENDS)}. Objects: {', '.join(arith._OBJECTS)}. "
-        "Verbs: has, buys, finds, gives, loses, sells, doubles, triples, splits ... into N equal groups "
-        "and keeps one group. Other words are out of its vocabulary (`apd generate` warns)."
+        "Names and friends are also subjects and givers. Verbs: has, buys, finds, gets (from), gives (to, away), "
+        "loses, sells (to), doubles, triples, splits ... into N equal groups and keeps one group; questions "
+        "'How many OBJECTS does NAME (or he / she) have now?', '... have left?', 'How many OBJECTS are left?'. "
+        "Other words are out of its vocabulary (`apd generate` warns)."
     )
