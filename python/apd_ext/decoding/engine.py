@@ -44,9 +44,10 @@ from apd_ext.decoding.common import (
     stack_prompts,
 )
 from apd_ext.decoding.step import StepArgs, Verifier, Window, bad_row, check_pair, window_bounds
+from apd_ext.output.stops import RequestText, check_stop_strings
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(APDConfig))
-PARAM_FIELDS = _CONFIG_FIELDS + ("stop_token_ids",)
+PARAM_FIELDS = _CONFIG_FIELDS + ("stop_token_ids", "stop")
 
 
 @dataclass
@@ -57,7 +58,8 @@ class StepOutput:
     new_tokens: List[int]  # the ids accepted this step (the first stop id included)
     step: int  # the request's own 1-based step number
     finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (budget or context), "abort"
+    finish_reason: Optional[str] = None  # "stop" (a stop id or string), "length" (budget or context), "abort"
+    text: Optional[str] = None  # with an Engine tokenizer: the text delta (apd_ext.output), else None
 
 
 @dataclass
@@ -68,6 +70,8 @@ class _Request:
     stop: tuple  # stop token ids
     total: int  # prompt + budget, capped at the context: the KV positions it reserves
     signature: tuple  # the scalar knobs of the ops (rows with equal signatures share a call)
+    stops: tuple = ()  # stop strings (host-side, apd_ext.output)
+    text: Optional[RequestText] = None  # the output path, with an Engine tokenizer
 
     def __post_init__(self):
         self.stop_set = frozenset(self.stop)  # the step's stop test, without a Python loop over tokens
@@ -88,11 +92,16 @@ class Engine:
     verifier None with K: the left-to-right baseline (K tokens per step).
     cuda_graphs: the verifier's M-row forward replays a CUDA graph per batch
     bucket; with max_batch 1 the dLLM's windows too (CUDA only).
+    tokenizer: a transformers tokenizer of the pair: every StepOutput then
+    carries its text delta (incremental detokenizer, apd_ext.output) and
+    requests may give stop strings (params["stop"]), checked on the host each
+    step: the step that produces one finishes the request ("stop") and the
+    text is cut before it.
     """
 
     def __init__(self, dllm, verifier, config: Optional[APDConfig] = None, max_batch: int = 8, *,
                  max_len: Optional[int] = None, kv_budget: Optional[int] = None, K: Optional[int] = None,
-                 cuda_graphs: bool = False, _verifier_rows: Optional[int] = None,
+                 cuda_graphs: bool = False, tokenizer=None, _verifier_rows: Optional[int] = None,
                  _graphs_checked: bool = False):
         cfg = config if config is not None else APDConfig()
         if not isinstance(cfg, APDConfig):
@@ -107,6 +116,7 @@ class Engine:
                 fail("K", "None when a verifier is given (APD accepts adaptively)", K)
         _check_count("max_batch", max_batch)
         self.dllm, self.verifier, self.config, self.K = dllm, verifier, cfg, K
+        self.tokenizer = tokenizer
         self.device = model_device(dllm)
         if cuda_graphs and not _graphs_checked and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {self.device}")
@@ -170,6 +180,8 @@ class Engine:
         if any(r.request_id == request_id for r in itertools.chain(self.live, self.queue)):
             fail("request_id", "an id not already queued or running", repr(request_id))
         req.request_id = request_id
+        if self.tokenizer is not None:
+            req.text = RequestText(self.tokenizer, req.stops, req.stop)
         self.queue.append(req)
         return request_id
 
@@ -177,7 +189,7 @@ class Engine:
         """add_request's checks without queueing anything (a server validates
         with it before handing the request to its step loop)."""
         prompt = self._check_prompt(prompt_ids)
-        cfg, stop = self._params(params)
+        cfg, stop, stops = self._params(params)
         P = prompt.numel()
         total = min(P + cfg.max_new_tokens, self.context)
         if P >= self.max_len:
@@ -190,7 +202,7 @@ class Engine:
             fail("max_new_tokens", f"prompt + max_new_tokens within the KV budget ({self.kv_budget} tokens)",
                  cfg.max_new_tokens)
         sig = (cfg.R, cfg.temperature, cfg.top_p, cfg.top_k, cfg.compat, cfg.sampling_acceptance, stop)
-        return _Request(None, prompt, cfg, stop, total, sig)
+        return _Request(None, prompt, cfg, stop, total, sig, stops)
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a queued or running request (its slot and KV reservation are
@@ -294,6 +306,10 @@ class Engine:
                 out.finished, out.finish_reason = True, "stop"
             elif int(t[i]) + len(new) >= int(self.total[i]):
                 out.finished, out.finish_reason = True, "length"
+            if req.text is not None:  # the output path: text delta + stop strings (host, this step's ids only)
+                out.text, hit = req.text.update(new, out.finished)
+                if hit:
+                    out.finished, out.finish_reason = True, "stop"
             done[i] = out.finished
             outs.append(out)
         stats.steps += 1
@@ -342,7 +358,7 @@ class Engine:
         return p.contiguous()
 
     def _params(self, params):
-        stop = self.default_stop
+        stop, stops = self.default_stop, ()
         if params is None:
             cfg = self.config
         elif isinstance(params, APDConfig):
@@ -355,12 +371,16 @@ class Engine:
             if over.get("stop_token_ids", None) is not None:
                 stop = tuple(resolve_eos(self.dllm, over["stop_token_ids"]))
             over.pop("stop_token_ids", None)
+            stops = check_stop_strings(over.pop("stop", None))
+            if stops and self.tokenizer is None:
+                fail("stop", "an Engine built with tokenizer=... (stop strings are matched on the text)",
+                     repr(list(stops)))
             cfg = self.config.replace(**over)
         else:
             raise TypeError(f"params: expected None, an APDConfig or a dict, got {type(params).__name__}")
         if cfg.M > self.config.M:
             fail("M", f"at most the engine's M ({self.config.M})", cfg.M)
-        return cfg, stop
+        return cfg, stop, stops
 
     def _admit(self) -> None:
         """FIFO admission at a step boundary: the queue's head joins while a slot
