@@ -154,3 +154,38 @@ def test_stop_string_criteria(setup):
     for b in range(3):
         text = s["tok"].decode([t for t in got[b, P:].tolist() if t != PAD])
         assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first newline
+
+
+@pytest.mark.parametrize("stop", ["\n", " = 2", "Gets 7"])
+def test_stop_strings_end_generation_early(setup, stop):
+    """With stop_tokenizer=, a StopStringCriteria's strings (one or several
+    tokens) go into the Engine: each row ends at the step that produces its
+    stop string; the sequences equal the run without it cut as transformers
+    cuts (just after the completing token), and fewer steps run."""
+    from transformers import StopStringCriteria
+    import apd_ext.decoding.apd as apd_mod
+    s = setup
+    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], [stop])])
+    kw = dict(attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"], R=R, W=W, M=M,
+              max_new_tokens=30, do_sample=False, stopping_criteria=crit)
+    steps = []
+    real = apd_mod.Engine.step
+
+    def counting(self):
+        steps.append(1)
+        return real(self)
+
+    apd_mod.Engine.step = counting
+    try:
+        with pytest.warns(UserWarning, match="stop_tokenizer"):
+            cut_only = s["ar"].generate(s["ids"], **kw)
+        n_cut_only = len(steps)
+        steps.clear()
+        early = s["ar"].generate(s["ids"], stop_tokenizer=s["tok"], **kw)
+    finally:
+        apd_mod.Engine.step = real
+    assert torch.equal(early, cut_only)
+    P = s["ids"].shape[1]
+    texts = [s["tok"].decode([t for t in early[b, P:].tolist() if t != PAD]) for b in range(3)]
+    assert any(stop in t for t in texts)
+    assert len(steps) < n_cut_only, (len(steps), n_cut_only)
