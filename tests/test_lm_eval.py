@@ -173,6 +173,10 @@ def test_methods_leftright_ar_diffusion(pair, probs):
 
 def test_chat_template_and_tokenizer_name():
     lm = APDLM(**ARGS)
+    # The embedded pair's own template frames a user message as the task's prompt.
+    assert lm.apply_chat_template([{"role": "user", "content": "Tom has 3 apples."}]) == \
+        arith.prompt_of("Tom has 3 apples.")
+    lm.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         lm.apply_chat_template([{"role": "user", "content": "hi"}])
     lm.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \
