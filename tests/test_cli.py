@@ -230,3 +230,13 @@ def test_chat_on_the_embedded_pair(capsys):
     assert cli.main(["generate", "--prompt", question, "--max-new-tokens", "48", "--json"]) == 0
     bare = json.loads(capsys.readouterr().out)
     assert chat["token_ids"] == bare["token_ids"] and "#### 16" in chat["text"]
+
+
+def test_tiny_export_keeps_the_chat_template(tmp_path):
+    """A retrain (tiny/train.py's tokenizer export) writes the shipped template."""
+    from apd_ext import tiny
+    from apd_ext.tiny.train import CHAT_TEMPLATE, write_tokenizer_configs
+
+    write_tokenizer_configs(tmp_path)
+    for d in [tmp_path, *tiny.paths()]:
+        assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
