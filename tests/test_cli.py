@@ -244,3 +244,69 @@ def test_lm_eval_without_its_extra_is_one_line(without, capsys):
 def test_plot_without_its_extra_names_it(without):
     without("matplotlib")
     assert cli.missing_extra("plot") == "plot needs matplotlib, which is not installed: pip install 'apd-ext[plot]'"
+
+
+@pytest.fixture(scope="module", params=["byte", "qwen"])
+def pair_dirs(request, ckpts, tmp_path_factory):
+    """(dllm, verifier) folders: the byte-level tiny checkpoints above, or the
+    random tiny pair at the real Qwen vocabulary (CJK / emoji split across tokens)."""
+    if request.param == "byte":
+        return str(ckpts / "dream"), str(ckpts / "qwen")
+    from tests.qwen_vocab import write_real_vocab_pair
+    return write_real_vocab_pair(tmp_path_factory.mktemp("qv"))
+
+
+@pytest.mark.parametrize("prompt", ["你好，世界。", "emoji 🙂👍🏽 ok"])
+def test_streamed_text_equals_the_json_text(pair_dirs, capsys, prompt):
+    """`apd generate` streams through the incremental detokenizer: what it
+    prints equals --json's text (the full decode), with no character printed
+    twice when a step ends mid-character."""
+    args = ["generate", "--dllm", pair_dirs[0], "--verifier", pair_dirs[1], "--prompt", prompt,
+            "--max-new-tokens", "24", "--device", "cpu", "--temperature", "1.0", "--top-p", "1.0", "--seed", "7",
+            "--W", "4", "--M", "8"]
+    assert cli.main(args + ["--json"]) == 0
+    want = json.loads(capsys.readouterr().out)["text"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.rsplit("\n--- apd: ", 1)[0] == want
+
+
+def test_streamer_holds_a_split_character_back():
+    import io
+
+    from tests.qwen_vocab import dream_tokenizer
+
+    tok = dream_tokenizer()
+    emoji = next(c for c in "🫠🪼🦩🧌𓀀" if len(tok(c, add_special_tokens=False)["input_ids"]) >= 2)
+    ids = tok(emoji, add_special_tokens=False)["input_ids"]  # its 4 UTF-8 bytes span several byte tokens
+    buf = io.StringIO()
+    s = cli._Streamer(tok, eos=[151643], colour=False, stream=buf)
+    s(1, [ids[:1]])
+    assert buf.getvalue() == ""  # half a character: nothing yet
+    s(2, [ids[1:] + tok(" ok", add_special_tokens=False)["input_ids"]])
+    s.finish()
+    assert buf.getvalue() == emoji + " ok"
+
+
+def test_chat_on_the_embedded_pair(capsys):
+    """The embedded pair's chat template frames the message as the task's
+    prompt, so --chat gives the same answer as the bare question."""
+    d_def, _ = cli._embedded_defaults()
+    if d_def is None:
+        pytest.skip("the embedded tiny pair is not installed")
+    question = "Rosa has 12 apples. Zoe gives her 9 apples. She sells 5 apples. How many apples does Rosa have now?"
+    assert cli.main(["generate", "--prompt", question, "--max-new-tokens", "48", "--json", "--chat"]) == 0
+    chat = json.loads(capsys.readouterr().out)
+    assert cli.main(["generate", "--prompt", question, "--max-new-tokens", "48", "--json"]) == 0
+    bare = json.loads(capsys.readouterr().out)
+    assert chat["token_ids"] == bare["token_ids"] and "#### 16" in chat["text"]
+
+
+def test_tiny_export_keeps_the_chat_template(tmp_path):
+    """A retrain (tiny/train.py's tokenizer export) writes the shipped template."""
+    from apd_ext import tiny
+    from apd_ext.tiny.train import CHAT_TEMPLATE, write_tokenizer_configs
+
+    write_tokenizer_configs(tmp_path)
+    for d in [tmp_path, *tiny.paths()]:
+        assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE

@@ -155,3 +155,82 @@ def test_stop_string_criteria(setup):
     for b in range(3):
         text = s["tok"].decode([t for t in got[b, P:].tolist() if t != PAD])
         assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first newline
+
+
+@pytest.mark.parametrize("stop", ["\n", " = 2", "Gets 7"])
+def test_stop_strings_end_generation_early(setup, stop):
+    """With stop_tokenizer=, a StopStringCriteria's strings (one or several
+    tokens) go into the Engine: each row ends at the step that produces its
+    stop string; the sequences equal the run without it cut as transformers
+    cuts (just after the completing token), and fewer steps run."""
+    from transformers import StopStringCriteria
+    import apd_ext.decoding.apd as apd_mod
+    s = setup
+    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], [stop])])
+    kw = dict(attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"], R=R, W=W, M=M,
+              max_new_tokens=30, do_sample=False, stopping_criteria=crit)
+    steps = []
+    real = apd_mod.Engine.step
+
+    def counting(self):
+        steps.append(1)
+        return real(self)
+
+    apd_mod.Engine.step = counting
+    try:
+        with pytest.warns(UserWarning, match="stop_tokenizer"):
+            cut_only = s["ar"].generate(s["ids"], **kw)
+        n_cut_only = len(steps)
+        steps.clear()
+        early = s["ar"].generate(s["ids"], stop_tokenizer=s["tok"], **kw)
+    finally:
+        apd_mod.Engine.step = real
+    assert torch.equal(early, cut_only)
+    P = s["ids"].shape[1]
+    texts = [s["tok"].decode([t for t in early[b, P:].tolist() if t != PAD]) for b in range(3)]
+    assert any(stop in t for t in texts)
+    assert len(steps) < n_cut_only, (len(steps), n_cut_only)
+
+
+def test_stop_strings_on_the_real_vocabulary(tmp_path):
+    """The same on the random tiny pair at the real Qwen vocabulary: a stop
+    string of several tokens from the middle of a sampled CJK / emoji text
+    ends generation at the step that produces it (fewer steps than the run
+    without it) and the sequence is the free run cut as transformers cuts."""
+    from transformers import StopStringCriteria
+
+    import apd_ext.decoding.apd as apd_mod
+    from qwen_vocab import dream_tokenizer, write_real_vocab_pair
+
+    d, a = write_real_vocab_pair(tmp_path)
+    tok = dream_tokenizer()
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    ar = Qwen2ForCausalLM.from_pretrained(a).eval()  # a transformers-written folder
+    ar.generation_config.eos_token_id = ar.generation_config.pad_token_id = eos
+    ids = torch.tensor([tok("你好，世界 🙂 emoji", add_special_tokens=False)["input_ids"]])
+    kw = dict(custom_generate=apd_generate, dllm=d, R=0.5, W=4, M=8, max_new_tokens=30, do_sample=True,
+              temperature=1.0, top_p=1.0, seed=3)
+    steps = []
+    real = apd_mod.Engine.step
+
+    def counting(self):
+        steps.append(1)
+        return real(self)
+
+    apd_mod.Engine.step = counting
+    try:
+        free = ar.generate(ids, **kw)
+        n_free = len(steps)
+        text = tok.decode(free[0, ids.shape[1]:].tolist())
+        stop = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)
+                    if len(tok(text[i:i + 3], add_special_tokens=False)["input_ids"]) >= 2
+                    and "\ufffd" not in text[i:i + 3])
+        steps.clear()
+        crit = StoppingCriteriaList([StopStringCriteria(tok, [stop])])
+        early = ar.generate(ids, stopping_criteria=crit, stop_tokenizer=tok, **kw)
+    finally:
+        apd_mod.Engine.step = real
+    got = tok.decode(early[0, ids.shape[1]:].tolist())
+    assert got.endswith(stop) or stop in got
+    assert torch.equal(early[0], free[0, : early.shape[1]])
+    assert len(steps) <= n_free and early.shape[1] < free.shape[1]

@@ -30,9 +30,10 @@ ARGS = dict(dllm=DLLM, verifier=AR, dtype="float32", device="cpu", R=R, W=W, M=M
 class RecordingAPDLM(APDLM):
     """Records (prompt ids, seed, generated ids) of every request it decodes."""
 
-    def _run(self, prompts, seeds, max_new, sampling):
-        ids, secs, steps = super()._run(prompts, seeds, max_new, sampling)
+    def _run(self, prompts, seeds, max_new, sampling, until=None):
+        ids, secs, steps = super()._run(prompts, seeds, max_new, sampling, until)
         self.seen = getattr(self, "seen", []) + [(p.tolist(), s, g) for p, s, g in zip(prompts, seeds, ids)]
+        self.seen_steps = getattr(self, "seen_steps", []) + list(steps)
         return ids, secs, steps
 
 
@@ -119,6 +120,39 @@ def test_until_and_sampling_seeds(pair, probs):
         assert text == full.split("\n")[0]  # cut at the first stop string, as lm-eval's HF model
 
 
+@pytest.fixture(scope="module", params=["tiny", "qwen"])
+def dirs(request, tmp_path_factory):
+    if request.param == "tiny":
+        return DLLM, AR
+    from qwen_vocab import write_real_vocab_pair
+    return write_real_vocab_pair(tmp_path_factory.mktemp("qv"))
+
+
+def test_multi_token_until_stops_generation_early(dirs, probs):
+    """A multi-token `until` string goes into the Engine's output path: the
+    request ends at the step that produces it (fewer steps and ids than the
+    run without it, the same ids up to there) and the text is cut before it."""
+    args = {**ARGS, "dllm": dirs[0], "verifier": dirs[1], "batch_size": 2}
+    kw = {"do_sample": True, "temperature": 0.8, "top_p": 1.0, "max_gen_toks": 40}
+    ctxs = [arith.prompt_of(p.question) for p in probs[:2]]
+    free = RecordingAPDLM(**args, seed=3)
+    full = free.generate_until([_instance(c, {**kw, "until": []}, i) for i, c in enumerate(ctxs)])
+    tok = free.tokenizer
+    # A stop string of >= 2 tokens from the middle of the first text.
+    stop = next(full[0][i:i + 4] for i in range(len(full[0]) // 4, len(full[0]) - 4)
+                if len(tok(full[0][i:i + 4], add_special_tokens=False)["input_ids"]) >= 2
+                and "\ufffd" not in full[0][i:i + 4])
+    lm = RecordingAPDLM(**args, seed=3)
+    got = lm.generate_until([_instance(c, {**kw, "until": [stop]}, i) for i, c in enumerate(ctxs)])
+    assert got == [t.split(stop)[0] for t in full]
+    by_seed = {s: (g, st) for (_, s, g), st in zip(free.seen, free.seen_steps)}
+    for (_, s, g), st in zip(lm.seen, lm.seen_steps):
+        g_free, st_free = by_seed[s]
+        assert g == g_free[: len(g)]
+    g0, st0 = next((g, st) for (_, s, g), st in zip(lm.seen, lm.seen_steps) if s == 3)
+    assert len(g0) < len(by_seed[3][0]) and st0 < by_seed[3][1]  # the first request stopped early
+
+
 def test_methods_leftright_ar_diffusion(pair, probs):
     dllm, ar, tok = pair
     ctx = arith.prompt_of(probs[0].question)
@@ -139,6 +173,10 @@ def test_methods_leftright_ar_diffusion(pair, probs):
 
 def test_chat_template_and_tokenizer_name():
     lm = APDLM(**ARGS)
+    # The embedded pair's own template frames a user message as the task's prompt.
+    assert lm.apply_chat_template([{"role": "user", "content": "Tom has 3 apples."}]) == \
+        arith.prompt_of("Tom has 3 apples.")
+    lm.tokenizer.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
         lm.apply_chat_template([{"role": "user", "content": "hi"}])
     lm.tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}" \

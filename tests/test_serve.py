@@ -21,12 +21,11 @@ import torch
 
 from apd_ext import tiny
 from apd_ext.cli import main as apd_main
+from qwen_vocab import write_real_vocab_pair
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("ray.serve")
 
-CHAT_TEMPLATE = ("{% for m in messages %}Question: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}Answer:\n{% endif %}")
 QUESTIONS = ["Rosa has 13 apples. Zoe gives her 7 apples. How many apples does Rosa have now?",
              "Sam has 9 pencils. He loses 4 pencils. How many pencils does Sam have now?"]
 START_TIMEOUT = 150  # seconds: Ray's start on a loaded 2-core machine
@@ -38,17 +37,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    """(dllm_dir, ar_dir): the tiny pair, the dLLM's tokenizer given a chat template."""
+@pytest.fixture(scope="module", params=["tiny", "qwen"])
+def dirs(request, tmp_path_factory):
+    """(dllm_dir, ar_dir): the embedded tiny pair as shipped (its own chat
+    template), or the random tiny pair at the real Qwen vocabulary (Qwen2.5's
+    chat template)."""
+    root = tmp_path_factory.mktemp("serve")
+    if request.param == "qwen":
+        return write_real_vocab_pair(root)
     d, a = tiny.paths()
-    root = tmp_path_factory.mktemp("serve") / "dllm"
-    shutil.copytree(d, root)
-    cfg_path = root / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["chat_template"] = CHAT_TEMPLATE
-    cfg_path.write_text(json.dumps(cfg))
-    return str(root), str(a)
+    shutil.copytree(d, root / "dllm")
+    return str(root / "dllm"), str(a)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +188,6 @@ def test_openai_client(server, dirs):
 
 LONG = "Question: " + "one two three " * 200 + "\nAnswer:\n"
 BAD = [
-    ("unknown field", dict(prompt="x", frobnicate=1), "frobnicate"),
     ("R above 1", dict(prompt="x", R=1.5), "R"),
     ("R wrong type", dict(prompt="x", R="high"), "R"),
     ("W zero", dict(prompt="x", W=0), "W"),
@@ -199,14 +197,23 @@ BAD = [
     ("top_p zero", dict(prompt="x", top_p=0.0), "top_p"),
     ("top_p above 1", dict(prompt="x", top_p=1.5), "top_p"),
     ("max_tokens zero", dict(prompt="x", max_tokens=0), "max_tokens"),
-    ("max_tokens past the context", dict(prompt="Question: hi\nAnswer:\n", max_tokens=250), "max_tokens"),
+    ("max_tokens past the context", dict(prompt="Question: hi\nAnswer:\n", max_tokens=255), "max_tokens"),
+    ("max_tokens far past the context", dict(prompt="x", max_tokens=10_000_000), "max_tokens"),
+    ("max_completion_tokens past the context", dict(prompt="x", max_completion_tokens=300), "max_completion_tokens"),
+    ("max_completion_tokens zero", dict(prompt="x", max_completion_tokens=0), "max_completion_tokens"),
+    ("presence_penalty", dict(prompt="x", presence_penalty=0.5), "presence_penalty"),
+    ("frequency_penalty", dict(prompt="x", frequency_penalty=-1), "frequency_penalty"),
+    ("logit_bias", dict(prompt="x", logit_bias={"5": 10}), "logit_bias"),
+    ("echo", dict(prompt="x", echo=True), "echo"),
+    ("bad stream_options", dict(prompt="x", stream=True, stream_options={"include_usage": "yes"}), "stream_options"),
     ("empty prompt", dict(prompt=""), "prompt"),
     ("missing prompt", dict(max_tokens=4), "prompt"),
     ("prompt too long", dict(prompt=LONG, max_tokens=4), "prompt"),
     ("negative seed", dict(prompt="x", seed=-1), "seed"),
-    ("n above 1", dict(prompt="x", n=2), "n"),
+    ("n above 16", dict(prompt="x", n=17), "n"),
+    ("n zero", dict(prompt="x", n=0), "n"),
     ("another method", dict(prompt="x", method="ar"), "method"),
-    ("multi-token stop", dict(prompt="x", stop=["apples and"]), "stop"),
+    ("empty stop", dict(prompt="x", stop=["\n", ""]), "stop"),
     ("wrong model", dict(prompt="x", model="gpt-4"), "model"),
 ]
 
@@ -295,3 +302,131 @@ def test_step_loop_cancel_frees_the_row_and_spares_the_others():
             assert got[rid] == generate(dllm, ver, [ids], APDConfig(**p), eos_token_ids=[]).generated(0).tolist()
     finally:
         torch.set_num_threads(threads)
+
+
+def _client(server):
+    openai = pytest.importorskip("openai")
+    return openai, openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_openai_client_stream_options_n_and_max_completion_tokens(server, dirs):
+    """What stock SDKs send: stream_options.include_usage gives a last chunk
+    with empty choices and the usage; n = 3 gives 3 choices, choice i being
+    the request with seed + i; max_completion_tokens is max_tokens."""
+    openai, client = _client(server)
+    k = KNOBS[0]
+    prompt = f"Question: {QUESTIONS[1]}\nAnswer:\n"
+    extra = dict(R=k["R"], W=k["W"], M=k["M"])
+    want = [_apd_generate(dirs, prompt, **_cli_kw(dict(k, seed=k["seed"] + i, max_tokens=12))) for i in range(3)]
+    c = client.completions.create(model="apd", prompt=prompt, max_tokens=12, temperature=k["temperature"],
+                                  top_p=k["top_p"], seed=k["seed"], n=3, presence_penalty=0, frequency_penalty=0,
+                                  user="u1", extra_body=extra)
+    assert [ch.index for ch in c.choices] == [0, 1, 2]
+    assert [ch.text for ch in c.choices] == [w["text"] for w in want]
+    assert c.usage.completion_tokens == sum(w["num_generated"] for w in want)
+    chat = client.chat.completions.create(model="apd", messages=[{"role": "user", "content": QUESTIONS[1]}],
+                                          max_completion_tokens=12, temperature=k["temperature"], top_p=k["top_p"],
+                                          seed=k["seed"], extra_body=extra)
+    want_chat = _apd_generate(dirs, QUESTIONS[1], chat=True, **_cli_kw(dict(k, max_tokens=12)))
+    assert chat.choices[0].message.content == want_chat["text"]
+    assert chat.usage.completion_tokens == want_chat["num_generated"]
+    stream = client.chat.completions.create(
+        model="apd", messages=[{"role": "user", "content": QUESTIONS[1]}], max_completion_tokens=12,
+        temperature=k["temperature"], top_p=k["top_p"], seed=k["seed"], n=2, stream=True,
+        stream_options={"include_usage": True}, extra_body=extra)
+    chunks = list(stream)
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    texts = ["", ""]
+    for ch in chunks[:-1]:
+        for cc in ch.choices:
+            texts[cc.index] += cc.delta.content or ""
+    assert texts[0] == want_chat["text"]
+    assert chunks[-1].usage.completion_tokens == want_chat["num_generated"] + \
+        _apd_generate(dirs, QUESTIONS[1], chat=True, **_cli_kw(dict(k, seed=k["seed"] + 1, max_tokens=12)))["num_generated"]
+    with pytest.raises(openai.BadRequestError, match="presence_penalty"):
+        client.completions.create(model="apd", prompt=prompt, max_tokens=4, presence_penalty=0.5)
+
+
+def test_unknown_fields_are_ignored_with_a_warning_header(server):
+    r = httpx.post(server + "/v1/completions", json=dict(prompt="Question: hi\nAnswer:\n", max_tokens=4, seed=1,
+                                                         frobnicate=1, another_one=None), timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-apd-ignored-fields"] == "another_one,frobnicate"
+
+
+def test_seed_drawn_per_request_and_returned_for_replay(server):
+    body = dict(prompt=f"Question: {QUESTIONS[0]}\nAnswer:\n", max_tokens=16, temperature=1.0, top_p=1.0)
+    a, b = (httpx.post(server + "/v1/completions", json=body, timeout=60).json() for _ in range(2))
+    assert a["seed"] != b["seed"]
+    assert a["choices"][0]["text"] != b["choices"][0]["text"]  # 16 tokens at temperature 1: a tie is ~impossible
+    r = httpx.post(server + "/v1/completions", json=dict(body, seed=a["seed"]), timeout=60)
+    assert r.json()["choices"][0]["text"] == a["choices"][0]["text"] and r.headers["x-apd-seed"] == str(a["seed"])
+
+
+def test_multi_token_stop_string(server, dirs):
+    """A stop string of several tokens ends the request at the step that
+    produces it, the text cut before it (finish_reason "stop"), streamed or not."""
+    prompt = f"Question: {QUESTIONS[0]}\nAnswer:\n"
+    body = dict(prompt=prompt, **dict(KNOBS[1], max_tokens=40))
+    from transformers import AutoTokenizer
+
+    free_out = httpx.post(server + "/v1/completions", json=body, timeout=60).json()
+    free = free_out["choices"][0]["text"]
+    tok = AutoTokenizer.from_pretrained(dirs[0], local_files_only=True)
+    stop = next(free[i:i + 4] for i in range(len(free) // 4, len(free) - 4)
+                if len(tok(free[i:i + 4], add_special_tokens=False)["input_ids"]) >= 2 and "\ufffd" not in free[i:i + 4])
+    out = httpx.post(server + "/v1/completions", json=dict(body, stop=["never there", stop]), timeout=60).json()
+    assert out["choices"][0]["text"] == free[: free.find(stop)]
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"]["steps"] <= free_out["usage"]["steps"]
+    assert out["usage"]["accepted_per_step"] == free_out["usage"]["accepted_per_step"][: out["usage"]["steps"]]
+    with httpx.stream("POST", server + "/v1/completions", json=dict(body, stop=[stop], stream=True),
+                      timeout=60) as resp:
+        chunks = _sse(resp)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == free[: free.find(stop)]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+CJK = ["你好，世界。今天天气很好。", "emoji 🙂👍🏽 and ZWJ 👨‍👩‍👧", "日本語のテキストと한국어 텍스트"]
+
+
+def test_streamed_deltas_join_to_the_text_with_cjk_and_emoji(server):
+    """Sampled requests with CJK / emoji prompts, streamed and not, same seed:
+    the deltas joined equal the non-streamed text and no delta repeats text
+    (the old stream re-sent everything after a U+FFFD tail)."""
+    for i in range(9):
+        body = dict(prompt=CJK[i % 3], max_tokens=24, temperature=1.0, top_p=1.0, seed=100 + i)
+        text = httpx.post(server + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        with httpx.stream("POST", server + "/v1/completions", json=dict(body, stream=True), timeout=60) as resp:
+            deltas = [c["choices"][0]["text"] for c in _sse(resp)]
+        assert "".join(deltas) == text, (i, deltas, text)
+        assert all(not d.endswith("\ufffd") for d in deltas[:-1])
+
+
+def test_openai_client_logprobs(server):
+    """logprobs (completions: top-k count; chat: logprobs + top_logprobs): one
+    entry per generated token with its log-probability under the target
+    distribution it was checked against and the top alternatives, the token's
+    own value among them when it is the most likely."""
+    openai, client = _client(server)
+    prompt = f"Question: {QUESTIONS[0]}\nAnswer:\n"
+    c = client.completions.create(model="apd", prompt=prompt, max_tokens=10, temperature=0.0, seed=1, logprobs=2)
+    lp = c.choices[0].logprobs
+    n = c.usage.completion_tokens - (c.choices[0].finish_reason == "stop")  # the EOS id has no entry
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == n > 0
+    assert all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 2 for t in lp.top_logprobs)
+    assert all(max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs, lp.token_logprobs))
+    chat = client.chat.completions.create(model="apd", messages=[{"role": "user", "content": QUESTIONS[0]}],
+                                          max_completion_tokens=10, temperature=0.0, seed=1, logprobs=True,
+                                          top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens - (chat.choices[0].finish_reason == "stop")
+    assert all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in content)
+    stream = client.completions.create(model="apd", prompt=prompt, max_tokens=10, temperature=0.0, seed=1,
+                                       logprobs=2, stream=True)
+    streamed = [v for ch in stream for v in (ch.choices[0].logprobs.token_logprobs if ch.choices and
+                                             ch.choices[0].logprobs else [])]
+    assert streamed == lp.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="apd", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       logprobs=True, top_logprobs=21)

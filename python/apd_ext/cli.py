@@ -181,26 +181,29 @@ def _encode(tok, prompt: str, chat: bool) -> List[int]:
 
 
 class _Streamer:
-    """generate() callback: prints the newly accepted text, one colour per step on a TTY."""
+    """generate() callback: prints the newly accepted text, one colour per step on a TTY.
+
+    The text comes from the incremental detokenizer (apd_ext.output): each
+    step decodes only its own ids (plus the previous step's as context), and a
+    character split across steps (UTF-8 bytes of a CJK character or an emoji)
+    is printed once it is complete, never as U+FFFD and then again."""
 
     def __init__(self, tok, eos, colour: bool, stream):
-        self.tok, self.eos, self.colour, self.stream = tok, set(eos), colour, stream
-        self.ids: List[int] = []
-        self.text = ""
+        from apd_ext.output.detokenizer import IncrementalDetokenizer
+
+        self.detok = IncrementalDetokenizer(tok)
+        self.eos, self.colour, self.stream = set(eos), colour, stream
         self.blocks = 0
 
     def __call__(self, step: int, tokens_accepted) -> None:
         block = [t for t in tokens_accepted[0] if t not in self.eos]
-        if not block:
-            return
-        self.ids += block
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        # Decoding a longer id list can rewrite the tail (merged bytes): print
-        # only what extends what is already on screen.
-        k = 0
-        while k < min(len(text), len(self.text)) and text[k] == self.text[k]:
-            k += 1
-        new, self.text = text[k:], text
+        self._write(self.detok.update(block))
+
+    def finish(self) -> None:
+        """Print a tail that never completed (as the full decode renders it)."""
+        self._write(self.detok.finish())
+
+    def _write(self, new: str) -> None:
         if not new:
             return
         if self.colour:
@@ -258,7 +261,9 @@ def cmd_generate(args) -> int:
     prompt_text = args.prompt
     d_def, _ = _embedded_defaults()
     _fill_defaults(args, d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def))
-    if d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def) and "Answer:" not in prompt_text:
+    if args.chat:
+        pass  # the chat template frames the message (the embedded pair's as `Question: ...\nAnswer:\n`)
+    elif d_def is not None and os.path.realpath(args.dllm) == os.path.realpath(d_def) and "Answer:" not in prompt_text:
         # The embedded pair is trained on `Question: ...\nAnswer:\n` only; a bare
         # question (or one whose trailing newline a shell `$(...)` ate) is wrapped.
         from apd_ext.tasks.arith import prompt_of
@@ -335,6 +340,8 @@ def cmd_generate(args) -> int:
         return 0
     if stream is None or args.method == "diffusion":
         sys.stdout.write(text)
+    else:
+        stream.finish()
     per_step = s.generated_tokens / s.steps if s.steps else 0.0
     print()
     print(f"--- {args.method}: {s.generated_tokens} tokens in {s.steps} steps ({per_step:.2f} tokens/step), "

@@ -34,7 +34,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
          callback: Optional[Callback], n_accept_override: Optional[int],
          cuda_graphs: bool = False, stop_after_steps: Optional[int] = None,
          attention_mask=None, seeds=None, trace: Optional[list] = None,
-         max_new_tokens_per_row=None) -> APDOutput:
+         max_new_tokens_per_row=None, stop_strings=None, tokenizer=None) -> APDOutput:
     """One static batch through the Engine: every prompt is queued at once
     (max_batch = B, max_len = the longest prompt + budget), then the loop steps
     until all have finished. APD (verifier given, K None) and leftright
@@ -54,13 +54,17 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     if cuda_graphs and not _graphs_supported(device):
         raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {device}")
     gen_max = max(tot - p.numel() for tot, p in zip(totals, prompts))
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings: need tokenizer=... (stop strings are matched on the decoded text)")
     engine = Engine(dllm, verifier, cfg, max_batch=B, max_len=max(totals), K=K, cuda_graphs=cuda_graphs,
+                    tokenizer=tokenizer if stop_strings else None,
                     _verifier_rows=None if verifier is None else min(cfg.M, gen_max), _graphs_checked=True)
     engine._n_accept_override = n_accept_override
     engine._trace = trace
     for b, p in enumerate(prompts):
         seed = seed_bits[b] + 2**64 if seed_bits[b] < 0 else seed_bits[b]
-        engine.add_request(p, dict(seed=seed, stop_token_ids=eos, max_new_tokens=budgets[b]), request_id=b)
+        engine.add_request(p, dict(seed=seed, stop_token_ids=eos, max_new_tokens=budgets[b],
+                                   stop=stop_strings or None), request_id=b)
 
     accepted = [[] for _ in range(B)]
     generated = [[] for _ in range(B)]
@@ -111,7 +115,7 @@ def _row_budgets(default: int, batch: int, per_row) -> list:
 
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
-             attention_mask=None, seeds=None, max_new_tokens_per_row=None,
+             attention_mask=None, seeds=None, max_new_tokens_per_row=None, stop_strings=None, tokenizer=None,
              _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
              _trace: Optional[list] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
@@ -134,6 +138,10 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     (power-of-two buckets) as CUDA graphs, captured before the timed loop.
     Same tokens as eager; CUDA only; off by default. Batched (B > 1): the
     verifier's graphs cover every batch size (buckets), the dLLM runs eagerly.
+    stop_strings (with tokenizer, a transformers tokenizer of the pair): a
+    sequence ends at the step whose text contains one (the Engine's output
+    path); its ids are those up to the end of that step (the stop string's
+    tokens included, maybe a few after it: the caller cuts the text).
     _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
     acceptance schedule; stop after that many steps), not part of the API.
     _trace: tests only, a list that gets per step [(b, left, right, n_accept)]
@@ -148,15 +156,16 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     return _run(dllm, verifier, input_ids, cfg, K=None, eos_token_ids=eos_token_ids,
                 callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
                 stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
-                trace=_trace, max_new_tokens_per_row=max_new_tokens_per_row)
+                trace=_trace, max_new_tokens_per_row=max_new_tokens_per_row, stop_strings=stop_strings,
+                tokenizer=tokenizer)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
                        temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
                        max_new_tokens: int = 256, eos_token_ids=None,
                        callback: Optional[Callback] = None, compat: Optional[str] = None,
-                       cuda_graphs: bool = False, attention_mask=None, seeds=None,
-                       _n_accept_override: Optional[int] = None,
+                       cuda_graphs: bool = False, attention_mask=None, seeds=None, stop_strings=None,
+                       tokenizer=None, _n_accept_override: Optional[int] = None,
                        _stop_after_steps: Optional[int] = None) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
@@ -171,4 +180,5 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
                     top_p=top_p, top_k=top_k, compat=compat, max_new_tokens=max_new_tokens, seed=seed)
     return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
                 n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
-                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds)
+                stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
+                stop_strings=stop_strings, tokenizer=tokenizer)

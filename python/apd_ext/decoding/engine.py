@@ -44,9 +44,11 @@ from apd_ext.decoding.common import (
     stack_prompts,
 )
 from apd_ext.decoding.step import StepArgs, Verifier, Window, bad_row, check_pair, window_bounds
+from apd_ext.output.stops import RequestText, check_stop_strings
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(APDConfig))
-PARAM_FIELDS = _CONFIG_FIELDS + ("stop_token_ids",)
+PARAM_FIELDS = _CONFIG_FIELDS + ("stop_token_ids", "stop", "logprobs")
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's limit)
 
 
 @dataclass
@@ -57,7 +59,11 @@ class StepOutput:
     new_tokens: List[int]  # the ids accepted this step (the first stop id included)
     step: int  # the request's own 1-based step number
     finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" (a stop id), "length" (budget or context), "abort"
+    finish_reason: Optional[str] = None  # "stop" (a stop id or string), "length" (budget or context), "abort"
+    text: Optional[str] = None  # with an Engine tokenizer: the text delta (apd_ext.output), else None
+    # With params["logprobs"] = k: per new token (logprob, [(id, logprob)] * k), from the
+    # target distribution the token was checked against (see Engine._logprobs).
+    logprobs: Optional[list] = None
 
 
 @dataclass
@@ -68,6 +74,9 @@ class _Request:
     stop: tuple  # stop token ids
     total: int  # prompt + budget, capped at the context: the KV positions it reserves
     signature: tuple  # the scalar knobs of the ops (rows with equal signatures share a call)
+    stops: tuple = ()  # stop strings (host-side, apd_ext.output)
+    text: Optional[RequestText] = None  # the output path, with an Engine tokenizer
+    logprobs: Optional[int] = None  # top alternatives per token to return; None: no logprobs
 
     def __post_init__(self):
         self.stop_set = frozenset(self.stop)  # the step's stop test, without a Python loop over tokens
@@ -88,11 +97,16 @@ class Engine:
     verifier None with K: the left-to-right baseline (K tokens per step).
     cuda_graphs: the verifier's M-row forward replays a CUDA graph per batch
     bucket; with max_batch 1 the dLLM's windows too (CUDA only).
+    tokenizer: a transformers tokenizer of the pair: every StepOutput then
+    carries its text delta (incremental detokenizer, apd_ext.output) and
+    requests may give stop strings (params["stop"]), checked on the host each
+    step: the step that produces one finishes the request ("stop") and the
+    text is cut before it.
     """
 
     def __init__(self, dllm, verifier, config: Optional[APDConfig] = None, max_batch: int = 8, *,
                  max_len: Optional[int] = None, kv_budget: Optional[int] = None, K: Optional[int] = None,
-                 cuda_graphs: bool = False, _verifier_rows: Optional[int] = None,
+                 cuda_graphs: bool = False, tokenizer=None, _verifier_rows: Optional[int] = None,
                  _graphs_checked: bool = False):
         cfg = config if config is not None else APDConfig()
         if not isinstance(cfg, APDConfig):
@@ -108,6 +122,7 @@ class Engine:
                 fail("K", "None when a verifier is given (APD accepts adaptively)", K)
         _check_count("max_batch", max_batch)
         self.dllm, self.verifier, self.config, self.K = dllm, verifier, cfg, K
+        self.tokenizer = tokenizer
         self.device = model_device(dllm)
         if cuda_graphs and not _graphs_checked and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: expected models on a CUDA device, got {self.device}")
@@ -171,6 +186,8 @@ class Engine:
         if any(r.request_id == request_id for r in itertools.chain(self.live, self.queue)):
             fail("request_id", "an id not already queued or running", repr(request_id))
         req.request_id = request_id
+        if self.tokenizer is not None:
+            req.text = RequestText(self.tokenizer, req.stops, req.stop)
         self.queue.append(req)
         return request_id
 
@@ -178,7 +195,7 @@ class Engine:
         """add_request's checks without queueing anything (a server validates
         with it before handing the request to its step loop)."""
         prompt = self._check_prompt(prompt_ids)
-        cfg, stop = self._params(params)
+        cfg, stop, stops, logprobs = self._params(params)
         P = prompt.numel()
         total = min(P + cfg.max_new_tokens, self.context)
         if P >= self.max_len:
@@ -191,7 +208,7 @@ class Engine:
             fail("max_new_tokens", f"prompt + max_new_tokens within the KV budget ({self.kv_budget} tokens)",
                  cfg.max_new_tokens)
         sig = (cfg.R, cfg.temperature, cfg.top_p, cfg.top_k, cfg.compat, cfg.sampling_acceptance, stop)
-        return _Request(None, prompt, cfg, stop, total, sig)
+        return _Request(None, prompt, cfg, stop, total, sig, stops, logprobs=logprobs)
 
     def abort(self, request_id: Hashable) -> bool:
         """Drop a queued or running request (its slot and KV reservation are
@@ -285,6 +302,8 @@ class Engine:
         n_h = host[:n]  # [n]
         d_host = host[n:].view(n, rows)  # [n, rows]
         self._inspect(left_t, right_t, n_h)
+        want = [i for i, r in enumerate(self.live) if r.logprobs is not None]
+        lps = self._logprobs(want, d_logits, a_logits if self.ver is not None else None, draft) if want else {}
 
         outs: List[StepOutput] = []
         done = torch.zeros(n, dtype=torch.bool)
@@ -292,10 +311,16 @@ class Engine:
             bad_row(int(steps[i]), int(t[i]), d_host[i], int(rows_t[i]))
             new = d_host[i, : int(n_h[i])].tolist()
             out = StepOutput(req.request_id, new, int(steps[i]) + 1)
+            if i in lps:
+                out.logprobs = lps[i][: len(new)]
             if not req.stop_set.isdisjoint(new):
                 out.finished, out.finish_reason = True, "stop"
             elif int(t[i]) + len(new) >= int(self.total[i]):
                 out.finished, out.finish_reason = True, "length"
+            if req.text is not None:  # the output path: text delta + stop strings (host, this step's ids only)
+                out.text, hit = req.text.update(new, out.finished)
+                if hit:
+                    out.finished, out.finish_reason = True, "stop"
             done[i] = out.finished
             outs.append(out)
         stats.steps += 1
@@ -305,6 +330,38 @@ class Engine:
         if bool(done.any()):
             self._compact(~done)
         return outs
+
+    def _logprobs(self, want: List[int], d_logits, a_logits, draft) -> dict:
+        """Log-probabilities of the drafted tokens of rows `want` under the
+        target distribution they are checked against, computed on the device
+        from the step's logits rows and read to the host only for these rows:
+        APD: log_softmax(R * log_softmax(dLLM) + (1 - R) * log_softmax(AR)) over
+        the shared vocabulary (the coupled mixture of DESIGN §4 / SEMANTICS, at
+        temperature 1, before top-k / top-p); left-to-right: the dLLM's
+        log_softmax. A drafted id outside the verifier's vocabulary has -inf.
+        -> {row: [(logprob, [(id, logprob)] * k)] per drafted row}."""
+        idx = torch.tensor(want, dtype=torch.int64).to(self.device)
+        d = d_logits.index_select(0, idx).float()  # [w, rows, V_D]
+        tok = draft.index_select(0, idx)  # [w, rows]
+        if a_logits is None:
+            m = torch.log_softmax(d, -1)
+        else:
+            a = a_logits.index_select(0, idx).float()  # [w, rows, V_A]
+            V = min(d.shape[-1], a.shape[-1])
+            R = torch.tensor([self.live[i].cfg.R for i in want], dtype=torch.float32, device=self.device)[:, None, None]
+            mix = R * torch.log_softmax(d, -1)[..., :V] + (1 - R) * torch.log_softmax(a, -1)[..., :V]
+            m = torch.log_softmax(mix, -1)
+        V = m.shape[-1]
+        lp = m.gather(-1, tok.clamp(0, V - 1)[..., None])[..., 0]  # [w, rows]
+        lp = torch.where((tok >= 0) & (tok < V), lp, torch.full_like(lp, float("-inf")))
+        k = max(self.live[i].logprobs for i in want)
+        top_v, top_i = m.topk(k, -1) if k else (m[..., :0], m[..., :0].long())  # [w, rows, k]
+        lp, top_v, top_i = lp.cpu().tolist(), top_v.cpu().tolist(), top_i.cpu().tolist()
+        out = {}
+        for w, i in enumerate(want):
+            ki = self.live[i].logprobs
+            out[i] = [(lp[w][j], list(zip(top_i[w][j][:ki], top_v[w][j][:ki]))) for j in range(len(lp[w]))]
+        return out
 
     def _inspect(self, left: torch.Tensor, right: torch.Tensor, n_accept: torch.Tensor) -> None:
         """The per-step checkpoint right after the host read, before anything
@@ -344,7 +401,7 @@ class Engine:
         return p.contiguous()
 
     def _params(self, params):
-        stop = self.default_stop
+        stop, stops, logprobs = self.default_stop, (), None
         if params is None:
             cfg = self.config
         elif isinstance(params, APDConfig):
@@ -357,12 +414,20 @@ class Engine:
             if over.get("stop_token_ids", None) is not None:
                 stop = tuple(resolve_eos(self.dllm, over["stop_token_ids"]))
             over.pop("stop_token_ids", None)
+            stops = check_stop_strings(over.pop("stop", None))
+            logprobs = over.pop("logprobs", None)
+            if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                         or not 0 <= logprobs <= MAX_LOGPROBS):
+                fail("logprobs", f"None or an int in [0, {MAX_LOGPROBS}] (top alternatives per token)", logprobs)
+            if stops and self.tokenizer is None:
+                fail("stop", "an Engine built with tokenizer=... (stop strings are matched on the text)",
+                     repr(list(stops)))
             cfg = self.config.replace(**over)
         else:
             raise TypeError(f"params: expected None, an APDConfig or a dict, got {type(params).__name__}")
         if cfg.M > self.config.M:
             fail("M", f"at most the engine's M ({self.config.M})", cfg.M)
-        return cfg, stop
+        return cfg, stop, stops, logprobs
 
     def _admit(self) -> None:
         """FIFO admission at a step boundary: the queue's head joins while a slot

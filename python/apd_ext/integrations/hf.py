@@ -22,7 +22,9 @@ Honoured: ``max_new_tokens`` / ``max_length``, ``eos_token_id``, ``pad_token_id`
 ``stopping_criteria`` (each sequence is cut just after the first token where a
 criterion fires; stop strings: pass ``StopStringCriteria(tok, [...])`` there, since
 transformers 5.x drops the ``tokenizer=`` that ``stop_strings=`` needs before it
-calls a callable custom_generate), ``attention_mask`` (left or right padding),
+calls a callable custom_generate, and ``stop_tokenizer=tok``: the stop strings
+then go into the Engine's output path, so a sequence stops at the step that
+produces one instead of running to EOS / the budget), ``attention_mask`` (left or right padding),
 batched input, ``return_dict_in_generate``. Sampling uses apd_ext's counter-based
 noise (``seed`` / ``seeds``), so the tokens equal apd_ext.generate's with the same
 seed, not those of transformers' multinomial sampler. Options APD cannot honour
@@ -159,16 +161,33 @@ def _stop_index(criteria, row: torch.Tensor, gen: list) -> int:
     return len(gen)
 
 
+def _stop_strings(criteria, tok) -> list:
+    """The stop strings of the StopStringCriteria in criteria (for the Engine), [] without a tokenizer."""
+    from transformers import StopStringCriteria
+
+    stops = [s for c in (criteria or []) if isinstance(c, StopStringCriteria) for s in c.stop_strings]
+    if stops and tok is None:
+        import warnings
+        warnings.warn("stopping_criteria: a StopStringCriteria without stop_tokenizer=... only cuts the "
+                      "result; pass stop_tokenizer=tok so generation stops at the stop string", stacklevel=3)
+        return []
+    return stops
+
+
 def apd_generate(model, input_ids, logits_processor=None, stopping_criteria=None, generation_config=None,
                  synced_gpus: bool = False, streamer=None, *, dllm=None, R: float = 0.7, W: Optional[int] = 16,
                  M: int = 100, acceptance: str = "coupled", compat: Optional[str] = None, seed: int = 0,
-                 seeds=None, mask_token_id: Optional[int] = None, cuda_graphs: bool = False, **model_kwargs):
+                 seeds=None, mask_token_id: Optional[int] = None, cuda_graphs: bool = False, stop_tokenizer=None,
+                 **model_kwargs):
     """A transformers ``custom_generate`` decoding loop running APD with ``model`` as the verifier.
 
     model: the transformers Qwen2 model ``generate`` was called on (the AR verifier).
     input_ids [B, P] (with model_kwargs["attention_mask"] [B, P] when padded),
     generation_config / stopping_criteria / logits_processor: as prepared by generate.
     dllm, R, W, M, acceptance, compat, seed, seeds, cuda_graphs: as in apd_ext.generate.
+    stop_tokenizer: the tokenizer of the pair; with it, the stop strings of a
+    StopStringCriteria in stopping_criteria end generation early (Engine
+    output path); without it they only cut the result (a warning says so).
     Returns sequences [B, P + n] (prompt as given, then the generated tokens,
     pad_token_id after a sequence's end), or a GenerateDecoderOnlyOutput when
     return_dict_in_generate.
@@ -201,10 +220,11 @@ def apd_generate(model, input_ids, logits_processor=None, stopping_criteria=None
     pad = _ids(getattr(gc, "_pad_token_tensor", None)) or _ids(gc.pad_token_id)
     mask = model_kwargs.get("attention_mask")
     ids_in = input_ids.to(dev)
+    stops = _stop_strings(stopping_criteria, stop_tokenizer)
     out = apd_ext.generate(dllm_rt, verifier, ids_in, apd_ext.APDConfig(
         R=R, W=W, M=M, acceptance=acceptance, compat=compat, max_new_tokens=max_new, seed=seed, **_sampling(gc)),
         eos_token_ids=eos, attention_mask=None if mask is None else mask.to(dev), seeds=seeds,
-        cuda_graphs=cuda_graphs)
+        cuda_graphs=cuda_graphs, stop_strings=stops or None, tokenizer=stop_tokenizer if stops else None)
     gens = [out.generated(b).tolist() for b in range(B)]
     gens = [g[:_stop_index(stopping_criteria, ids_in[b], g)] for b, g in enumerate(gens)]
     width = max(len(g) for g in gens)

@@ -387,7 +387,9 @@ class APDLM(TemplateLM):
             sampling = self._sampling(kwargs)
             seeds = [self.seed + order[id(a)] for a in chunk]
             prompts = [self._encode(c, max_new) for c in contexts]
-            ids, batch_secs, steps = self._run(prompts, seeds, max_new, sampling)
+            # until goes into the Engine's output path: a request stops at the step
+            # that produces one (not at EOS / the budget); the text is cut below.
+            ids, batch_secs, steps = self._run(prompts, seeds, max_new, sampling, until)
             toks = sum(len(g) for g in ids)
             for a, p, gen, st, seed in zip(chunk, prompts, ids, steps, seeds):
                 text = self.tokenizer.decode(gen, skip_special_tokens=True)
@@ -428,7 +430,7 @@ class APDLM(TemplateLM):
                              f"model's {self.max_length} positions")
         return torch.tensor(ids[-keep:], dtype=torch.long)  # left-truncated, as lm-eval's HF model does
 
-    def _run(self, prompts, seeds, max_new, sampling):
+    def _run(self, prompts, seeds, max_new, sampling, until=None):
         """-> generated ids per prompt (up to and including EOS), seconds of the batch, steps per prompt."""
         import apd_ext
 
@@ -441,11 +443,13 @@ class APDLM(TemplateLM):
                     [len(o.accepted_per_step[0]) or self.steps for o in outs])
         if self.method == "apd":
             out = apd_ext.generate(self.dllm, self.verifier, prompts, self.config, seeds=seeds,
-                                   cuda_graphs=self.cuda_graphs, **common)
+                                   cuda_graphs=self.cuda_graphs, stop_strings=until or None,
+                                   tokenizer=self.tokenizer, **common)
         elif self.method == "leftright":
             out = apd_ext.generate_leftright(self.dllm, prompts, K=self.K, W=self.W, M=self.config.M,
                                              compat=self.config.compat, seeds=seeds,
-                                             cuda_graphs=self.cuda_graphs, **common)
+                                             cuda_graphs=self.cuda_graphs, stop_strings=until or None,
+                                             tokenizer=self.tokenizer, **common)
         else:
             out = apd_ext.generate_ar(self.verifier, prompts, seeds=seeds, **common)
         n = len(prompts)

@@ -6,6 +6,7 @@ POST /v1/completions, POST /v1/chat/completions (OpenAI schema + R, W, M,
 method, top_k, acceptance; SSE when stream is true), GET /v1/models, GET /health.
 """
 import asyncio
+import logging
 import os
 import time
 import uuid
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from apd_ext.serve import protocol as P
 from apd_ext.serve.loop import StepLoop
+
+log = logging.getLogger("apd_ext.serve")
 
 class APDServer:
     def __init__(self, dllm_dir: str, verifier_dir: str, *, device: str = "cpu", dtype: str = "auto",
@@ -41,10 +44,11 @@ class APDServer:
             base = apd_config(M=min(M, apd_config().M))
         else:
             base = APDConfig(M=M)
+        # tokenizer: the Engine's output path detokenizes and checks stop strings
+        # inside step(), i.e. in the step loop's worker thread, off the event loop.
         self.engine = Engine(self.dllm, self.verifier, base, max_batch=max_batch,
-                             max_len=max_len or None, kv_budget=kv_budget or None)
+                             max_len=max_len or None, kv_budget=kv_budget or None, tokenizer=self.tok)
         self.loop = StepLoop(self.engine)
-        self.eos = set(self.engine.default_stop)
         self.model_name = model_name
         self.started = time.time()
 
@@ -67,28 +71,44 @@ class APDServer:
     # ------------------------------------------------------------ helpers
     async def _handle(self, request: Request, chat: bool):
         try:
-            body = P.parse_body(await request.body(), P.CHAT if chat else P.COMPLETIONS)
+            body, ignored = P.parse_body(await request.body(), P.CHAT if chat else P.COMPLETIONS)
             if body.get("model", self.model_name) != self.model_name:
                 raise P.BadRequest("model", f"expected {self.model_name!r} (see /v1/models), got {body['model']!r}")
             ids = self._encode(body, chat)
             params = P.engine_params(body)
             params.setdefault("max_new_tokens", 16)  # OpenAI's default max_tokens
-            stop = P.stop_ids(body, self.tok)
-            if stop is not None:
-                params["stop_token_ids"] = sorted(self.eos) + stop
+            if len(ids) < self.engine.max_len < len(ids) + params["max_new_tokens"]:  # (a too long prompt: the Engine's error)
+                raise P.BadRequest(P.budget_field(body), f"prompt ({len(ids)} tokens) + {params['max_new_tokens']} "
+                                   f"exceeds the model's context of {self.engine.max_len} positions")
+            params["stop"] = P.stop_strings(body) or None
+            if P.logprobs_k(body) is not None:
+                params["logprobs"] = P.logprobs_k(body)
+            seed = params.get("seed")
+            if seed is None:  # a fresh seed per request, returned so it can be replayed
+                seed = P.draw_seed()
+            n = body.get("n", 1)
+            subs = []
             try:
-                rid, queue = self.loop.submit(ids, params)
+                for i in range(n):  # choice i: the request with seed + i
+                    subs.append(self.loop.submit(ids, dict(params, seed=seed if i == 0 else (seed + i) % 2**64)))
             except (ValueError, TypeError) as e:
-                raise P.engine_error(e) from None
+                for rid, _ in subs:
+                    self.loop.cancel(rid)
+                raise P.engine_error(e, body) from None
         except P.BadRequest as e:
             return JSONResponse(e.body(), status_code=400)
-        stop_set = self.eos | set(params.get("stop_token_ids", ()))
+        headers = {"X-APD-Seed": str(seed)}
+        if ignored:
+            log.warning("ignored unknown request fields %s", ignored)
+            headers["X-APD-Ignored-Fields"] = ",".join(ignored)
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
                     model=self.model_name, chat=chat, fingerprint=f"apd-replica-{os.getpid()}",
-                    prompt_tokens=len(ids), stop=stop_set)
+                    prompt_tokens=len(ids), seed=seed, logprobs=P.logprobs_k(body) is not None,
+                    include_usage=bool(body.get("stream_options", {}).get("include_usage", False)))
         if body.get("stream", False):
-            return StreamingResponse(self._stream(rid, queue, meta), media_type="text/event-stream")
-        return await self._collect(rid, queue, meta)
+            return StreamingResponse(self._stream(subs, meta), media_type="text/event-stream", headers=headers)
+        out = await self._collect(subs, meta)
+        return out if isinstance(out, JSONResponse) else JSONResponse(out, headers=headers)
 
     def _encode(self, body: dict, chat: bool) -> List[int]:
         if chat:
@@ -115,76 +135,135 @@ class APDServer:
             raise item
         return item
 
-    async def _collect(self, rid, queue, meta):
-        tokens, accepted = [], []
+    async def _one(self, rid, queue):
+        """-> (text, finish_reason, tokens accepted per step) of one choice."""
+        parts, accepted, lps = [], [], []
+        while True:
+            o = await self._next(rid, queue)
+            parts.append(o.text)  # the Engine's output path: text deltas, cut before a stop string
+            accepted.append(len(o.new_tokens))
+            lps += self._token_logprobs(o)
+            if o.finished:
+                return "".join(parts), o.finish_reason, accepted, lps
+
+    def _token_logprobs(self, o) -> list:
+        """[(token id, logprob, [(id, logprob)])] of o's tokens before its first stop id."""
+        if o.logprobs is None:
+            return []
+        out = []
+        stop = set(self.engine.default_stop)
+        for t, (lp, top) in zip(o.new_tokens, o.logprobs):
+            if t in stop:
+                break
+            out.append((t, lp, top))
+        return out
+
+    def _logprobs_obj(self, lps: list, meta):
+        """OpenAI's logprobs object (chat: content list; completions: parallel lists),
+        None when the request asked for none. Token strings are each id decoded alone."""
+        if not meta["logprobs"]:
+            return None
+        s = lambda t: self.tok.decode([t])  # noqa: E731
+        fin = lambda v: v if v != float("-inf") else -9999.0  # noqa: E731  (JSON has no -inf)
+        if meta["chat"]:
+            return {"content": [{"token": s(t), "logprob": fin(lp), "bytes": list(s(t).encode()),
+                                 "top_logprobs": [{"token": s(i), "logprob": fin(v), "bytes": list(s(i).encode())}
+                                                  for i, v in top]} for t, lp, top in lps]}
+        offs, pos = [], 0
+        for t, _, _ in lps:
+            offs.append(pos)
+            pos += len(s(t))
+        return {"tokens": [s(t) for t, _, _ in lps], "token_logprobs": [fin(lp) for _, lp, _ in lps],
+                "top_logprobs": [{s(i): fin(v) for i, v in top} for _, _, top in lps], "text_offset": offs}
+
+    async def _collect(self, subs, meta):
+        tasks = [asyncio.ensure_future(self._one(rid, q)) for rid, q in subs]
         try:
-            while True:
-                o = await self._next(rid, queue)
-                tokens += o.new_tokens
-                accepted.append(len(o.new_tokens))
-                if o.finished:
-                    break
+            results = await asyncio.gather(*tasks)
         except RuntimeError as e:
+            for (rid, _), t in zip(subs, tasks):
+                t.cancel()
+                self.loop.cancel(rid)
             return JSONResponse({"error": {"message": str(e), "type": "server_error", "param": None}},
                                 status_code=500)
-        body, _ = P.split_finish(tokens, meta["stop"])
-        text = self.tok.decode(body, skip_special_tokens=True)
-        reason = o.finish_reason
-        choice = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if meta["chat"]:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return {"id": meta["id"], "object": "chat.completion" if meta["chat"] else "text_completion",
-                "created": meta["created"], "model": meta["model"], "choices": [choice],
-                "system_fingerprint": meta["fingerprint"],
-                "usage": P.usage(meta["prompt_tokens"], accepted)}
-
-    async def _stream(self, rid, queue, meta):
-        obj = "chat.completion.chunk" if meta["chat"] else "text_completion"
-        ids, text, accepted = [], "", []
-        done = False
-
-        def chunk(delta: str, reason=None, usage=None):
-            c = {"index": 0, "finish_reason": reason, "logprobs": None}
+        choices, accepted = [], []
+        for i, (text, reason, acc, lps) in enumerate(results):
+            c = {"index": i, "finish_reason": reason, "logprobs": self._logprobs_obj(lps, meta)}
             if meta["chat"]:
-                c["delta"] = {"content": delta} if delta or reason is None else {}
+                c["message"] = {"role": "assistant", "content": text}
             else:
-                c["text"] = delta
+                c["text"] = text
+            choices.append(c)
+            accepted += acc
+        return {"id": meta["id"], "object": "chat.completion" if meta["chat"] else "text_completion",
+                "created": meta["created"], "model": meta["model"], "choices": choices,
+                "system_fingerprint": meta["fingerprint"], "seed": meta["seed"],
+                "usage": P.usage(meta["prompt_tokens"], accepted, len(subs))}
+
+    async def _stream(self, subs, meta):
+        """SSE: each choice's text deltas as the Engine's output path produced
+        them (complete characters; never text past a stop string), tagged by
+        the choice's index; with stream_options.include_usage a last chunk
+        with empty choices and the usage."""
+        obj = "chat.completion.chunk" if meta["chat"] else "text_completion"
+        merged: asyncio.Queue = asyncio.Queue()
+        live = {rid for rid, _ in subs}
+
+        async def pump(i, rid, q):
+            try:
+                while True:
+                    o = await self._next(rid, q)
+                    await merged.put((i, o))
+                    if o.finished:
+                        live.discard(rid)
+                        return
+            except RuntimeError as e:
+                live.discard(rid)
+                await merged.put((i, e))
+
+        def frame(choices, usage=None):
             out = {"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
-                   "system_fingerprint": meta["fingerprint"], "choices": [c]}
+                   "system_fingerprint": meta["fingerprint"], "choices": choices}
             if usage is not None:
                 out["usage"] = usage
             return P.sse(out)
 
+        def choice(i, delta: str, reason=None, o=None):
+            c = {"index": i, "finish_reason": reason,
+                 "logprobs": self._logprobs_obj(self._token_logprobs(o), meta) if o is not None else None}
+            if meta["chat"]:
+                c["delta"] = {"content": delta} if delta or reason is None else {}
+            else:
+                c["text"] = delta
+            return c
+
+        pumps = [asyncio.ensure_future(pump(i, rid, q)) for i, (rid, q) in enumerate(subs)]
+        accepted, per_choice, left = [], [[] for _ in subs], len(subs)
         try:
             if meta["chat"]:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
-                         "logprobs": None}
-                yield P.sse({"id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
-                             "system_fingerprint": meta["fingerprint"], "choices": [first]})
-            while not done:
-                try:
-                    o = await self._next(rid, queue)
-                except RuntimeError as e:
-                    yield P.sse({"error": {"message": str(e), "type": "server_error", "param": None}})
-                    break
+                yield frame([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None,
+                              "logprobs": None} for i in range(len(subs))])
+            while left:
+                i, o = await merged.get()
+                if isinstance(o, Exception):
+                    yield P.sse({"error": {"message": str(o), "type": "server_error", "param": None}})
+                    left -= 1
+                    continue
                 accepted.append(len(o.new_tokens))
-                body, _ = P.split_finish(o.new_tokens, meta["stop"])
-                ids += body
-                full = self.tok.decode(ids, skip_special_tokens=True)
-                # A longer id list can rewrite the decoded tail (merged bytes):
-                # send only what extends the text already sent.
-                k = len(text) if full.startswith(text) else 0
-                delta, text = full[k:], full
-                done = o.finished
-                if delta and not done:
-                    yield chunk(delta)
-                if done:
-                    yield chunk(delta, o.finish_reason, P.usage(meta["prompt_tokens"], accepted))
+                per_choice[i].append(len(o.new_tokens))
+                if o.finished:
+                    left -= 1
+                    use = P.usage(meta["prompt_tokens"], per_choice[i])
+                    yield frame([choice(i, o.text, o.finish_reason, o)], use if len(subs) == 1 else None)
+                elif o.text or o.logprobs:
+                    yield frame([choice(i, o.text, None, o)])
+            if meta["include_usage"]:
+                yield frame([], P.usage(meta["prompt_tokens"], accepted, len(subs)))
             yield b"data: [DONE]\n\n"
         finally:
-            if not done:
+            for p in pumps:
+                p.cancel()
+            for rid in list(live):
                 self.loop.cancel(rid)
 
 

@@ -2,24 +2,38 @@
 
 Every problem raises BadRequest naming the field (the server answers 400 with
 {"error": {"message", "type": "invalid_request_error", "param": field}}).
-Only the fields below are accepted: an unknown field is an error, not ignored.
+
+What stock clients send is accepted:
+- a null field means "the default" (as OpenAI treats it);
+- a field this server does not know is ignored, named in the log and in the
+  response header X-APD-Ignored-Fields (parse_body returns them);
+- a known field is refused only where ignoring it would silently change the
+  output: presence_penalty / frequency_penalty other than 0, logit_bias,
+  echo, best_of > 1, suffix, a non-text response_format, tools.
 Range checks of the APD knobs are the Engine's own (APDConfig), so the server
 and `generate` refuse exactly the same values.
 """
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any, Dict, List, Optional, Tuple
 
+NUM = (int, float)
 COMMON = {
-    "model": str, "max_tokens": int, "temperature": (int, float), "top_p": (int, float), "top_k": int,
-    "stop": (str, list), "seed": int, "stream": bool, "n": int, "user": str,
+    "model": str, "max_tokens": int, "max_completion_tokens": int, "temperature": NUM, "top_p": NUM,
+    "top_k": int, "stop": (str, list), "seed": int, "stream": bool, "stream_options": dict, "n": int,
+    "user": str, "presence_penalty": NUM, "frequency_penalty": NUM, "logit_bias": dict,
+    "response_format": dict, "tools": list, "tool_choice": (str, dict), "parallel_tool_calls": bool,
+    "metadata": dict, "store": bool, "service_tier": str,
     # APD's own fields.
-    "R": (int, float), "W": (int, type(None)), "M": int, "method": str, "acceptance": str,
+    "R": NUM, "W": (int, type(None)), "M": int, "method": str, "acceptance": str,
 }
-COMPLETIONS = dict(COMMON, prompt=(str, list))
-CHAT = dict(COMMON, messages=list)
-ROLES = ("system", "user", "assistant")
+COMPLETIONS = dict(COMMON, prompt=(str, list), logprobs=int, echo=bool, best_of=int, suffix=str)
+CHAT = dict(COMMON, messages=list, logprobs=bool, top_logprobs=int)
+ROLES = ("system", "user", "assistant", "developer")
+MAX_N = 16  # choices per request (each is one Engine request)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (chat top_logprobs; completions logprobs allows 5)
 
 
 class BadRequest(ValueError):
@@ -31,8 +45,9 @@ class BadRequest(ValueError):
         return {"error": {"message": str(self), "type": "invalid_request_error", "param": self.param}}
 
 
-def parse_body(raw: bytes, schema: Dict[str, Any]) -> dict:
-    """raw HTTP body -> dict with only known fields of the right JSON types."""
+def parse_body(raw: bytes, schema: Dict[str, Any]) -> Tuple[dict, List[str]]:
+    """raw HTTP body -> (dict of the known, non-null fields of the right JSON
+    types, sorted names of the unknown fields that were ignored)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -43,17 +58,65 @@ def parse_body(raw: bytes, schema: Dict[str, Any]) -> dict:
         raise BadRequest("body", f"expected a JSON object, got invalid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(body, dict):
         raise BadRequest("body", f"expected a JSON object, got {type(body).__name__}")
+    ignored = sorted(k for k in body if k not in schema)
+    # null is the default, except APD's W, where null is a value (no dLLM KV cache).
+    body = {k: v for k, v in body.items() if k in schema and (v is not None or k == "W")}
     for key, value in body.items():
-        if key not in schema:
-            raise BadRequest(key, f"unknown field; expected some of {sorted(schema)}")
         wants = schema[key] if isinstance(schema[key], tuple) else (schema[key],)
         if (isinstance(value, bool) and bool not in wants) or not isinstance(value, wants):
             raise BadRequest(key, f"wrong JSON type {type(value).__name__}")
-    if body.get("n", 1) != 1:
-        raise BadRequest("n", f"expected 1 (one choice per request), got {body['n']}")
+    _refuse_output_changers(body)
+    n = body.get("n", 1)
+    if not 1 <= n <= MAX_N:
+        raise BadRequest("n", f"expected 1 to {MAX_N} choices, got {n}")
     if body.get("method", "apd") != "apd":
         raise BadRequest("method", f"expected 'apd' (this server runs APD), got {body['method']!r}")
-    return body
+    so = body.get("stream_options")
+    if so is not None:
+        if set(so) - {"include_usage", "continuous_usage_stats"} or not isinstance(so.get("include_usage", False), bool):
+            raise BadRequest("stream_options", "expected {\"include_usage\": bool}")
+    for key in ("max_tokens", "max_completion_tokens"):
+        if key in body and body[key] < 1:
+            raise BadRequest(key, f"expected an int >= 1, got {body[key]}")
+    if "max_tokens" in body and "max_completion_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+        raise BadRequest("max_completion_tokens", f"differs from max_tokens ({body['max_completion_tokens']} "
+                         f"vs {body['max_tokens']}); give one of them")
+    return body, ignored
+
+
+def _refuse_output_changers(body: dict) -> None:
+    for key in ("presence_penalty", "frequency_penalty"):
+        if body.get(key, 0) != 0:
+            raise BadRequest(key, f"expected 0 (APD applies no penalties), got {body[key]}")
+    if body.get("logit_bias"):
+        raise BadRequest("logit_bias", "expected {} (APD applies no logit bias)")
+    if body.get("echo", False):
+        raise BadRequest("echo", "expected false (the prompt is not returned)")
+    if body.get("best_of", 1) != 1:
+        raise BadRequest("best_of", f"expected 1, got {body['best_of']}")
+    if body.get("suffix"):
+        raise BadRequest("suffix", "expected none (APD does not insert)")
+    if body.get("response_format", {"type": "text"}).get("type") != "text":
+        raise BadRequest("response_format", "expected {\"type\": \"text\"} (no constrained decoding)")
+    if body.get("tools"):
+        raise BadRequest("tools", "expected none (no tool calling)")
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if isinstance(lp, int) and not isinstance(lp, bool) and not 0 <= lp <= 5:
+        raise BadRequest("logprobs", f"expected 0 to 5 (top alternatives per token), got {lp}")
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest("top_logprobs", f"expected 0 to {MAX_TOP_LOGPROBS}, got {top}")
+    if top and not lp:
+        raise BadRequest("top_logprobs", "needs logprobs: true")
+
+
+def logprobs_k(body: dict) -> Optional[int]:
+    """None: no logprobs; else how many top alternatives per token."""
+    lp = body.get("logprobs")
+    if lp is None or lp is False:
+        return None
+    if lp is True:
+        return int(body.get("top_logprobs", 0))
+    return int(lp)
 
 
 def prompt_text(body: dict) -> str:
@@ -73,31 +136,32 @@ def chat_messages(body: dict) -> List[dict]:
     msgs = body.get("messages")
     if not msgs:
         raise BadRequest("messages", "expected a non-empty list of {role, content}")
+    out = []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or \
-                m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest(f"messages[{i}].content", "expected a string or text parts")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
             raise BadRequest(f"messages[{i}]", f"expected {{role: one of {list(ROLES)}, content: string}}")
-    if not any(m["content"] for m in msgs):
+        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    if not any(m["content"] for m in out):
         raise BadRequest("messages", "expected at least one non-empty content")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return out
 
 
-def stop_ids(body: dict, tok) -> Optional[List[int]]:
-    """OpenAI's stop strings, each of which must be ONE token of the vocabulary
-    (APD stops on token ids, DESIGN §4). None: the checkpoint's EOS only."""
+def stop_strings(body: dict) -> List[str]:
+    """OpenAI's stop: a string or a list of strings, each of any token length
+    (matched on the text by the Engine's output path)."""
     stop = body.get("stop")
     if stop is None:
-        return None
+        return []
     items = [stop] if isinstance(stop, str) else stop
-    if not (1 <= len(items) <= 4) or not all(isinstance(s, str) and s for s in items):
-        raise BadRequest("stop", "expected a non-empty string or a list of 1 to 4 of them")
-    ids = []
-    for s in items:
-        enc = tok(s, add_special_tokens=False)["input_ids"]
-        if len(enc) != 1:
-            raise BadRequest("stop", f"expected strings that are single tokens; {s!r} is {len(enc)} tokens")
-        ids.append(int(enc[0]))
-    return ids
+    if not all(isinstance(s, str) and s for s in items):
+        raise BadRequest("stop", "expected a non-empty string or a list of non-empty strings")
+    return list(items)
 
 
 # Request field -> (Engine param, APDConfig field named in its errors).
@@ -107,30 +171,40 @@ _BACK = {v: k for k, v in ENGINE_FIELDS.items()}
 
 
 def engine_params(body: dict) -> dict:
-    return {ENGINE_FIELDS[k]: body[k] for k in ENGINE_FIELDS if k in body}
+    out = {ENGINE_FIELDS[k]: body[k] for k in ENGINE_FIELDS if k in body}
+    if "max_completion_tokens" in body:
+        out["max_new_tokens"] = body["max_completion_tokens"]
+    return out
 
 
-def engine_error(e: Exception) -> BadRequest:
+def budget_field(body: dict) -> str:
+    return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+
+
+def draw_seed() -> int:
+    """A fresh seed for a request that gave none (returned so it can be
+    replayed); 53 bits, exact in every JSON client."""
+    return secrets.randbits(53)
+
+
+def engine_error(e: Exception, body: Optional[dict] = None) -> BadRequest:
     """An Engine/APDConfig ValueError ("field: expected ...") as a BadRequest on the request's field."""
     msg = str(e)
     field = msg.split(":", 1)[0].strip()
     param = {"prompt_ids": "prompt"}.get(field, _BACK.get(field, field))
+    if param == "max_tokens" and body is not None:
+        param = budget_field(body)
     rest = msg.split(":", 1)[1].strip() if ":" in msg else msg
     return BadRequest(param, rest)
 
 
-def usage(prompt_tokens: int, accepted: List[int]) -> dict:
+def usage(prompt_tokens: int, accepted: List[int], n: int = 1) -> dict:
+    """accepted: the tokens accepted per step over all n choices."""
     gen = sum(accepted)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": gen, "total_tokens": prompt_tokens + gen,
             "steps": len(accepted), "tokens_per_step": round(gen / len(accepted), 4) if accepted else 0.0,
-            "accepted_per_step": accepted}
+            "accepted_per_step": accepted if n == 1 else None}
 
 
 def sse(obj) -> bytes:
     return f"data: {json.dumps(obj)}\n\n".encode()
-
-
-def split_finish(tokens: List[int], stop: set) -> Tuple[List[int], bool]:
-    """The ids that become text (stop ids dropped) and whether one was met."""
-    body = [t for t in tokens if t not in stop]
-    return body, len(body) != len(tokens)

@@ -82,13 +82,25 @@ def train_tokenizer(out: Path, seed: int, vocab_size: int = 1024, n_texts: int =
     write_tokenizer_configs(out)
 
 
+# A user message framed as the arithmetic task's prompt (tasks/arith.py:
+# "Question: ...\nAnswer:\n"), so chat requests on the embedded pair ask what
+# it was trained on; the frame already ends where the answer starts, so the
+# generation prompt adds nothing. System / assistant turns: their text, then a
+# blank line.
+CHAT_TEMPLATE = ("{%- for m in messages %}"
+                 "{%- if m['role'] == 'user' %}{{ 'Question: ' + m['content'] + '\\nAnswer:\\n' }}"
+                 "{%- elif m['role'] == 'assistant' %}{{ m['content'] + '\\n\\n' }}"
+                 "{%- else %}{{ m['content'] + '\\n\\n' }}{%- endif %}"
+                 "{%- endfor %}")
+
+
 def write_tokenizer_configs(out: Path) -> None:
     eos, pad, mask = SPECIALS
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
         "bos_token": eos, "eos_token": eos, "pad_token": pad, "mask_token": mask,
         "clean_up_tokenization_spaces": False, "add_bos_token": False,
-        "padding_side": "left"}, indent=2) + "\n")
+        "padding_side": "left", "chat_template": CHAT_TEMPLATE}, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps({
         "bos_token": eos, "eos_token": eos, "pad_token": pad, "mask_token": mask}, indent=2) + "\n")
 
