@@ -80,7 +80,16 @@ def _random_params(rng, eos_pool):
 
 def test_fifty_random_arrivals_equal_generate_alone(pair, prompts):
     rng = random.Random(1234)
-    eos_pool = list(range(3, 40))  # frequent ids of the tiny vocab (digits, operators, spaces)
+    # Stop ids drawn from what the pair itself emits on these prompts (greedy,
+    # alone), so that some requests end on a stop id whatever the weights are.
+    emitted = generate(pair[0], pair[1], prompts[:6], APDConfig(M=16, temperature=0.0, max_new_tokens=24),
+                       eos_token_ids=[])
+    counts = {}
+    for b in range(6):
+        for t in emitted.generated(b).tolist():
+            counts[t] = counts.get(t, 0) + 1
+    eos_pool = sorted(counts, key=lambda t: (-counts[t], t))[:12]
+    assert len(eos_pool) >= 4, counts
     reqs = []
     for i in range(50):
         reqs.append((rng.choice(prompts), _random_params(rng, eos_pool), f"r{i}"))
