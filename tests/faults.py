@@ -98,3 +98,22 @@ def attention_propagates_nan() -> bool:
     one = torch.ones(1, dtype=torch.int64)
     out = ops.window_attention(q, k, v, 2 * one, 2 * one, 4 * one, causal=True)
     return bool(out.isnan().all())
+
+
+class SlowModel:
+    """Delegates to a loaded model; every forward first sleeps `seconds` (a
+    slow device), so that timeouts and drains can be hit deterministically."""
+
+    def __init__(self, model, seconds: float):
+        self.model, self.seconds = model, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, *args, **kw):
+        import time
+
+        time.sleep(self.seconds)
+        return self.model.forward(*args, **kw)
+
+    __call__ = forward

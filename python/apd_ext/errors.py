@@ -38,3 +38,18 @@ def is_fatal(exc: BaseException) -> bool:
             return True
         e = e.__cause__ or e.__context__
     return False
+
+
+class Rejected(RuntimeError):
+    """A server refused to admit a request (nothing of it ran). status: the
+    HTTP status to answer (429 queue full, 503 draining or unhealthy);
+    retry_after: seconds for the Retry-After header; reason: the metrics label."""
+
+    def __init__(self, message: str, status: int, reason: str, retry_after: int = 1):
+        super().__init__(message)
+        self.status, self.reason, self.retry_after = status, reason, retry_after
+
+
+class RequestFailed(RuntimeError):
+    """An admitted request ended without a result (its row failed, the replica
+    hit a fatal error, or the drain deadline passed)."""
