@@ -32,7 +32,8 @@ class RequestTimeout(RequestFailed):
 class APDServer:
     def __init__(self, dllm_dir: str, verifier_dir: str, *, device: str = "cpu", dtype: str = "auto",
                  max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
-                 model_name: str = "apd", max_queue: int = 0, request_timeout: float = 0.0):
+                 model_name: str = "apd", max_queue: int = 0, request_timeout: float = 0.0,
+                 loopback: bool = False):
         import torch
 
         import apd_ext
@@ -40,6 +41,10 @@ class APDServer:
         from apd_ext.engine import Engine
         from transformers import AutoTokenizer
 
+        if loopback:  # a loopback-only `apd serve`: no socket of this replica beyond 127.0.0.1
+            from apd_ext.serve.ray_app import pin_replica_grpc_to_loopback
+
+            pin_replica_grpc_to_loopback()
         if threads:
             torch.set_num_threads(threads)
         name = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")

@@ -24,7 +24,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu", dtype: str = "auto",
               max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
               cpus_per_replica: float = 1.0, model_name: str = "apd", max_queue: int = 0,
-              request_timeout: float = 0.0, drain_timeout: float = 30.0):
+              request_timeout: float = 0.0, drain_timeout: float = 30.0, loopback: bool = False):
     """A bound Ray Serve application (pass it to serve.run)."""
     from ray import serve
 
@@ -46,7 +46,32 @@ def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu
     )(serve.ingress(app)(cls))
     return Deployment.bind(dllm, verifier, device=device, dtype=dtype, max_batch=max_batch, max_len=max_len,
                            kv_budget=kv_budget, M=M, threads=threads, model_name=model_name, max_queue=max_queue,
-                           request_timeout=request_timeout)
+                           request_timeout=request_timeout, loopback=loopback)
+
+
+def pin_replica_grpc_to_loopback() -> None:
+    """In a Serve replica process: make Serve's inter-deployment gRPC server
+    (started after the replica's constructor, ray/serve/_private/replica.py
+    _on_initialized) listen on 127.0.0.1 instead of its hard-coded "[::]:0",
+    the one socket of a loopback `apd serve` that Ray's node address does not
+    govern (Ray 2.60; no option exists). Only for a loopback-only local
+    instance, whose node address is 127.0.0.1 anyway, so the server stays
+    reachable by everything that could reach it. No-op where Serve differs."""
+    try:
+        from ray.serve._private import replica as serve_replica
+    except ImportError:
+        return
+    orig = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if orig is None or getattr(orig, "apd_loopback", False):
+        return
+
+    def add_port(server, address: str):
+        if address.startswith("[::]:"):
+            address = "127.0.0.1:" + address[len("[::]:"):]
+        return orig(server, address)
+
+    add_port.apd_loopback = True
+    serve_replica.add_port_to_grpc_server = add_port
 
 
 def add_arguments(p: argparse.ArgumentParser, d_def: Optional[str] = None, a_def: Optional[str] = None) -> None:
@@ -121,7 +146,8 @@ def cmd_serve(args) -> int:
     handle = serve.run(build_app(args.dllm, args.verifier, replicas=args.replicas, device=device, dtype=args.dtype,
                                  max_batch=args.max_batch, max_len=args.max_len, kv_budget=args.kv_budget, M=args.M,
                                  threads=args.threads, model_name=args.model_name, max_queue=args.max_queue,
-                                 request_timeout=args.request_timeout, drain_timeout=args.drain_timeout),
+                                 request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
+                                 loopback=local_only),
                        name="apd", route_prefix="/", blocking=False)
     print(f"apd serve: ready on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), {device})",
           flush=True)
