@@ -6,6 +6,11 @@
    dLLM logits are NaN (or its forward raises). Expected: 15 ok (text ==
    solo), 1 error (500 / an error chunk with finish_reason "error").
 2. kill (below): `apd serve --replicas 2 --max-queue Q`; a replica is SIGKILLed.
+4. fatal (its own Ray instance, 1 replica whose dLLM raises a sticky CUDA
+   error's message for a marked request, tests/faults.py): the marked
+   request and the streams in flight beside it get an error at once (no
+   hang), /health turns 503, check_health raises, Ray Serve replaces the
+   replica (a new pid answers /health) and a request after that completes.
 3. queue: on the same server, a burst of twice the replicas' capacity
    (replicas x (max_batch + max_queue)) at once. Expected: the excess gets
    429 with Retry-After, every admitted request completes with its solo text
@@ -209,15 +214,23 @@ def queue_burst(base, solo, replicas, max_batch, max_queue):
     import httpx
 
     n = 2 * replicas * (max_batch + max_queue)
-    bodies = [dict(b, max_tokens=64) for b in sc.workload(n, seed=5)]
+    bodies = [dict(b, max_tokens=96, temperature=0.2) for b in sc.workload(n, seed=5)]
     want = [solo(b)[0] for b in bodies]
     during = {}
 
     async def go():
         async with httpx.AsyncClient(base_url=base, timeout=300) as h:
             tasks = [asyncio.create_task(_post(h, b)) for b in bodies]
-            await asyncio.sleep(1.0)
-            during.update(await asyncio.to_thread(_scrape, base))
+            best = -1
+            while not all(t.done() for t in tasks):  # scrape during the burst; keep the busiest scrape
+                per = await asyncio.to_thread(_scrape, base, 4)
+                f = _figures(per)
+                load = (f["live_rows"] or 0) + (f["queue_length"] or 0)
+                if load > best:
+                    best = load
+                    during.clear()
+                    during.update(per)
+                await asyncio.sleep(0.05)
             return await asyncio.gather(*tasks)
 
     res = asyncio.run(asyncio.wait_for(go(), 900))
@@ -236,7 +249,7 @@ def main(argv=None):
     import httpx
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", default="all", choices=("all", "badrow", "server"))
+    ap.add_argument("--part", default="all", choices=("all", "badrow", "server", "fatal"))
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--timeout", type=float, default=90)
@@ -257,7 +270,100 @@ def main(argv=None):
         report["queue"] = q = k.pop("queue")
         print(json.dumps(q, indent=1), flush=True)
         ok &= q["pass"]
+    if args.part in ("all", "fatal"):
+        report["fatal"] = f = fatal(solo)
+        print(json.dumps(f, indent=1), flush=True)
+        ok &= f["pass"]
     return 0 if ok else 1
+
+
+def fatal(solo, n_inflight=3):
+    """A fatal device error in a Ray Serve replica (own Ray instance, loopback)."""
+    import httpx
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.join(here, "..", "tests"), os.path.join(here, "..", "python"),
+                                                os.environ.get("PYTHONPATH", "")])  # the workers import faults
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    import ray
+    from ray import serve
+
+    from apd_ext import tiny
+    from apd_ext.serve.app import make_ingress
+
+    bodies = [dict(b, max_tokens=200, stream=True) for b in sc.workload(n_inflight + 2, seed=21)]
+    bad = dict(bodies[-1], prompt="# " + bodies[-1]["prompt"], stream=False)
+    marker = solo.ids(bad)[0]
+    app, cls = make_ingress()
+
+    class FaultyReplica(cls):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            from faults import FaultyModel, SlowModel
+
+            from apd_ext.config import APDConfig
+            from apd_ext.engine import Engine
+            from apd_ext.serve.loop import StepLoop
+
+            # slowed (0.25 s per forward) so that the other streams are still in flight when the fault hits
+            self.engine = Engine(SlowModel(FaultyModel(self.dllm, marker, "fatal"), 0.25), self.verifier, APDConfig(M=32),
+                                 max_batch=8, max_len=256)
+            self.loop = StepLoop(self.engine, metrics=self.metrics)
+
+    port = sc.free_port()
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        dep = serve.deployment(name="APDServer", num_replicas=1, max_ongoing_requests=64,
+                               health_check_period_s=2, health_check_timeout_s=30)(serve.ingress(app)(FaultyReplica))
+        d, a = tiny.paths()
+        serve.run(dep.bind(d, a, threads=1, max_batch=8, max_len=256, M=32), name="apd", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        first_pid = httpx.get(base + "/health", timeout=30).json()["replica_pid"]
+
+        async def go():
+            async with httpx.AsyncClient(base_url=base, timeout=120) as h:
+                flight = [asyncio.create_task(_post(h, b)) for b in bodies[:n_inflight]]
+                await asyncio.sleep(0.6)
+                assert not any(t.done() for t in flight), "the streams ended before the fault"
+                t0 = time.monotonic()
+                res = await _post(h, bad)
+                rest = await asyncio.gather(*flight)
+                health = await h.get("/health")
+                return res, rest, time.monotonic() - t0, health
+
+        res, rest, secs, health = asyncio.run(asyncio.wait_for(go(), 300))
+        t1, new_pid = time.monotonic(), None
+        while time.monotonic() - t1 < 180:
+            try:
+                r = httpx.get(base + "/health", timeout=5)
+                if r.status_code == 200 and r.json()["replica_pid"] != first_pid:
+                    new_pid = r.json()["replica_pid"]
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        replaced_s = round(time.monotonic() - t1, 1)
+        after = asyncio.run(_run_one(base, dict(bodies[-2], stream=False)))
+        want_after = solo(dict(bodies[-2], stream=False))[0]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    out = dict(first_pid=first_pid, marked=dict(status=res[0], error=res[2]),
+               in_flight=[dict(status=r[0], error=r[2]) for r in rest], all_ended_s=round(secs, 2),
+               health_after=dict(status=health.status_code, body=health.text[:300]), replacement_pid=new_pid,
+               replaced_after_s=replaced_s, request_after_replacement_ok=after[0] == 200 and after[1] == want_after)
+    out["pass"] = (res[0] == 500 and all(r[2] is not None for r in rest) and health.status_code == 503
+                   and new_pid is not None and out["request_after_replacement_ok"])
+    return out
+
+
+async def _run_one(base, body):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=120) as h:
+        return await _post(h, body)
 
 
 def kill(args, solo):
