@@ -117,3 +117,25 @@ class SlowModel:
         return self.model.forward(*args, **kw)
 
     __call__ = forward
+
+
+class BatchFault:
+    """Delegates to a loaded model; its windowed forward (logit_rows given)
+    raises for reasons no single request causes: on its first `times` calls
+    (a transient fault) or whenever the batch holds at least `min_rows` rows
+    (an interaction)."""
+
+    def __init__(self, model, times: int = 0, min_rows: int = 0):
+        self.model, self.times, self.min_rows, self.calls = model, times, min_rows, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None):
+        if logit_rows is not None:
+            self.calls += 1
+            if self.calls <= self.times or (self.min_rows and input_ids.shape[0] >= self.min_rows):
+                raise RuntimeError(f"injected batch fault (call {self.calls}, {input_ids.shape[0]} rows)")
+        return self.model.forward(input_ids, cache, q_start, q_len, logit_rows)
+
+    __call__ = forward

@@ -16,7 +16,7 @@ from apd_ext.config import APDConfig
 from apd_ext.engine import Engine
 from apd_ext.errors import FatalDeviceError, is_fatal
 
-from faults import FaultyModel, PrefillFault, attention_propagates_nan, nan_embedding
+from faults import BatchFault, FaultyModel, PrefillFault, attention_propagates_nan, nan_embedding
 
 MARKER = 77  # a marked request's first prompt token (no unmarked prompt starts with it)
 
@@ -119,6 +119,31 @@ def test_a_join_that_raises_reserves_nothing(pair, prompts):
     ver = PrefillFault(pair[1], MARKER)
     got, engine = _scenario(pair, prompts, pair[0], ver, marked={0, 3})
     assert ver.hits >= 2 and "join failed" in got["r0"][2]
+
+
+def test_a_transient_fault_is_retried_once(pair, prompts):
+    """The first windowed forward raises and no subset reproduces it: the
+    step is retried and every request completes as alone."""
+    dllm = BatchFault(pair[0], times=1)
+    got, _ = _scenario(pair, prompts, dllm, pair[1], marked=set(), n=4)
+    assert all(r[1] in ("stop", "length") for r in got.values())
+
+
+def test_a_fault_no_single_request_causes_fails_that_step_only(pair, prompts):
+    """The forward raises whenever 3+ rows run together: bisection finds no
+    single culprit, the retry raises too, so the rows of that step fail; the
+    engine stays usable (a request after them completes as alone)."""
+    dllm = BatchFault(pair[0], min_rows=3)
+    engine = Engine(dllm, pair[1], APDConfig(M=16), max_batch=4, max_len=160)
+    params = dict(max_new_tokens=10, stop_token_ids=[])
+    for i in range(3):
+        engine.add_request(prompts[i], dict(params, seed=i), f"r{i}")
+    outs = engine.step()
+    assert sorted(o.request_id for o in outs) == ["r0", "r1", "r2"]
+    assert all(o.finish_reason == "error" and "injected batch fault" in o.error for o in outs)
+    assert engine.num_live == 0 and engine.reserved == 0
+    got = _run(engine, [(prompts[3], dict(params, seed=3), "after")], [0])
+    assert got["after"][0] == _alone(pair, prompts[3], dict(params, seed=3))
 
 
 def test_a_fatal_device_error_is_not_contained(pair, prompts):

@@ -281,3 +281,49 @@ def test_metrics_after_a_load(pair, tok, questions):
     # every committed token is counted once, in one block of its request
     assert m[("apd_accepted_block_length_sum", "")] == m[("apd_tokens_per_dllm_forward_sum", "")] > 0
     assert m[("apd_live_rows", "")] == 0 and m[("apd_queue_length", "")] == 0 and m[("apd_healthy", "")] == 1
+
+
+def test_step_loop_survives_an_exception_escaping_the_engine(pair, tok, questions):
+    """An exception out of Engine.step itself (past its per-request
+    containment: a bug) fails the requests live in that step; the loop goes
+    on and serves the next request (test-only Engine subclass)."""
+    from apd_ext.engine import Engine
+    from apd_ext.errors import RequestFailed
+    from apd_ext.serve.loop import StepLoop
+
+    class BrokenOnce(Engine):
+        broken = True
+
+        def step(self):
+            if self.broken and self.num_live:
+                BrokenOnce.broken = False
+                raise KeyError("injected bug in step")
+            return super().step()
+
+    engine = BrokenOnce(*pair, APDConfig(M=16), max_batch=4, max_len=256)
+    ids = [tok(q, add_special_tokens=False)["input_ids"] for q in questions[:3]]
+    params = dict(max_new_tokens=12, seed=1, stop_token_ids=[])
+
+    async def drain_one(q):
+        toks = []
+        while True:
+            o = await asyncio.wait_for(q.get(), BUDGET)
+            if isinstance(o, Exception):
+                return o
+            toks += o.new_tokens
+            if o.finished:
+                return toks
+
+    async def go():
+        loop = StepLoop(engine)
+        first = [loop.submit(i, params) for i in ids[:2]]
+        failed = [await drain_one(q) for _, q in first]
+        rid, q = loop.submit(ids[2], params)
+        return failed, await drain_one(q), loop
+
+    failed, after, loop = asyncio.run(go())
+    assert all(isinstance(f, RequestFailed) and "injected bug" in str(f) for f in failed)
+    p = dict(params)
+    p.pop("stop_token_ids")
+    assert after == apd_ext.generate(*pair, [ids[2]], APDConfig(**p), eos_token_ids=[]).generated(0).tolist()
+    assert loop.fatal is None and engine.num_live == 0 and engine.reserved == 0

@@ -382,16 +382,19 @@ class Engine:
                 if self.ver is not None:
                     self.ver.live(n)
 
-        def bisect(group: list, e: Exception) -> None:
+        def bisect(group: list, e: Exception, probed: bool) -> None:
             if len(group) == 1:
-                culprits[id(group[0])] = (group[0], e)
+                if not probed:  # a step of one row: blame it only if a re-run raises too
+                    e = probe(group)
+                if e is not None:
+                    culprits[id(group[0])] = (group[0], e)
                 return
             for half in (group[: len(group) // 2], group[len(group) // 2:]):
                 he = probe(half)
                 if he is not None:
-                    bisect(half, he)
+                    bisect(half, he, True)
 
-        bisect(list(self.live), err)
+        bisect(list(self.live), err, False)
         return culprits
 
     def _fail(self, reqs: list, why: dict) -> List[StepOutput]:
