@@ -88,6 +88,22 @@ def solo_text(pair, tok, b):
     return tok.decode([t for t in out if t not in eos], skip_special_tokens=True)
 
 
+def long_bodies(pair, tok, questions, min_steps, k, **kw):
+    """k bodies whose solo run takes at least min_steps steps (so that with a
+    slowed model they surely outlast a timeout or a drain deadline)."""
+    out = []
+    for i, q in enumerate(questions):
+        b = body(q, i, **dict(dict(max_tokens=200), **kw))
+        ids = tok(b["prompt"], add_special_tokens=False)["input_ids"]
+        cfg = APDConfig(R=b["R"], W=b["W"], M=b["M"], temperature=b["temperature"], top_p=b["top_p"],
+                        seed=b["seed"], max_new_tokens=b["max_tokens"])
+        if len(apd_ext.generate(pair[0], pair[1], [ids], cfg).accepted_per_step[0]) >= min_steps:
+            out.append(b)
+        if len(out) == k:
+            return out
+    raise AssertionError(f"no {k} prompts of {min_steps}+ steps among {len(questions)}")
+
+
 async def post(http, b):
     """(status, text or None, error message or None, finish_reason, headers) of one request."""
     if not b.get("stream"):
@@ -155,11 +171,11 @@ def test_a_bad_row_fails_alone_among_live_requests(pair, tok, questions, mode):
 
 def test_fatal_error_fails_in_flight_and_marks_unhealthy(pair, tok, questions):
     bad_text, marker = marked_prompt(tok, questions[0])
-    srv, app = make_server(pair, wrap=lambda m: SlowModel(FaultyModel(m, marker, "fatal"), 0.02))
+    srv, app = make_server(pair, wrap=lambda m: SlowModel(FaultyModel(m, marker, "fatal"), 0.1))
+    slow = long_bodies(pair, tok, questions[1:], 12, 2)  # >= 1.2 s each: still live when the fault hits
 
     async def go(http):
-        first = [asyncio.create_task(post(http, body(questions[i], i, max_tokens=200, stream=bool(i % 2))))
-                 for i in (1, 2)]
+        first = [asyncio.create_task(post(http, dict(b, stream=bool(i % 2)))) for i, b in enumerate(slow, 1)]
         await asyncio.sleep(0.3)  # both live
         res = await asyncio.gather(post(http, body(bad_text, 3)), *first)
         health = await http.get("/health")
@@ -197,11 +213,11 @@ def test_full_queue_is_429_and_no_admitted_request_is_lost(pair, tok, questions)
 
 
 def test_request_timeout_frees_the_row(pair, tok, questions):
-    srv, app = make_server(pair, wrap=lambda m: SlowModel(m, 0.05), request_timeout=0.6)
+    srv, app = make_server(pair, wrap=lambda m: SlowModel(m, 0.1), request_timeout=0.6)
+    slow = long_bodies(pair, tok, questions, 12, 2)  # >= 1.2 s each with 0.1 s per step
 
     async def go(http):
-        res = await asyncio.gather(post(http, body(questions[0], 0, max_tokens=200)),
-                                   post(http, body(questions[1], 1, max_tokens=200, stream=True)))
+        res = await asyncio.gather(post(http, slow[0]), post(http, dict(slow[1], stream=True)))
         for _ in range(100):  # the rows are freed at the next step boundary
             if srv.engine.num_live == 0:
                 break
@@ -216,8 +232,9 @@ def test_request_timeout_frees_the_row(pair, tok, questions):
 
 
 def test_drain_finishes_in_flight_and_refuses_new(pair, tok, questions):
-    srv, app = make_server(pair)
-    bodies = [body(questions[i], i, max_tokens=40, stream=bool(i % 2)) for i in range(3)]
+    srv, app = make_server(pair, wrap=lambda m: SlowModel(m, 0.05))
+    # >= 8 steps of >= 0.05 s: all three are still in flight when the drain starts
+    bodies = [dict(b, stream=bool(i % 2)) for i, b in enumerate(long_bodies(pair, tok, questions, 8, 3))]
 
     async def go(http):
         flight = [asyncio.create_task(post(http, b)) for b in bodies]
@@ -237,10 +254,11 @@ def test_drain_finishes_in_flight_and_refuses_new(pair, tok, questions):
     srv.check_health()  # draining is not unhealthy: Serve must not replace a draining replica
 
     # The deadline: what is still running then fails (an error, not a hang).
-    srv2, app2 = make_server(pair, wrap=lambda m: SlowModel(m, 0.05))
+    srv2, app2 = make_server(pair, wrap=lambda m: SlowModel(m, 0.1))
+    slow = long_bodies(pair, tok, questions, 12, 1)[0]  # >= 1.2 s with 0.1 s per step
 
     async def go2(http):
-        flight = asyncio.create_task(post(http, body(questions[0], 0, max_tokens=200)))
+        flight = asyncio.create_task(post(http, slow))
         await asyncio.sleep(0.3)
         return await srv2.drain(0.3), await flight
 
