@@ -160,7 +160,8 @@ def test_burst_beyond_the_queue_is_429_and_metrics_count_it(server):
 
     async def go():
         async with httpx.AsyncClient(base_url=base, timeout=120) as http:
-            return await asyncio.gather(*(http.post("/v1/completions", json=_body(i))
+            # M 1: ~28 steps each, so the admitted ones hold their rows while the burst arrives
+            return await asyncio.gather(*(http.post("/v1/completions", json=_body(i, M=1))
                                           for i in range(2 * (MAX_BATCH + MAX_QUEUE))))
 
     res = asyncio.run(asyncio.wait_for(go(), 300))
@@ -181,8 +182,11 @@ def test_burst_beyond_the_queue_is_429_and_metrics_count_it(server):
 
 def test_sigterm_drains_in_flight_and_refuses_new(server):
     base, proc, log = server
+    # M 1: one token per step, so its ~28 tokens take ~28 steps (seconds here):
+    # still in flight when the drain reaches the replica
+    long = _body(7, max_tokens=200, M=1, stream=True)
     with httpx.Client(base_url=base, timeout=120) as http:
-        with http.stream("POST", "/v1/completions", json=_body(7, max_tokens=200, stream=True)) as r:
+        with http.stream("POST", "/v1/completions", json=long) as r:
             assert r.status_code == 200
             lines = r.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
@@ -192,8 +196,9 @@ def test_sigterm_drains_in_flight_and_refuses_new(server):
             while refused is None and time.monotonic() < deadline:  # the stream stays open meanwhile
                 try:
                     resp = httpx.post(base + "/v1/completions", json=_body(8, max_tokens=4), timeout=30)
-                except httpx.HTTPError:
-                    break
+                except httpx.HTTPError:  # shutting down already: keep trying until the deadline
+                    time.sleep(0.05)
+                    continue
                 if resp.status_code == 503:
                     refused = resp
             rest = [x for x in lines if x]

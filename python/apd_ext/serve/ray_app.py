@@ -149,6 +149,10 @@ def cmd_serve(args) -> int:
                                  request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
                                  loopback=local_only),
                        name="apd", route_prefix="/", blocking=False)
+    # Warm the handle now (its router fetches the replicas on first use, which
+    # takes seconds on a loaded host): the SIGTERM drain must reach the
+    # replicas at once, while their in-flight requests are still running.
+    handle.options(method_name="check_health").remote().result(timeout_s=120)
     print(f"apd serve: ready on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), {device})",
           flush=True)
     stop = threading.Event()
