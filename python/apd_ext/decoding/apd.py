@@ -75,6 +75,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
             engine.finish_all()
         per_step = [[] for _ in range(B)] if callback is not None else None
         for o in outs:
+            if o.finish_reason == "error":  # the Engine contains it per request; a batch call has no other channel
+                raise RuntimeError(f"sequence {o.request_id}: {o.error}")
             accepted[o.request_id].append(len(o.new_tokens))
             generated[o.request_id] += o.new_tokens
             if per_step is not None:

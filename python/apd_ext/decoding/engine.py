@@ -43,7 +43,8 @@ from apd_ext.decoding.common import (
     seed_tensor,
     stack_prompts,
 )
-from apd_ext.decoding.step import StepArgs, Verifier, Window, bad_row, check_pair, window_bounds
+from apd_ext.decoding.step import StepArgs, Verifier, Window, check_pair, window_bounds
+from apd_ext.errors import is_fatal
 from apd_ext.output.stops import RequestText, check_stop_strings
 
 _CONFIG_FIELDS = tuple(f.name for f in fields(APDConfig))
@@ -59,7 +60,8 @@ class StepOutput:
     new_tokens: List[int]  # the ids accepted this step (the first stop id included)
     step: int  # the request's own 1-based step number
     finished: bool = False
-    finish_reason: Optional[str] = None  # "stop" (a stop id or string), "length" (budget or context), "abort"
+    finish_reason: Optional[str] = None  # "stop" (a stop id or string), "length" (budget or context), "abort", "error"
+    error: Optional[str] = None  # finish_reason "error": what failed (this request only)
     text: Optional[str] = None  # with an Engine tokenizer: the text delta (apd_ext.output), else None
     # With params["logprobs"] = k: per new token (logprob, [(id, logprob)] * k), from the
     # target distribution the token was checked against (see Engine._logprobs).
@@ -239,76 +241,124 @@ class Engine:
     # ---------------------------------------------------------------- step
     def step(self) -> List[StepOutput]:
         """Admit what fits, run one APD step over the live batch, retire the
-        finished. Returns one StepOutput per request that was live this step."""
-        self._admit()
-        n = len(self.live)
-        if n == 0:
-            return []
+        finished. Returns one StepOutput per request that was live this step
+        (and one, finish_reason "error", per request whose join failed).
+
+        Failure containment (per request, docs/SERVING.md): a row whose dLLM
+        logits are not finite (the sampler's draft id -1) finishes alone with
+        "error". When the step's compute raises, the rows are bisected with
+        dry runs of the same step (nothing is committed before the host read,
+        and a dry run rewrites the caches with what the real run writes) until
+        the subsets that still raise are single requests: those fail, the rest
+        run the step. A failure that no subset reproduces is retried once,
+        then fails the rows of that step. A fatal device error (errors.is_fatal)
+        is raised as it is: nothing on that device can be trusted any more."""
+        outs = self._admit()
+        retried = False
+        while True:
+            n = len(self.live)
+            if n == 0:
+                return outs
+            try:
+                res = self._compute(n)
+                host = torch.cat([res["n_acc"], res["draft"].reshape(-1)]).cpu()
+                break
+            except Exception as e:  # noqa: BLE001 (contained per request below)
+                if is_fatal(e):
+                    raise
+                culprits = self._isolate(e)
+                if not culprits:
+                    if not retried:
+                        retried = True
+                        continue
+                    culprits = {id(r): (r, e) for r in self.live}
+                outs += self._fail([r for r, _ in culprits.values()],
+                                   {id(r): f"{type(err).__name__}: {err}" for r, err in culprits.values()})
+        return outs + self._commit(n, res, host)
+
+    def _compute(self, k: int) -> dict:
+        """The step's forwards and ops for live rows 0 .. k-1 (k < n: a dry run
+        of a subset, see _isolate). Writes the caches (as the real step would)
+        and nothing else of the engine's state."""
         dev, K, timer, stats = self.device, self.K, self.timer, self.stats
-        t, steps = self.t, self.steps
-        left_t, right_t = window_bounds(t, self.n_prev, self.total, self.W, self.M, steps == 0)
+        t, steps = self.t[:k], self.steps[:k]
+        left_t, right_t = window_bounds(t, self.n_prev[:k], self.total[:k], self.W[:k], self.M[:k], steps == 0)
         m_t = right_t - t  # drafted rows per sequence, >= 1
         rows_t = m_t if K is None else m_t.clamp(max=K)
         rows = int(rows_t.max())
         row_start = t - 1 - left_t
         Lw = int(torch.maximum(right_t - left_t, row_start + rows).max())
         args = self.args
-        args.send(n, left=left_t, window=right_t - left_t, row_start=row_start, pos=t, rows=rows_t,
+        args.send(k, left=left_t, window=right_t - left_t, row_start=row_start, pos=t, rows=rows_t,
                   step=steps, ver_start=t - 1)
-        pos_d, step_d, rows_d, seeds_d = args.pos, args.step, args.rows, self.seeds  # [n] each, on the device
+        pos_d, step_d, rows_d, seeds_d = args.pos, args.step, args.rows, self.seeds[:k]  # [k] each, on the device
         ar = torch.arange(max(Lw, rows), device=dev)
 
-        win = self.tokens.gather(1, args.left[:, None] + ar[:Lw])  # [n, Lw]
+        win = self.tokens[:k].gather(1, args.left[:, None] + ar[:Lw])  # [k, Lw]
         with timer("dllm"):
-            d_logits = self.window.forward(win, rows, args)  # [n, rows, V_D]
+            d_logits = self.window.forward(win, rows, args)  # [k, rows, V_D]
         stats.dllm_forwards += 1
-        groups = self._row_groups()
+        groups = self._row_groups(k)
         with timer("sampling"):
             draft = self._per_group(groups, lambda g, sel: ops.sample_draft(
                 sel(d_logits), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d), temperature=g.cfg.temperature,
                 top_k=g.cfg.top_k, top_p=g.cfg.top_p, compat=g.cfg.compat, banned=self.banned,
-                check_lengths=False))  # [n, rows]
+                check_lengths=False))  # [k, rows]
 
         if self.ver is not None:
             # Row i of the verifier scores position t+i given x_<t and draft_t .. draft_{t+i-1}.
             # Ids the verifier cannot embed are clamped into [0, V_A): a bad row's
-            # -1 (the step raises once n_accept is read), padding rows' -1, and
+            # -1 (that request fails once the drafts are read), padding rows' -1, and
             # dLLM ids >= V_A (such a draft never matches, DESIGN §4, but the
             # first token of a step is accepted anyway and then feeds the next step).
-            v_in = torch.cat([self.tokens.gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)
-            v_in.clamp_(0, self.ver.vocab - 1)  # [n, rows]
+            v_in = torch.cat([self.tokens[:k].gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)
+            v_in.clamp_(0, self.ver.vocab - 1)  # [k, rows]
             with timer("verifier"):
-                a_logits = self.ver.forward(v_in, args.ver_start, rows_d, rows)  # [n, rows, V_A]
+                a_logits = self.ver.forward(v_in, args.ver_start, rows_d, rows)  # [k, rows, V_A]
             stats.verifier_forwards += 1
             with timer("sampling"):
                 n_acc = self._per_group(groups, lambda g, sel: ops.mixture_accept(
                     sel(d_logits), sel(a_logits), sel(draft), sel(pos_d), sel(rows_d), sel(seeds_d), sel(step_d),
                     R=g.cfg.R, temperature=g.cfg.temperature, top_k=g.cfg.top_k, top_p=g.cfg.top_p,
                     eos_ids=g.stop_d, acceptance=g.cfg.sampling_acceptance, compat=g.cfg.compat,
-                    banned=self.banned, check_lengths=False)[1])  # [n]
+                    banned=self.banned, check_lengths=False)[1])  # [k]
         else:
             with timer("sampling"):
                 n_acc = self._per_group(groups, lambda g, sel: ops.accept_prefix(
-                    sel(draft), sel(draft), sel(rows_d), eos_ids=g.stop_d, check_lengths=False))  # [n]
-
+                    sel(draft), sel(draft), sel(rows_d), eos_ids=g.stop_d, check_lengths=False))  # [k]
         if self._n_accept_override is not None:  # benchmarking only: a fixed acceptance schedule
             n_acc = torch.minimum(torch.full_like(n_acc, self._n_accept_override), rows_d)
+        return dict(draft=draft, n_acc=n_acc, left=left_t, right=right_t, rows_t=rows_t, rows=rows, ar=ar,
+                    d_logits=d_logits, a_logits=a_logits if self.ver is not None else None)  # logits: for logprobs
+
+    def _commit(self, n: int, res: dict, host: torch.Tensor) -> List[StepOutput]:
+        """Commit the step computed for all n live rows; host: n_accept then the
+        drafts, read in the step's one host synchronisation."""
+        draft, n_acc, rows_t, rows, ar = res["draft"], res["n_acc"], res["rows_t"], res["rows"], res["ar"]
+        t, steps, pos_d = self.t, self.steps, self.args.pos
         # Commit on the device (no host round trip): tokens[b, t_b + j] = draft[b, j] for j < n_acc[b].
         idx = pos_d[:, None] + ar[:rows]  # [n, rows], < L by construction
         keep = ar[:rows] < n_acc[:, None]
         self.tokens.scatter_(1, idx, torch.where(keep, draft, self.tokens.gather(1, idx)))
-        # The one host synchronisation of the step: n_accept, with the drafts alongside.
-        host = torch.cat([n_acc, draft.reshape(-1)]).cpu()
         n_h = host[:n]  # [n]
         d_host = host[n:].view(n, rows)  # [n, rows]
-        self._inspect(left_t, right_t, n_h)
-        want = [i for i, r in enumerate(self.live) if r.logprobs is not None]
-        lps = self._logprobs(want, d_logits, a_logits if self.ver is not None else None, draft) if want else {}
+        # A row whose dLLM logits were not finite (NaN, or all -inf) drafted -1
+        # somewhere in its own rows: that request fails, alone.
+        bad = ((d_host < 0) & (ar[:rows].cpu() < rows_t[:, None])).any(1)  # [n] bool
+        good = (~bad).nonzero().flatten()
+        self._inspect(res["left"][good], res["right"][good], n_h[good], good.tolist())
+        want = [i for i, r in enumerate(self.live) if r.logprobs is not None and not bool(bad[i])]
+        lps = self._logprobs(want, res["d_logits"], res["a_logits"], draft) if want else {}
 
         outs: List[StepOutput] = []
-        done = torch.zeros(n, dtype=torch.bool)
+        done = bad.clone()
         for i, req in enumerate(self.live):
-            bad_row(int(steps[i]), int(t[i]), d_host[i], int(rows_t[i]))
+            if bad[i]:
+                j = int((d_host[i, : int(rows_t[i])] < 0).nonzero()[0])
+                outs.append(StepOutput(req.request_id, [], int(steps[i]) + 1, True, "error", (
+                    f"step {int(steps[i])}: the dLLM logits row for position {int(t[i]) + j} is not finite "
+                    "(NaN or all -inf), so no token could be drafted there; check the model's weights and dtype")))
+                continue
             new = d_host[i, : int(n_h[i])].tolist()
             out = StepOutput(req.request_id, new, int(steps[i]) + 1)
             if i in lps:
@@ -323,7 +373,7 @@ class Engine:
                     out.finished, out.finish_reason = True, "stop"
             done[i] = out.finished
             outs.append(out)
-        stats.steps += 1
+        self.stats.steps += 1
         self.t = t + n_h
         self.n_prev = n_h.clone()
         self.steps = steps + 1
@@ -363,16 +413,70 @@ class Engine:
             out[i] = [(lp[w][j], list(zip(top_i[w][j][:ki], top_v[w][j][:ki]))) for j in range(len(lp[w]))]
         return out
 
-    def _inspect(self, left: torch.Tensor, right: torch.Tensor, n_accept: torch.Tensor) -> None:
+    def _isolate(self, err: Exception) -> dict:
+        """The step raised `err` over the live rows: bisect them with dry runs
+        (_compute on a subset moved to the front) down to the single requests
+        that raise alone. Returns {id(request): (request, its exception)};
+        empty when no subset reproduces the failure."""
+        culprits: dict = {}
+        n = len(self.live)
+
+        def probe(group: list):
+            ids = {id(r) for r in group}
+            order = [i for i, r in enumerate(self.live) if id(r) in ids]
+            order += [i for i, r in enumerate(self.live) if id(r) not in ids]
+            self._reorder(torch.tensor(order, dtype=torch.int64))
+            self.window.live(len(group))
+            if self.ver is not None:
+                self.ver.live(len(group))
+            try:
+                res = self._compute(len(group))
+                res["draft"].cpu()  # surface an asynchronous device error here
+                return None
+            except Exception as e:  # noqa: BLE001
+                if is_fatal(e):
+                    raise
+                return e
+            finally:
+                self.window.live(n)
+                if self.ver is not None:
+                    self.ver.live(n)
+
+        def bisect(group: list, e: Exception, probed: bool) -> None:
+            if len(group) == 1:
+                if not probed:  # a step of one row: blame it only if a re-run raises too
+                    e = probe(group)
+                if e is not None:
+                    culprits[id(group[0])] = (group[0], e)
+                return
+            for half in (group[: len(group) // 2], group[len(group) // 2:]):
+                he = probe(half)
+                if he is not None:
+                    bisect(half, he, True)
+
+        bisect(list(self.live), err, False)
+        return culprits
+
+    def _fail(self, reqs: list, why: dict) -> List[StepOutput]:
+        """Retire live requests `reqs` with finish_reason "error" (why: {id(request): message})."""
+        drop = {id(r) for r in reqs}
+        keep = torch.tensor([id(r) not in drop for r in self.live], dtype=torch.bool)
+        outs = [StepOutput(r.request_id, [], int(s) + 1, True, "error", why[id(r)])
+                for r, s in zip(self.live, self.steps.tolist()) if id(r) in drop]
+        self._compact(keep)
+        return outs
+
+    def _inspect(self, left: torch.Tensor, right: torch.Tensor, n_accept: torch.Tensor, rows: list) -> None:
         """The per-step checkpoint right after the host read, before anything
-        is retired: left / right / n_accept are host [n] int64 for the rows of
-        self.live (self.steps still holds each row's 0-based step). The place
-        for invariant checks (e.g. a live row that accepted nothing) and
-        trace hooks."""
-        check_progress(self.steps, self.t, n_accept, [r.request_id for r in self.live])
+        is retired: left / right / n_accept are host [m] int64 for the rows
+        `rows` of self.live that drafted (every row but the non-finite ones;
+        self.steps still holds each row's 0-based step). The place for
+        invariant checks (e.g. a live row that accepted nothing) and trace hooks."""
+        live = [self.live[i] for i in rows]
+        check_progress(self.steps[rows], self.t[rows], n_accept, [r.request_id for r in live])
         if self._trace is not None:  # tests only: per-step window bounds and acceptance
             self._trace.append([(r.request_id, int(lo), int(hi), int(k))
-                                for r, lo, hi, k in zip(self.live, left, right, n_accept)])
+                                for r, lo, hi, k in zip(live, left, right, n_accept)])
 
     def finish_all(self) -> List[StepOutput]:
         """Retire every live request as it stands ("length"); the queue stays.
@@ -429,17 +533,53 @@ class Engine:
             fail("M", f"at most the engine's M ({self.config.M})", cfg.M)
         return cfg, stop, stops, logprobs
 
-    def _admit(self) -> None:
+    def _admit(self) -> List[StepOutput]:
         """FIFO admission at a step boundary: the queue's head joins while a slot
-        and its KV reservation are free (no overtaking, so nothing starves)."""
-        new = []
+        and its KV reservation are free (no overtaking, so nothing starves).
+        The reservation is taken only once the join (the verifier prefill) has
+        succeeded: a join that raises leaves the engine as it was; its requests
+        are then joined one by one, and those that still fail finish with
+        "error" (returned), reserving nothing."""
+        new, want = [], self.reserved
         while self.queue and len(self.live) + len(new) < self.max_batch and \
-                self.reserved + self.queue[0].total <= self.kv_budget:
+                want + self.queue[0].total <= self.kv_budget:
             r = self.queue.popleft()
-            self.reserved += r.total
+            want += r.total
             new.append(r)
-        if new:
+        if not new:
+            return []
+        err = self._try_join(new)
+        if err is None:
+            return []
+        failed = [(new[0], err)] if len(new) == 1 else \
+            [(r, e) for r in new if (e := self._try_join([r])) is not None]
+        return [StepOutput(r.request_id, [], 0, True, "error", f"join failed: {type(e).__name__}: {e}")
+                for r, e in failed]
+
+    def _try_join(self, new: List[_Request]) -> Optional[Exception]:
+        """_join, rolled back if it raises; returns the exception (None: joined
+        and reserved)."""
+        n0 = len(self.live)
+        try:
             self._join(new)
+        except Exception as e:  # noqa: BLE001 (contained: those requests fail alone)
+            if is_fatal(e):
+                raise
+            self._truncate(n0)
+            return e
+        self.reserved += sum(r.total for r in new)
+        return None
+
+    def _truncate(self, n0: int) -> None:
+        """Undo a partial join: keep live rows 0 .. n0-1 (nothing was reserved)."""
+        self.live = self.live[:n0]
+        self.tokens, self.seeds = self.tokens[:n0], self.seeds[:n0]
+        self.t, self.total, self.n_prev = self.t[:n0], self.total[:n0], self.n_prev[:n0]
+        self.steps, self.W, self.M = self.steps[:n0], self.W[:n0], self.M[:n0]
+        self._groups = None
+        self.window.live(max(n0, 1))
+        if self.ver is not None:
+            self.ver.live(max(n0, 1))
 
     def _join(self, new: List[_Request]) -> None:
         """Append the new requests as rows n0 .. n0+k-1 and prefill the
@@ -476,9 +616,14 @@ class Engine:
 
     def _compact(self, keep: torch.Tensor) -> None:
         """keep: host [n] bool. The kept rows move to the front of every buffer and cache."""
-        stay = keep.nonzero().flatten()
         for i in (~keep).nonzero().flatten().tolist():
             self.reserved -= self.live[i].total
+        self._reorder(keep.nonzero().flatten())
+
+    def _reorder(self, stay: torch.Tensor) -> None:
+        """stay: host [m] int64 live rows; they become rows 0 .. m-1 of every
+        buffer and cache, in that order (a permutation of all rows keeps every
+        request; a subset drops the others, see _compact)."""
         self.live = [self.live[i] for i in stay.tolist()]
         self.t, self.total, self.n_prev = self.t[stay], self.total[stay], self.n_prev[stay]
         self.steps, self.W, self.M = self.steps[stay], self.W[stay], self.M[stay]
@@ -495,9 +640,17 @@ class Engine:
         if self.ver is not None:
             self.ver.live(max(n, 1))
 
-    def _row_groups(self) -> list:
-        """Live rows grouped by the ops' scalar knobs: [_Group]; a single group
-        (the common case) runs on the whole batch without any gather."""
+    def _row_groups(self, k: int) -> list:
+        """Live rows 0 .. k-1 grouped by the ops' scalar knobs: [_Group]; a single
+        group (the common case) runs on the whole batch without any gather.
+        Cached for k = all live rows (k < n: a dry run of a subset)."""
+        if k < len(self.live):
+            saved, self._groups, live = self._groups, None, self.live
+            self.live = live[:k]
+            try:
+                return self._row_groups(k)
+            finally:
+                self.live, self._groups = live, saved
         if self._groups is None:
             by_sig: Dict[tuple, list] = {}
             for i, r in enumerate(self.live):

@@ -112,15 +112,6 @@ class StepArgs:
             setattr(self, name, dev[i])  # [B] views
 
 
-def bad_row(step: int, t: int, draft_host: torch.Tensor, rows: int, who: str = "dLLM") -> None:
-    bad = (draft_host[:rows] < 0).nonzero()
-    if bad.numel():
-        i = int(bad[0])
-        raise RuntimeError(
-            f"step {step}: the {who} logits row for position {t + i} is not finite (NaN or all -inf), "
-            f"so no token could be drafted there (draft id -1); check the model's weights and dtype")
-
-
 class Verifier:
     """The verifier half of a step: one causal forward over m <= M rows
     starting at position t-1, on a cache holding [0, t-1). With graphs, one CUDA

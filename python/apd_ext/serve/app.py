@@ -3,7 +3,12 @@ tokenizer and a StepLoop over one Engine; make_ingress() wraps it in a
 FastAPI app for serve.ingress.
 
 POST /v1/completions, POST /v1/chat/completions (OpenAI schema + R, W, M,
-method, top_k, acceptance; SSE when stream is true), GET /v1/models, GET /health.
+method, top_k, acceptance; SSE when stream is true), GET /v1/models,
+GET /health (503 when unhealthy or draining), GET /metrics (Prometheus).
+Operations (docs/SERVING.md): a full queue is a 429 with Retry-After, a
+draining or unhealthy replica a 503; a request past --request-timeout is a
+504 (an error event on a stream), its row freed; a request the Engine fails
+alone is a 500 (an error event, finish_reason "error", on a stream).
 """
 import asyncio
 import logging
@@ -13,17 +18,26 @@ import uuid
 from typing import List
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from apd_ext.errors import Rejected, RequestFailed
 from apd_ext.serve import protocol as P
 from apd_ext.serve.loop import StepLoop
+from apd_ext.serve.metrics import ServeMetrics
+
+
+class RequestTimeout(RequestFailed):
+    """The request ran past --request-timeout (504)."""
+
 
 log = logging.getLogger("apd_ext.serve")
+
 
 class APDServer:
     def __init__(self, dllm_dir: str, verifier_dir: str, *, device: str = "cpu", dtype: str = "auto",
                  max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
-                 model_name: str = "apd"):
+                 model_name: str = "apd", max_queue: int = 0, request_timeout: float = 0.0,
+                 loopback: bool = False):
         import torch
 
         import apd_ext
@@ -31,6 +45,10 @@ class APDServer:
         from apd_ext.engine import Engine
         from apd_ext.tokenization import is_embedded_pair_folder, load_tokenizer
 
+        if loopback:  # a loopback-only `apd serve`: no socket of this replica beyond 127.0.0.1
+            from apd_ext.serve.ray_app import pin_replica_grpc_to_loopback
+
+            pin_replica_grpc_to_loopback()
         if threads:
             torch.set_num_threads(threads)
         name = dtype if dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
@@ -48,15 +66,39 @@ class APDServer:
         # inside step(), i.e. in the step loop's worker thread, off the event loop.
         self.engine = Engine(self.dllm, self.verifier, base, max_batch=max_batch,
                              max_len=max_len or None, kv_budget=kv_budget or None, tokenizer=self.tok)
-        self.loop = StepLoop(self.engine)
+        self.metrics = ServeMetrics()
+        self.loop = StepLoop(self.engine, max_queue=max_queue, metrics=self.metrics)
+        self.request_timeout = request_timeout  # seconds from admission; 0: none
         self.model_name = model_name
         self.started = time.time()
 
     # ------------------------------------------------------------- routes
     async def health(self):
-        e = self.engine
-        return {"status": "ok", "live": e.num_live, "queued": e.num_queued, "steps": self.loop.steps,
+        e, lp = self.engine, self.loop
+        status = "unhealthy" if lp.fatal else "draining" if lp.draining else "ok"
+        body = {"status": status, "live": e.num_live, "queued": lp.waiting(), "steps": lp.steps,
                 "replica_pid": os.getpid(), "rss_mb": _rss_mb()}
+        if lp.fatal:
+            body["error"] = lp.fatal
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    def check_health(self):
+        """Ray Serve's replica health check: raising makes Serve replace this
+        replica (a fatal device error; draining is healthy, it ends by itself)."""
+        if self.loop.fatal:
+            raise RuntimeError(f"APD replica {os.getpid()} is unhealthy: {self.loop.fatal}")
+
+    async def metrics_text(self):
+        self.metrics.queue.set(self.loop.waiting())
+        self.metrics.live.set(self.engine.num_live)
+        body, ctype = self.metrics.render()
+        return Response(body, media_type=ctype)
+
+    async def drain(self, timeout: float) -> dict:
+        """Stop admitting (503) and finish the in-flight requests within
+        `timeout` seconds (`apd serve` calls it on SIGTERM, through the handle)."""
+        out = await self.loop.drain(timeout)
+        return dict(out, replica_pid=os.getpid())
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model",
@@ -95,8 +137,18 @@ class APDServer:
                 for rid, _ in subs:
                     self.loop.cancel(rid)
                 raise P.engine_error(e, body) from None
+            except Rejected:
+                for rid, _ in subs:  # n > 1: all choices or none
+                    self.loop.cancel(rid)
+                raise
         except P.BadRequest as e:
+            self.metrics.request("bad_request")
             return JSONResponse(e.body(), status_code=400)
+        except Rejected as e:
+            self.metrics.request(e.reason)
+            return JSONResponse({"error": {"message": str(e), "type": "server_busy" if e.status == 429 else
+                                           "service_unavailable", "param": None}},
+                                status_code=e.status, headers={"Retry-After": str(e.retry_after)})
         headers = {"X-APD-Seed": str(seed)}
         if ignored:
             log.warning("ignored unknown request fields %s", ignored)
@@ -104,7 +156,8 @@ class APDServer:
         meta = dict(id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
                     model=self.model_name, chat=chat, fingerprint=f"apd-replica-{os.getpid()}",
                     prompt_tokens=len(ids), seed=seed, logprobs=P.logprobs_k(body) is not None,
-                    include_usage=bool(body.get("stream_options", {}).get("include_usage", False)))
+                    include_usage=bool(body.get("stream_options", {}).get("include_usage", False)),
+                    deadline=time.monotonic() + self.request_timeout if self.request_timeout else None)
         if body.get("stream", False):
             return StreamingResponse(self._stream(subs, meta), media_type="text/event-stream", headers=headers)
         out = await self._collect(subs, meta)
@@ -125,21 +178,41 @@ class APDServer:
             raise P.BadRequest("messages" if chat else "prompt", "encodes to no tokens")
         return ids
 
-    async def _next(self, rid, queue):
+    async def _next(self, rid, queue, deadline=None):
+        """The request's next StepOutput. Raises RequestFailed (its row failed,
+        the replica failed or drained) or RequestTimeout (past the deadline:
+        the row is freed at the next step boundary)."""
         try:
-            item = await queue.get()
+            if deadline is None:
+                item = await queue.get()
+            else:
+                item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
+        except asyncio.TimeoutError:
+            self.loop.cancel(rid)
+            raise RequestTimeout(f"the request ran past the server's request timeout "
+                                 f"({self.request_timeout:g} s)") from None
         except asyncio.CancelledError:
             self.loop.cancel(rid)
             raise
         if isinstance(item, Exception):
             raise item
+        if item.finish_reason == "error":
+            raise RequestFailed(f"generation failed for this request: {item.error}")
         return item
 
-    async def _one(self, rid, queue):
-        """-> (text, finish_reason, tokens accepted per step) of one choice."""
+    def _failure(self, e: RequestFailed) -> tuple:
+        """(status label, HTTP status, OpenAI error body) of a failed admitted request."""
+        timeout = isinstance(e, RequestTimeout)
+        self.metrics.request("timeout" if timeout else "error")
+        return (504 if timeout else 500), {"error": {"message": str(e), "type": "timeout" if timeout else
+                                                     "server_error", "param": None}}
+
+    async def _one(self, rid, queue, deadline=None):
+        """-> (text, finish_reason, tokens accepted per step, logprobs) of one choice;
+        raises RequestFailed / RequestTimeout."""
         parts, accepted, lps = [], [], []
         while True:
-            o = await self._next(rid, queue)
+            o = await self._next(rid, queue, deadline)
             parts.append(o.text)  # the Engine's output path: text deltas, cut before a stop string
             accepted.append(len(o.new_tokens))
             lps += self._token_logprobs(o)
@@ -176,18 +249,29 @@ class APDServer:
         return {"tokens": [s(t) for t, _, _ in lps], "token_logprobs": [fin(lp) for _, lp, _ in lps],
                 "top_logprobs": [{s(i): fin(v) for i, v in top} for _, _, top in lps], "text_offset": offs}
 
+    def _failure(self, e: RequestFailed) -> tuple:
+        """(status label, HTTP status, OpenAI error body) of a failed admitted request."""
+        timeout = isinstance(e, RequestTimeout)
+        self.metrics.request("timeout" if timeout else "error")
+        return (504 if timeout else 500), {"error": {"message": str(e), "type": "timeout" if timeout else
+                                                     "server_error", "param": None}}
+
     async def _collect(self, subs, meta):
-        tasks = [asyncio.ensure_future(self._one(rid, q)) for rid, q in subs]
+        tasks = [asyncio.ensure_future(self._one(rid, q, meta["deadline"])) for rid, q in subs]
         try:
             results = await asyncio.gather(*tasks)
-        except RuntimeError as e:
+        except RequestFailed as e:  # one choice failed or timed out: the request fails (its other rows freed)
             for (rid, _), t in zip(subs, tasks):
                 t.cancel()
                 self.loop.cancel(rid)
-            return JSONResponse({"error": {"message": str(e), "type": "server_error", "param": None}},
-                                status_code=500)
+            status, body = self._failure(e)
+            return JSONResponse(body, status_code=status)
+        except asyncio.CancelledError:
+            self.metrics.request("cancelled")
+            raise
         choices, accepted = [], []
         for i, (text, reason, acc, lps) in enumerate(results):
+            self.metrics.request(reason)
             c = {"index": i, "finish_reason": reason, "logprobs": self._logprobs_obj(lps, meta)}
             if meta["chat"]:
                 c["message"] = {"role": "assistant", "content": text}
@@ -212,12 +296,12 @@ class APDServer:
         async def pump(i, rid, q):
             try:
                 while True:
-                    o = await self._next(rid, q)
+                    o = await self._next(rid, q, meta["deadline"])
                     await merged.put((i, o))
                     if o.finished:
                         live.discard(rid)
                         return
-            except RuntimeError as e:
+            except RequestFailed as e:
                 live.discard(rid)
                 await merged.put((i, e))
 
@@ -246,13 +330,20 @@ class APDServer:
             while left:
                 i, o = await merged.get()
                 if isinstance(o, Exception):
-                    yield P.sse({"error": {"message": str(o), "type": "server_error", "param": None}})
+                    _, body = self._failure(o)
+                    # This choice's last chunk: finish_reason "error" with the OpenAI error object beside it.
+                    c = {"index": i, "finish_reason": "error", "logprobs": None}
+                    c.update({"delta": {}} if meta["chat"] else {"text": ""})
+                    yield P.sse({
+                        "id": meta["id"], "object": obj, "created": meta["created"], "model": meta["model"],
+                        "system_fingerprint": meta["fingerprint"], "choices": [c], **body})
                     left -= 1
                     continue
                 accepted.append(len(o.new_tokens))
                 per_choice[i].append(len(o.new_tokens))
                 if o.finished:
                     left -= 1
+                    self.metrics.request(o.finish_reason)
                     use = P.usage(meta["prompt_tokens"], per_choice[i])
                     yield frame([choice(i, o.text, o.finish_reason, o)], use if len(subs) == 1 else None)
                 elif o.text or o.logprobs:
@@ -263,7 +354,8 @@ class APDServer:
         finally:
             for p in pumps:
                 p.cancel()
-            for rid in list(live):
+            for rid in list(live):  # the client went away: free the rows still running
+                self.metrics.request("cancelled")
                 self.loop.cancel(rid)
 
 
@@ -291,6 +383,10 @@ def make_ingress():
         @app.get("/health")
         async def health(self):
             return await APDServer.health(self)
+
+        @app.get("/metrics")
+        async def metrics_text(self):
+            return await APDServer.metrics_text(self)
 
         @app.get("/v1/models")
         async def models(self):
