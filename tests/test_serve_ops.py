@@ -65,7 +65,8 @@ def make_server(pair, wrap=None, **kw):
     opts = dict(max_batch=kw.pop("max_batch", 4), max_len=256, M=32)
     srv = APDServer(d, a, threads=1, **opts, **kw)
     if wrap is not None:  # the same Engine over a faulty dLLM (test-only injection)
-        srv.engine = Engine(wrap(srv.dllm), srv.verifier, APDConfig(M=32), max_batch=opts["max_batch"], max_len=256)
+        srv.engine = Engine(wrap(srv.dllm), srv.verifier, srv.engine.config, max_batch=opts["max_batch"],
+                            max_len=256, tokenizer=srv.tok)  # as the server builds it
         srv.loop = StepLoop(srv.engine, max_queue=kw.get("max_queue", 0), metrics=srv.metrics)
     app = fastapi.FastAPI()
     app.post("/v1/completions")(srv.completions)
