@@ -15,8 +15,9 @@ constexpr int kPrefixThreads = 128;
 // attention_launch.cu): one 512-thread CTA per row, <= 128 registers per
 // thread by its launch bounds (512 x 128 = the 65,536 registers of one SM on
 // every sm_80+ device), no dynamic shared memory and static shared memory
-// within the 48 KB static limit that every device has. Checked here at
-// compile time, so no device profile can refuse its launch.
+// within the 48 KB static limit that every device has (ptxas, nvcc 13.0
+// sm_80: 45,728 B, so 3,424 B of headroom; 37,376 B in the emulated build).
+// Checked here at compile time, so no device profile can refuse its launch.
 static_assert(sizeof(cuda::SampleSmem) <= 48 * 1024, "sampler static shared memory over the 48 KB static limit");
 
 cudaError_t launch_n_accept(const int64_t* draft, const int64_t* target, const int64_t* valid_len,
