@@ -165,3 +165,66 @@ def assert_attention_close(out, q, k_cache, v_cache, q_start, q_len, kv_len, *, 
     assert e["pad"] == 0.0, f"{what}: padding rows not zero {e}"
     assert e["err"] <= 2.0 * e["err_sdpa"] + e["round"], f"{what}: error too large {e}"
     return e
+
+
+# ---------------------------------------------------------------------------
+# NaN propagation (docs/SEMANTICS.md "Attention"): a NaN in a valid row's q, or
+# in a key or value the row sees, makes the whole output row NaN, as SDPA does;
+# keys the row does not see (beyond kv_len, causally masked) never reach it;
+# padding rows stay zero.
+# ---------------------------------------------------------------------------
+NAN_CASE = dict(Lq=21, Lmax=101, Hq=4, Hkv=2, q_start=[50, 0], q_len=[21, 12], kv_len=[87, 30])
+
+
+def nan_rows(q, k_cache, v_cache, q_start, q_len, kv_len, *, causal) -> torch.Tensor:
+    """[B, Lq, Hq] bool: the rows the rule makes NaN (fp64 mask of the reference)."""
+    B, Lq, Hq, D = q.shape
+    Lmax, Hkv = k_cache.shape[1], k_cache.shape[2]
+    mask = reference.window_attention_mask(q_start, q_len, kv_len, Lq, Lmax, causal=causal)  # [B, Lq, Lmax]
+    kv_bad = (k_cache.isnan() | v_cache.isnan()).any(-1).repeat_interleave(Hq // Hkv, dim=2)  # [B, Lmax, Hq]
+    sees_bad = (mask[:, :, :, None] & kv_bad[:, None]).any(2)  # [B, Lq, Hq]
+    valid = (torch.arange(Lq, device=q.device)[None, :] < q_len.to(torch.int64)[:, None])[:, :, None]
+    return valid & (q.isnan().any(-1) | sees_bad)
+
+
+def nan_reference(q, k_cache, v_cache, q_start, q_len, kv_len, *, causal) -> torch.Tensor:
+    """fp64 reference with the NaN rule: the reference on the inputs with NaNs
+    zeroed (they reach no other row), NaN on the rows that see one."""
+    ref = reference.window_attention(q.nan_to_num(0.0), k_cache.nan_to_num(0.0), v_cache.nan_to_num(0.0), q_start,
+                                     q_len, kv_len, causal=causal)
+    rows = nan_rows(q, k_cache, v_cache, q_start, q_len, kv_len, causal=causal)
+    return ref.masked_fill(rows[..., None], float("nan"))
+
+
+def nan_injections(c: WindowCase, causal: bool) -> list[tuple[str, WindowCase]]:
+    """Copies of c (NAN_CASE shapes) with NaNs placed: in a valid q row and a
+    padding q row; in a key every row of sequence 0 sees; in a value that the
+    causal rows see only from row 10 on (all rows when bidirectional: key 60 =
+    q_start + 10); in keys and values beyond kv_len (seen by no row)."""
+    def inject(**where):
+        t = {n: getattr(c, n).clone() for n in ("q", "k_cache", "v_cache")}
+        for name, idx in where.items():
+            for i in idx:
+                t[name][i] = float("nan")
+        return WindowCase(t["q"], t["k_cache"], t["v_cache"], c.q_start, c.q_len, c.kv_len)
+
+    return [
+        ("q", inject(q=[(0, 5, 1, 7), (1, 15, 0, 3)])),  # (1, 15): q_len 12, a padding row
+        ("visible_key", inject(k_cache=[(0, 40, 1, 3)])),
+        ("visible_value", inject(v_cache=[(0, 60, 0, 9)])),
+        ("invisible_key", inject(k_cache=[(0, 95, 0, 1), (1, 50, 1, 0)], v_cache=[(0, 99, 1, 2), (1, 30, 0, 5)])),
+    ]
+
+
+def assert_nan_rule(out, clean, c: WindowCase, *, causal, what=""):
+    """out (on the injected case c) against the NaN reference: whole rows NaN
+    exactly where it has them, and every other row bit-identical to `clean`,
+    the same kernel's output without the NaNs (itself checked against the
+    fp64 reference by the caller)."""
+    ref = nan_reference(*c.args(), causal=causal)
+    rows = ref.isnan().any(-1)  # [B, Lq, Hq]
+    o = out.double()
+    assert o[rows].isnan().all(), f"{what}: a row that sees a NaN is not all NaN"
+    assert not o[~rows].isnan().any(), f"{what}: NaN leaked into a row that sees none"
+    assert torch.equal(out[~rows], clean[~rows]), f"{what}: a row that sees no NaN changed"
+    return int(rows.sum())

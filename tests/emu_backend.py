@@ -167,6 +167,52 @@ class EmuOps:
             real_ops.torch = saved
 
 
+# The harness's device profiles, by device id (tests/emu/emu.cpp kProfiles):
+# device 0 (H100, the default) runs every emulated test; the others run a
+# quick subset in CI (tests opted in by name, on a few shapes: profile_quick)
+# and everything with APD_EMU_FULL=1.
+PROFILES = ("H100", "A100", "A5000", "RTX4090")
+
+
+def backend_params():
+    """pytest params of the CUDA test modules' `backend` fixture: the device,
+    the emulator on the default profile, and the emulator on each other profile."""
+    import pytest
+
+    return ([pytest.param("cuda", marks=pytest.mark.cuda), pytest.param("emu", marks=pytest.mark.emu)]
+            + [pytest.param(f"emu-{n}", marks=pytest.mark.emu) for n in PROFILES[1:]])
+
+
+@contextlib.contextmanager
+def on_profile(param: str, test_name: str, profile_tests):
+    """For a backend param "emu-<profile>": load the emulator, make that
+    profile the active device (the planners read it through the emulated
+    cudaDeviceGetAttribute) and restore device 0 afterwards. Outside
+    APD_EMU_FULL=1, a test not named in profile_tests is skipped there."""
+    name = param.split("-", 1)[1] if param.startswith("emu-") else PROFILES[0]
+    if name != PROFILES[0] and not FULL and test_name not in profile_tests:
+        from skips import not_applicable
+
+        not_applicable(f"outside the emulator's quick subset on the {name} profile (APD_EMU_FULL=1 runs it)")
+    emu = load()
+    dev = PROFILES.index(name)
+    assert emu.device_profile(dev)[0] == name, (emu.device_profile(dev), name)
+    emu.set_device(dev)
+    try:
+        yield name
+    finally:
+        emu.set_device(0)
+
+
+def profile_quick(keep: bool) -> None:
+    """Inside a test opted in to the other profiles: skip this case there
+    outside its quick subset (unless APD_EMU_FULL=1)."""
+    if not FULL and not keep and _loaded and torch.ops.apd_emu.get_device() != 0:
+        from skips import not_applicable
+
+        not_applicable("outside the emulator's quick subset on this device profile (APD_EMU_FULL=1 runs it)")
+
+
 def quick(backend: str, keep: bool) -> None:
     """Skip a case on the emulator outside its quick subset (unless APD_EMU_FULL=1)."""
     if backend == "emu" and not FULL and not keep:

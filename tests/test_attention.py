@@ -3,7 +3,8 @@ ragged windows, padding rows, GQA, odd head dims, strided inputs, three
 dtypes; opcheck; batch and thread-count invariance; bad inputs."""
 import pytest
 import torch
-from attention_utils import COMMON_CASES, assert_attention_close, make_case
+from attention_utils import (COMMON_CASES, NAN_CASE, assert_attention_close, assert_nan_rule, make_case,
+                             nan_injections)
 
 from apd_ext import ops, reference
 
@@ -21,6 +22,25 @@ def test_against_reference(name, causal, dtype):
     out = ops.window_attention(*c.args(), causal=causal)
     assert out.is_contiguous()
     assert_attention_close(out, *c.args(), causal=causal, what=name)
+
+
+@pytest.mark.parametrize("D", [40, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_nan_propagates(causal, dtype, D):
+    """NaN in q, in a visible key, in a visible value: the row is NaN (as SDPA);
+    NaN in keys and values no row sees: output unchanged (docs/SEMANTICS.md)."""
+    c = make_case(dtype=dtype, seed=7, D=D, **NAN_CASE)
+    clean = ops.window_attention(*c.args(), causal=causal)
+    assert_attention_close(clean, *c.args(), causal=causal)
+    counts = {}
+    for what, cn in nan_injections(c, causal):
+        out = ops.window_attention(*cn.args(), causal=causal)
+        counts[what] = assert_nan_rule(out, clean, cn, causal=causal, what=what)
+    # q: one valid row; key 40: every row of sequence 0, kv head 1 (2 query
+    # heads); value 60: kv head 0's 2 heads, all 21 rows or (causal) rows 10-20.
+    assert counts == {"q": 1, "visible_key": 2 * 21, "visible_value": 2 * (11 if causal else 21),
+                      "invisible_key": 0}, counts
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])

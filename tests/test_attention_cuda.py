@@ -8,10 +8,12 @@ Every test runs on the GPU (backend "cuda", skipped without a device) and,
 where it is about the kernels' results, on the CPU emulator of the same CUDA
 kernels (backend "emu", tests/emu: launchers compiled as host code, every call
 run under three thread schedules that must agree bit for bit)."""
+import emu_backend
 import pytest
 import torch
 from skips import not_applicable
-from attention_utils import COMMON_CASES, assert_attention_close, attention_errors, make_case
+from attention_utils import (COMMON_CASES, NAN_CASE, assert_attention_close, assert_nan_rule, attention_errors,
+                             make_case, nan_injections)
 
 from apd_ext import ops
 
@@ -26,16 +28,23 @@ class Backend:
 BK = Backend()
 
 
-@pytest.fixture(autouse=True, params=[pytest.param("cuda", marks=pytest.mark.cuda),
-                                      pytest.param("emu", marks=pytest.mark.emu)])
-def backend(request, monkeypatch):
-    monkeypatch.setattr(BK, "name", request.param)
-    monkeypatch.setattr(BK, "dev", "cuda" if request.param == "cuda" else "cpu")
-    if request.param == "emu":
-        import emu_backend
+# Tests that run on every device profile of the emulator in CI (on a few
+# shapes each, emu_quick(..., profile_keep=...)); APD_EMU_FULL=1 runs all.
+PROFILE_TESTS = {"test_against_reference", "test_nan_propagates", "test_plan_fits_the_profile"}
 
-        emu_backend.load()
-    return request.param
+
+@pytest.fixture(autouse=True, params=emu_backend.backend_params())
+def backend(request, monkeypatch):
+    """"cuda", or "emu" on the default (H100) profile or on emu-<profile> (the
+    test sees "emu"; the profile is the harness's active device)."""
+    name = "cuda" if request.param == "cuda" else "emu"
+    monkeypatch.setattr(BK, "name", name)
+    monkeypatch.setattr(BK, "dev", "cuda" if name == "cuda" else "cpu")
+    if name == "cuda":
+        yield name
+        return
+    with emu_backend.on_profile(request.param, request.function.__name__, PROFILE_TESTS):
+        yield name
 
 
 def cuda_only(backend, why):
@@ -43,13 +52,15 @@ def cuda_only(backend, why):
         not_applicable(f"needs a device: {why}")
 
 
-def emu_quick(backend, keep):
+def emu_quick(backend, keep, profile_keep=False):
     """The emulator is ~1000x slower than a device: CI runs every case in bf16
-    and the others unsplit, without the two big caches (APD_EMU_FULL=1: all)."""
+    and the others unsplit, without the two big caches, and on the profiles
+    other than the default only the cases `profile_keep` names (APD_EMU_FULL=1: all)."""
     if backend == "emu":
         import emu_backend
 
         emu_backend.quick(backend, keep)
+        emu_backend.profile_quick(profile_keep)
 
 
 def attn(*args, **kw):
@@ -132,7 +143,10 @@ def _run(c, causal, **kw):
 def test_against_reference(use, impl, name, causal, dtype, splits, backend, request):
     if impl == "mma" and (name not in MMA_CASES or dtype == torch.float32):
         not_applicable("the mma kernel does not apply: the simple kernel would run again")
-    emu_quick(backend, name not in ("dream_b1", "sparse_cache") and (dtype == torch.bfloat16 or splits == "1"))
+    # Other profiles: the tiles they change (mma D = 128 and simple D = 256
+    # on sm_86 / sm_89), in bf16 with the heuristic's split.
+    emu_quick(backend, name not in ("dream_b1", "sparse_cache") and (dtype == torch.bfloat16 or splits == "1"),
+              profile_keep=name in ("pos0_pad_gqa7", "d256") and dtype == torch.bfloat16 and splits == "0")
     use(impl, splits)
     c = _case(name, dtype)
     out = _run(c, causal)
@@ -287,13 +301,101 @@ PLAN_SHAPES = [
 
 @pytest.mark.parametrize("B,Lq,kv,Hq,Hkv,D,want", PLAN_SHAPES)
 def test_mma_plan_fills_one_wave(B, Lq, kv, Hq, Hkv, D, want, backend):
-    """The split count the CUDA launcher would choose (the planner is host
-    code; the emulator reports 132 SMs, the H100 / H200 count)."""
+    """The split count the CUDA launcher would choose on the H100 profile (the
+    planner is host code; it reads the SM count through the emulated
+    cudaDeviceGetAttribute: the profile's 132)."""
     if backend != "emu":
         not_applicable("the plan is read through the emulator's torch.ops.apd_emu.window_attention_plan")
+    emu = torch.ops.apd_emu
+    name, cc, optin, per_sm, sms, regs = emu.device_profile(emu.get_device())
+    assert name == "H100" and sms == 132, (name, sms)
     q = torch.zeros(B, Lq, Hq, D, dtype=torch.bfloat16)
     k = torch.zeros(B, kv, Hkv, D, dtype=torch.bfloat16)
-    impl, splits = torch.ops.apd_emu.window_attention_plan(q, k, torch.full((B,), kv), "mma", 0)
+    impl, splits, block_m, smem = emu.window_attention_plan(q, k, torch.full((B,), kv), "mma", 0)
     ctas = B * Hkv * -(-Lq * (Hq // Hkv) // 128)
-    assert impl == "mma" and splits == want, (impl, splits, want)
-    assert splits == 1 or (ctas * splits <= 2 * 132 and -(-kv // 128) >= splits), (ctas, splits)
+    assert impl == "mma" and block_m == 128 and splits == want, (impl, block_m, splits, want)
+    assert splits == 1 or (ctas * splits <= 2 * sms and -(-kv // 128) >= splits), (ctas, splits)
+
+
+# Every head dim bucket of both kernels, short and long caches, MHA and GQA.
+PROFILE_PLAN_SHAPES = [(B, Lq, kv, Hq, Hkv, D) for D in (8, 40, 64, 72, 128, 200, 256)
+                       for (B, Lq, kv, Hq, Hkv) in ((1, 16, 4096, 28, 4), (1, 216, 1000, 28, 4), (3, 7, 300, 4, 4))]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_dtype_id)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plan_fits_the_profile(impl, dtype, backend):
+    """On every device profile, every plan's dynamic shared memory fits the
+    profile's opt-in limit, and its split fills at most one wave of the CTAs
+    that fit an SM. The tiles: on sm_86 / sm_89 (99 KB opt-in) the mma kernel
+    at D = 128 takes 64-row q tiles (87,056 B; 128 rows need 104,464 B) and the
+    simple kernel at D > 128 4 rows per warp (98,432 B; 8 need 131,200 B);
+    elsewhere the large tiles."""
+    if backend != "emu":
+        not_applicable("the plan is read through the emulator's torch.ops.apd_emu.window_attention_plan")
+    emu = torch.ops.apd_emu
+    name, cc, optin, per_sm, sms, regs = emu.device_profile(emu.get_device())
+    small = optin < 104464
+    seen = set()
+    for B, Lq, kv, Hq, Hkv, D in PROFILE_PLAN_SHAPES:
+        q = torch.zeros(B, Lq, Hq, D, dtype=dtype)
+        k = torch.zeros(B, kv, Hkv, D, dtype=dtype)
+        got, splits, block_m, smem = emu.window_attention_plan(q, k, torch.full((B,), kv), impl, 0)
+        what = (name, impl, B, Lq, kv, Hq, Hkv, D, got, splits, block_m, smem)
+        assert 0 < smem <= optin, what
+        mma = impl == "mma" and dtype != torch.float32 and D in (64, 128)
+        assert got == ("mma" if mma else "simple"), what
+        if mma:
+            assert block_m == (64 if small and D == 128 else 128), what
+        else:
+            assert block_m == (32 if small and D > 128 else 64), what
+        ctas = B * Hkv * -(-Lq * (Hq // Hkv) // block_m)
+        assert splits == 1 or ctas * splits <= 2 * sms, what
+        seen.add((got, block_m))
+    if small:
+        assert ("simple", 32) in seen and (impl == "simple" or dtype == torch.float32 or ("mma", 64) in seen), seen
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sm86_plans_fit_and_run(use, impl, backend):
+    """The A5000 profile (sm_86, 101,376 B opt-in, 64 SMs): at D = 128 and D =
+    256 the planner picks a tile that fits, and the launch (checked by the
+    harness against the opt-in limit) gives the reference's answer."""
+    if backend != "emu":
+        not_applicable("runs on the emulator's A5000 profile")
+    emu = torch.ops.apd_emu
+    if emu.get_device() != 0:
+        not_applicable("selects the A5000 profile itself: runs once, from the default profile's param")
+    emu.set_device(emu_backend.PROFILES.index("A5000"))  # restored by the backend fixture
+    assert emu.device_profile(emu.get_device())[:3] == ("A5000", 86, 101376)
+    use(impl, "0")
+    for D, want in ((128, ("mma", 64) if impl == "mma" else ("simple", 64)), (256, ("simple", 32))):
+        c = make_case(Lq=13, Lmax=150, Hq=4, Hkv=2, D=D, q_start=[120, 0], q_len=[13, 9], kv_len=[133, 40],
+                      dtype=torch.bfloat16, seed=D)
+        got = emu.window_attention_plan(c.q, c.k_cache, c.kv_len, impl, 0)
+        assert got[0] == want[0] and got[2] == want[1] and got[3] <= 101376, (D, got)
+        for causal in (False, True):
+            out = _run(c, causal)
+            assert_attention_close(out, *c.args(), causal=causal, what=f"A5000 D={D} causal={causal}")
+
+
+@pytest.mark.parametrize("splits", ["1", "3"], ids=["nosplit", "split3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_nan_propagates(use, impl, causal, dtype, splits, backend):
+    """DESIGN §5 / docs/SEMANTICS.md: NaN in q, in a visible key, in a visible
+    value: the whole row is NaN; NaN in keys and values no row sees: output
+    bit for bit unchanged. D = 128, so mma takes bf16 / fp16 (with 64-row
+    tiles on sm_86 / sm_89); the causal case puts the NaN value on the
+    diagonal tile (seen from row 10 on)."""
+    emu_quick(backend, dtype == torch.bfloat16, profile_keep=dtype == torch.bfloat16 and causal and splits == "3")
+    use(impl, splits)
+    c = make_case(dtype=dtype, device=BK.dev, seed=7, D=128, **NAN_CASE)
+    clean = _run(c, causal)
+    assert_attention_close(clean, *c.args(), causal=causal)
+    counts = {}
+    for what, cn in nan_injections(c, causal):
+        counts[what] = assert_nan_rule(_run(cn, causal), clean, cn, causal=causal, what=what)
+    assert counts == {"q": 1, "visible_key": 2 * 21, "visible_value": 2 * (11 if causal else 21),
+                      "invisible_key": 0}, counts

@@ -30,13 +30,9 @@ bool mma_applies(const WindowAttentionParams& p) {
          all_aligned(p);
 }
 
-int device_sm_count() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-    (void)cudaGetLastError();  // do not leave a sticky error for the launch check
-    return 132;
-  }
-  return n > 0 ? n : 132;
+int simple_ndc(int64_t D) {
+  const int64_t c = (D + 31) / 32;
+  return c <= 1 ? 1 : (c <= 2 ? 2 : (c <= 4 ? 4 : 8));
 }
 
 }  // namespace
@@ -52,19 +48,45 @@ const char* window_attention_unsupported(const WindowAttentionParams& p) {
 }
 
 WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p, const WindowAttentionOptions& opt) {
+  return plan_window_attention(current_device_profile(), p, opt);
+}
+
+WindowAttentionPlan plan_window_attention(const DeviceProfile& dev, const WindowAttentionParams& p,
+                                          const WindowAttentionOptions& opt) {
   WindowAttentionPlan plan;
-  const bool mma = opt.impl == AttnImpl::kMma && mma_applies(p);
+  // The tile: the largest of each kernel whose dynamic shared memory fits the
+  // device's opt-in limit (the mma kernel at D = 128 and the simple one at
+  // D > 128 do not fit sm_86 / sm_89 with their large tiles); the mma kernel
+  // falls back to the simple one if neither of its tiles fits.
+  bool mma = opt.impl == AttnImpl::kMma && mma_applies(p);
+  const size_t optin = size_t(dev.smem_optin > 0 ? dev.smem_optin : 0);
+  if (mma) {
+    const int d = int(p.D);
+    plan.block_m = attn::mma_smem_bytes(d, 128) <= optin ? 128 : 64;
+    plan.smem_bytes = attn::mma_smem_bytes(d, plan.block_m);
+    mma = plan.smem_bytes <= optin;
+  }
   plan.impl = mma ? AttnImpl::kMma : AttnImpl::kSimple;
-  plan.block_m = mma ? attn::kMmaBlockM : attn::kSimpleBlockM;
+  int threads = attn::kMmaThreads, regs = attn::kMmaRegsCap;
+  if (!mma) {
+    const int ndc = simple_ndc(p.D);
+    const int rows = attn::simple_smem_bytes(ndc, 8) <= optin ? 8 : 4;
+    plan.block_m = 8 * rows;
+    plan.smem_bytes = attn::simple_smem_bytes(ndc, rows);
+    threads = attn::kSimpleThreads;
+    regs = attn::simple_regs_cap(ndc);
+  }
   plan.block_n = mma ? attn::kMmaBlockN : attn::kSimpleBlockN;
+  plan.ctas_per_sm = blocks_per_sm(dev, plan.smem_bytes, threads, regs, 2);
   const int64_t G = p.Hq / p.Hkv;
   plan.q_tiles = ceil_div<int64_t>(p.Lq * G, plan.block_m);
   const int64_t bn = plan.block_n;
   const int64_t lmax_tiles = ceil_div<int64_t>(p.Lmax, bn);  // key tiles of the cache
 
-  // Splits: requested, or as many as give every SM up to two CTAs (both
-  // kernels fit two per SM) when the (b, kv head, q tile) grid alone would
-  // leave SMs idle, keeping >= 128 keys (two mma key tiles) per split and at
+  // Splits: requested, or as many as fill every SM with the CTAs that fit on
+  // it (up to two: plan.ctas_per_sm, from the profile's shared memory and
+  // registers per SM) when the (b, kv head, q tile) grid alone would leave
+  // SMs idle, keeping >= 128 keys (two mma key tiles) per split and at
   // most 64 splits.
   // Rounded down: one split more than fits starts a second wave of a few
   // CTAs (Dream-7B, q_len 216, kv 4096, mma: 48 CTAs x 6 splits of 11 key
@@ -73,10 +95,10 @@ WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p, const 
   int64_t want = opt.num_splits;
   if (want <= 0) {
     const int64_t ctas = int64_t(p.B) * p.Hkv * plan.q_tiles;
-    const int64_t sms = device_sm_count();
+    const int64_t sms = dev.sm_count > 0 ? dev.sm_count : 1;
     want = 1;
     if (ctas < sms) {
-      want = 2 * sms / ctas;  // >= 2
+      want = plan.ctas_per_sm * sms / ctas;  // >= 1
       const int64_t max_by_len = ceil_div<int64_t>(p.Lmax, 128);
       if (want > max_by_len) want = max_by_len;
       if (want > 64) want = 64;
@@ -108,17 +130,21 @@ cudaError_t dispatch(const attn::AttnArgs& a, const WindowAttentionPlan& plan, c
   cudaError_t e = cudaSuccess;
   if (plan.impl == AttnImpl::kMma) {
     if constexpr (sizeof(T) == 2) {
-      e = a.D == 64 ? attn::launch_mma<T, 64>(a, plan.q_tiles, stream)
-                    : attn::launch_mma<T, 128>(a, plan.q_tiles, stream);
+      // BM = 64 only where the 128-row tile does not fit (D = 128 on sm_86 / sm_89).
+      if (a.D == 64) e = attn::launch_mma<T, 64, 128>(a, plan.q_tiles, stream);
+      else if (plan.block_m == 128) e = attn::launch_mma<T, 128, 128>(a, plan.q_tiles, stream);
+      else e = attn::launch_mma<T, 128, 64>(a, plan.q_tiles, stream);
     } else {
       return cudaErrorInvalidValue;
     }
   } else {
-    const int ndc = (a.D + 31) / 32;
-    if (ndc <= 1) e = attn::launch_simple<T, 1>(a, plan.q_tiles, stream);
-    else if (ndc <= 2) e = attn::launch_simple<T, 2>(a, plan.q_tiles, stream);
-    else if (ndc <= 4) e = attn::launch_simple<T, 4>(a, plan.q_tiles, stream);
-    else e = attn::launch_simple<T, 8>(a, plan.q_tiles, stream);
+    // 4 rows per warp only where 8 do not fit (D > 128 on sm_86 / sm_89).
+    const int ndc = simple_ndc(a.D);
+    if (ndc == 1) e = attn::launch_simple<T, 1, 8>(a, plan.q_tiles, stream);
+    else if (ndc == 2) e = attn::launch_simple<T, 2, 8>(a, plan.q_tiles, stream);
+    else if (ndc == 4) e = attn::launch_simple<T, 4, 8>(a, plan.q_tiles, stream);
+    else if (plan.block_m == 64) e = attn::launch_simple<T, 8, 8>(a, plan.q_tiles, stream);
+    else e = attn::launch_simple<T, 8, 4>(a, plan.q_tiles, stream);
   }
   if (e != cudaSuccess || plan.num_splits == 1) return e;
   return attn::launch_combine<T>(a, stream);
@@ -134,6 +160,11 @@ cudaError_t launch_window_attention(const WindowAttentionParams& p, const Window
     return cudaErrorInvalidValue;
   if (plan.impl == AttnImpl::kMma && !mma_applies(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return cudaSuccess;
+  // A plan made for another device (or by hand) whose tile is not one the
+  // dispatch has: refused, never a silently different kernel.
+  if (plan.impl == AttnImpl::kMma ? !(plan.block_m == 128 || (plan.block_m == 64 && p.D == 128))
+                                  : !(plan.block_m == 64 || (plan.block_m == 32 && p.D > 128)))
+    return cudaErrorInvalidValue;
 
   attn::AttnArgs a{};
   a.q = p.q;

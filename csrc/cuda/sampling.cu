@@ -11,6 +11,15 @@ namespace {
 
 constexpr int kPrefixThreads = 128;
 
+// The sampler needs no per-device plan (unlike window_attention's,
+// attention_launch.cu): one 512-thread CTA per row, <= 128 registers per
+// thread by its launch bounds (512 x 128 = the 65,536 registers of one SM on
+// every sm_80+ device), no dynamic shared memory and static shared memory
+// within the 48 KB static limit that every device has (ptxas, nvcc 13.0
+// sm_80: 45,728 B, so 3,424 B of headroom; 37,376 B in the emulated build).
+// Checked here at compile time, so no device profile can refuse its launch.
+static_assert(sizeof(cuda::SampleSmem) <= 48 * 1024, "sampler static shared memory over the 48 KB static limit");
+
 cudaError_t launch_n_accept(const int64_t* draft, const int64_t* target, const int64_t* valid_len,
                             const int64_t* eos_ids, int64_t num_eos, int64_t B, int64_t M, int64_t V,
                             int64_t* n_accept, cudaStream_t stream) {

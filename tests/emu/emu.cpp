@@ -1,5 +1,6 @@
 // TEST-ONLY. The execution model of apd_emu/emu.h: fibers, the CTA scheduler,
 // warp-collective resolution with mask checks, barriers, launch checks.
+#include <atomic>
 #include <cxxabi.h>
 #include <dlfcn.h>
 #include <sys/mman.h>
@@ -394,7 +395,40 @@ cudaError_t take_last_error() {
 }
 void set_last_error(cudaError_t e) { g_last_error = e; }
 
+namespace {
+// Index = device id; 0 is the default (an H100: the planners' historical 132 SMs).
+const DeviceProfile kProfiles[] = {
+    {"H100", 9, 0, 232448, 233472, 132, 65536},
+    {"A100", 8, 0, 166912, 167936, 108, 65536},
+    {"A5000", 8, 6, 101376, 102400, 64, 65536},
+    {"RTX4090", 8, 9, 101376, 102400, 128, 65536},
+};
+constexpr int kNumProfiles = int(sizeof(kProfiles) / sizeof(kProfiles[0]));
+std::atomic<int> g_device{0};
+}  // namespace
+
+int device_count() { return kNumProfiles; }
+const DeviceProfile& device_profile(int device) {
+  if (device < 0 || device >= kNumProfiles) throw Error("apd_emu: no device profile " + std::to_string(device));
+  return kProfiles[device];
+}
+int active_device() { return g_device.load(); }
+int set_active_device(int device) {
+  if (device < 0 || device >= kNumProfiles) return cudaErrorInvalidValue;
+  g_device.store(device);
+  return cudaSuccess;
+}
+
 int set_max_dynamic_smem(const void* kernel, int bytes) {
+  // Above the opt-in limit the driver answers cudaErrorInvalidValue; the
+  // harness makes it a hard error naming the kernel and the profile, as for a
+  // launch over the limit (a planner bug, not a condition a launcher handles).
+  const DeviceProfile& dev = device_profile(active_device());
+  if (bytes > dev.smem_optin)
+    throw Error("apd_emu: " + kernel_name(kernel) + ": MaxDynamicSharedMemorySize " + std::to_string(bytes) +
+                " bytes, over the " + std::to_string(dev.smem_optin) + " byte opt-in limit of the " + dev.name +
+                " profile (sm_" + std::to_string(dev.cc_major) + std::to_string(dev.cc_minor) +
+                "): the planner chose a tile that does not fit this device");
   if (bytes < 0 || size_t(bytes) > kMaxSmemBytes) return cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(g_mutex);
   g_max_dyn_smem[kernel] = bytes;
@@ -433,6 +467,12 @@ int launch(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::fu
     g_last_error = cudaErrorInvalidConfiguration;
     return cudaErrorInvalidConfiguration;
   }
+  const DeviceProfile& dev = device_profile(active_device());
+  if (smem > size_t(dev.smem_optin))
+    throw Error("apd_emu: launch of " + kernel_name(kernel) + " asks for " + std::to_string(smem) +
+                " bytes of dynamic shared memory, over the " + std::to_string(dev.smem_optin) +
+                " byte opt-in limit of the " + dev.name + " profile (sm_" + std::to_string(dev.cc_major) +
+                std::to_string(dev.cc_minor) + "): the planner chose a tile that does not fit this device");
   const auto it = g_max_dyn_smem.find(kernel);
   const size_t limit = it == g_max_dyn_smem.end() ? 48 * 1024 : size_t(it->second);
   if (smem > limit) {

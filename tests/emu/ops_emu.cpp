@@ -167,7 +167,7 @@ at::Tensor accept_prefix_emu(const at::Tensor& draft_in, const at::Tensor& targe
 
 // window_attention with the kernel choice as arguments (the CUDA binding reads
 // APD_ATTN_IMPL / APD_ATTN_SPLITS): impl "simple" or "mma", num_splits 0 =
-// the planner's heuristic (with the emulated 132 SMs).
+// the planner's heuristic (on the active device profile, set_device).
 at::Tensor window_attention_emu(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                 const at::Tensor& q_start_in, const at::Tensor& q_len_in, const at::Tensor& kv_len_in,
                                 bool causal, double scale, c10::string_view impl, int64_t num_splits) {
@@ -212,9 +212,10 @@ at::Tensor window_attention_emu(const at::Tensor& q_in, const at::Tensor& k_in, 
   return outs[0];
 }
 
-// The plan the CUDA path would use (impl, splits), for tests that must know
-// that a case really took the mma kernel or a split.
-std::tuple<std::string, int64_t> window_attention_plan_emu(const at::Tensor& q, const at::Tensor& k,
+// The plan the CUDA path would use on the active device profile (impl,
+// splits, block_m, dynamic shared memory bytes), for tests that must know that
+// a case really took the mma kernel, a split or a tile.
+std::tuple<std::string, int64_t, int64_t, int64_t> window_attention_plan_emu(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& kv_len, c10::string_view impl,
                                                           int64_t num_splits) {
   const at::Tensor q_len = at::full({q.size(0)}, q.size(1), kv_len.options().dtype(at::kLong));
@@ -226,7 +227,8 @@ std::tuple<std::string, int64_t> window_attention_plan_emu(const at::Tensor& q, 
   opt.impl = impl == "mma" ? apd::AttnImpl::kMma : apd::AttnImpl::kSimple;
   opt.num_splits = int(num_splits);
   const apd::WindowAttentionPlan plan = apd::plan_window_attention(p, opt);
-  return {plan.impl == apd::AttnImpl::kMma ? "mma" : "simple", int64_t(plan.num_splits)};
+  return {plan.impl == apd::AttnImpl::kMma ? "mma" : "simple", int64_t(plan.num_splits), int64_t(plan.block_m),
+          int64_t(plan.smem_bytes)};
 }
 
 void set_schedules(std::vector<int64_t> kinds, int64_t seed) {
@@ -237,6 +239,23 @@ void set_schedules(std::vector<int64_t> kinds, int64_t seed) {
 }
 
 int64_t last_sync_points() { return int64_t(apd_emu::collectives_resolved()); }
+
+// The emulated devices are device profiles (apd_emu/emu.h): the planners read
+// the active one through cudaGetDevice / cudaDeviceGetAttribute.
+void set_device(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < apd_emu::device_count(), "apd_emu.set_device: device must be in [0, ",
+              apd_emu::device_count(), "), got ", device);
+  TORCH_CHECK(cudaSetDevice(int(device)) == cudaSuccess, "apd_emu.set_device: failed");
+}
+int64_t get_device() { return apd_emu::active_device(); }
+int64_t device_count() { return apd_emu::device_count(); }
+// (name, compute capability as 10 major + minor, opt-in smem per block, smem per SM, SMs, registers per SM)
+std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t> device_profile(int64_t device) {
+  TORCH_CHECK(device >= 0 && device < apd_emu::device_count(), "apd_emu.device_profile: device must be in [0, ",
+              apd_emu::device_count(), "), got ", device);
+  const apd_emu::DeviceProfile& d = apd_emu::device_profile(int(device));
+  return {d.name, d.cc_major * 10 + d.cc_minor, d.smem_optin, d.smem_per_sm, d.sm_count, d.regs_per_sm};
+}
 
 }  // namespace
 
@@ -249,9 +268,13 @@ TORCH_LIBRARY(apd_emu, m) {
   m.def("accept_prefix(Tensor draft, Tensor target, Tensor valid_len, Tensor eos_ids) -> Tensor");
   m.def("window_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_start, Tensor q_len, Tensor kv_len, "
         "bool causal, float scale, str impl, int num_splits) -> Tensor");
-  m.def("window_attention_plan(Tensor q, Tensor k_cache, Tensor kv_len, str impl, int num_splits) -> (str, int)");
+  m.def("window_attention_plan(Tensor q, Tensor k_cache, Tensor kv_len, str impl, int num_splits) -> (str, int, int, int)");
   m.def("set_schedules(int[] kinds, int seed) -> ()");
   m.def("last_sync_points() -> int");
+  m.def("set_device(int device) -> ()");
+  m.def("get_device() -> int");
+  m.def("device_count() -> int");
+  m.def("device_profile(int device) -> (str, int, int, int, int, int)");
 }
 
 TORCH_LIBRARY_IMPL(apd_emu, CPU, m) {
@@ -265,4 +288,8 @@ TORCH_LIBRARY_IMPL(apd_emu, CPU, m) {
 TORCH_LIBRARY_IMPL(apd_emu, CompositeExplicitAutograd, m) {
   m.impl("set_schedules", &set_schedules);
   m.impl("last_sync_points", &last_sync_points);
+  m.impl("set_device", &set_device);
+  m.impl("get_device", &get_device);
+  m.impl("device_count", &device_count);
+  m.impl("device_profile", &device_profile);
 }

@@ -116,6 +116,48 @@ std::string error_of(dim3 block, F body) {
   return "";
 }
 
+// Device profiles: the attributes the planners read, and the opt-in limit of
+// the active profile enforced on the attribute and on the launch (hard errors).
+void test_profiles(int* key) {
+  int n = 0, dev = -1;
+  CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMaxSharedMemoryPerBlockOptin, 0) == cudaSuccess && n == 232448,
+        "H100 opt-in: %d", n);
+  CHECK(cudaSetDevice(2) == cudaSuccess && cudaGetDevice(&dev) == cudaSuccess && dev == 2, "set device 2: %d", dev);
+  const int want[6][2] = {{cudaDevAttrComputeCapabilityMajor, 8}, {cudaDevAttrComputeCapabilityMinor, 6},
+                          {cudaDevAttrMaxSharedMemoryPerBlockOptin, 101376},
+                          {cudaDevAttrMaxSharedMemoryPerMultiprocessor, 102400},
+                          {cudaDevAttrMultiProcessorCount, 64}, {cudaDevAttrMaxRegistersPerMultiprocessor, 65536}};
+  for (const auto& w : want) {
+    CHECK(cudaDeviceGetAttribute(&n, cudaDeviceAttr(w[0]), dev) == cudaSuccess && n == w[1], "A5000 attr %d: %d",
+          w[0], n);
+  }
+  // The 64 KB attribute set above still fits; one byte over the opt-in limit
+  // fails on the attribute and on a launch (the attribute kept from the H100
+  // profile notwithstanding).
+  const int fits = apd_emu::launch(key, dim3(1), dim3(32), 64 * 1024, [] {});
+  CHECK(fits == cudaSuccess, "64 KB on the A5000 profile: %d", fits);
+  std::string attr_err, launch_err;
+  try {
+    (void)apd_emu::set_max_dynamic_smem(key, 101377);
+  } catch (const apd_emu::Error& e) {
+    attr_err = e.what();
+  }
+  CHECK(attr_err.find("101376 byte opt-in limit of the A5000 profile (sm_86)") != std::string::npos,
+        "attribute over the opt-in limit: '%s'", attr_err.c_str());
+  CHECK(cudaSetDevice(0) == cudaSuccess, "back to device 0");
+  CHECK(apd_emu::set_max_dynamic_smem(key, 104464) == cudaSuccess, "104464 B on the H100 profile");
+  CHECK(cudaSetDevice(3) == cudaSuccess, "device 3");
+  try {
+    (void)apd_emu::launch(key, dim3(1), dim3(32), 104464, [] {});
+  } catch (const apd_emu::Error& e) {
+    launch_err = e.what();
+  }
+  CHECK(launch_err.find("asks for 104464 bytes") != std::string::npos &&
+            launch_err.find("RTX4090 profile (sm_89)") != std::string::npos,
+        "launch over the opt-in limit: '%s'", launch_err.c_str());
+  CHECK(cudaSetDevice(0) == cudaSuccess && cudaSetDevice(4) == cudaErrorInvalidValue, "device ids");
+}
+
 void test_errors() {
   const std::string div = error_of(dim3(64), [] {
     if (threadIdx.x < 40) __syncthreads();
@@ -136,6 +178,7 @@ void test_errors() {
   const int ok = apd_emu::launch(key, dim3(1), dim3(32), 64 * 1024, [] {});
   CHECK(ok == cudaSuccess, "64 KB dynamic smem with the attribute: %d", ok);
   (void)apd_emu::take_last_error();
+  test_profiles(key);
 }
 
 }  // namespace

@@ -5,8 +5,11 @@
 //   plan = plan_window_attention(params, options);       // pure host logic
 //   ws   = <plan.workspace_bytes bytes on the device>;   // 0 when not split
 //   err  = launch_window_attention(params, plan, ws, plan.workspace_bytes, stream);
-// The plan depends only on shapes, dtype, pointer alignment and the device's
-// SM count, never on the contents of q_start / q_len / kv_len.
+// The plan is a pure function of the device profile (apd/device_profile.h:
+// opt-in shared memory, shared memory and registers per SM, SM count) and of
+// shapes, dtype and pointer alignment, never of the contents of q_start /
+// q_len / kv_len: it picks the kernel's tile that fits the device's opt-in
+// shared memory, and the split that fills its SMs.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -14,6 +17,7 @@
 #include <cuda_runtime_api.h>
 
 #include "apd/attention_params.h"
+#include "apd/device_profile.h"
 
 namespace apd {
 
@@ -29,20 +33,27 @@ struct WindowAttentionOptions {
 
 struct WindowAttentionPlan {
   AttnImpl impl = AttnImpl::kSimple;  // the kernel that will run
-  int block_m = 0;                    // packed (position, head) query rows per CTA
+  int block_m = 0;                    // packed (position, head) query rows per CTA: simple 64 (32 where
+                                      // 64 does not fit), mma 128 (64 where 128 does not fit)
   int block_n = 0;                    // keys per K/V tile
   int64_t q_tiles = 0;                // ceil(Lq * Hq / Hkv / block_m)
   int num_splits = 1;                 // KV chunks; 1 = no split, no workspace, no combine
   int64_t chunk = 0;                  // keys per split at kv_len = Lmax, a multiple of block_n (the
                                       // kernels size each sequence's splits from its own kv_len)
   size_t workspace_bytes = 0;         // partial out [S, B, Lq, Hq, D] (input dtype) + fp32 lse [S, B, Lq, Hq]
+  size_t smem_bytes = 0;              // the kernel's dynamic shared memory (<= the profile's opt-in, except
+                                      // for a simple-kernel tile that fits no tile: then the launch fails)
+  int ctas_per_sm = 0;                // CTAs of the kernel that fit one SM (the split heuristic's unit)
 };
 
 // nullptr when the CUDA kernels support these shapes, else a message naming the
 // problem (e.g. an unsupported head dim). Host-only, no device access.
 const char* window_attention_unsupported(const WindowAttentionParams& p);
 
-// Chooses the kernel and the split (queries the current device's SM count).
+// Chooses the kernel, its tile and the split for `dev` (a pure function).
+WindowAttentionPlan plan_window_attention(const DeviceProfile& dev, const WindowAttentionParams& p,
+                                          const WindowAttentionOptions& opt);
+// The same for the current device (current_device_profile(), cached per device).
 WindowAttentionPlan plan_window_attention(const WindowAttentionParams& p,
                                           const WindowAttentionOptions& opt);
 

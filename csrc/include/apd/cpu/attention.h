@@ -10,6 +10,18 @@
 // The fp32 inner kernels use GCC/Clang vector extensions (8 floats) and are
 // compiled twice on x86-64 (AVX2+FMA and baseline SSE2), picked at load time;
 // fp16 rows are decoded with F16C where the CPU has it.
+//
+// NaN (docs/SEMANTICS.md, as SDPA): a NaN in a row's q or in a key it sees
+// makes its scores NaN; the running max (a > comparison) skips them, and p,
+// the running sum l and O turn NaN, so the row comes out NaN (the epilogue
+// writes zeros only for l == 0, a row that saw no key). A NaN in a visible
+// value makes some dims of O NaN; the epilogue spreads it to the whole row. A key the row does
+// not see is masked before the max and its p is 0, but P V would add 0 * NaN
+// for a NaN (or inf) V row: so in a block that some row sees only in part
+// (the causal diagonal; bidirectional rows share kv_len and never do) the V
+// rows past the smallest visible count are checked, a non-finite one is
+// zeroed, and each row that does see it is marked NaN. Elsewhere no extra
+// work.
 #pragma once
 #if defined(_OPENMP)
 #include <omp.h>
@@ -266,10 +278,30 @@ struct Workspace {
   std::vector<float> q, kt, v, s, o, m, l, alpha, row;
   std::vector<int64_t> limit;  // visible keys [0, limit) of each packed row
   std::vector<int> n_vis;      // of those, how many fall in the current block
+  std::vector<uint8_t> nan_row;  // the row sees a non-finite V row of a partly visible block
+  std::vector<uint8_t> v_bad;    // [kBlockN] that V row of the block was non-finite (zeroed)
   Workspace(int64_t rows, int64_t dp)
       : q(rows * dp), kt(dp * kBlockN), v(kBlockN * dp), s(rows * kBlockN), o(rows * dp), m(rows), l(rows),
-        alpha(rows), row(dp), limit(rows), n_vis(rows) {}
+        alpha(rows), row(dp), limit(rows), n_vis(rows), nan_row(rows), v_bad(kBlockN) {}
 };
+
+// Keys [lo, nb) of the block are hidden from some valid row: a non-finite V
+// row among them is zeroed (0 * NaN would reach the rows that do not see it)
+// and every row that does see it (n < n_vis[r]) is marked NaN.
+inline void mask_nonfinite_v(Workspace& w, int rows, int lo, int nb, int64_t D, int64_t dp) {
+  bool any = false;
+  for (int n = lo; n < nb; ++n) {
+    float* vs = w.v.data() + int64_t(n) * dp;
+    bool bad = false;
+    for (int64_t d = 0; d < D; ++d) bad |= !std::isfinite(vs[d]);
+    w.v_bad[n] = bad;
+    if (bad) std::fill(vs, vs + D, 0.0f);
+    any |= bad;
+  }
+  if (!any) return;
+  for (int r = 0; r < rows; ++r)
+    for (int n = lo; n < w.n_vis[r]; ++n) w.nan_row[r] |= w.v_bad[n];
+}
 
 template <typename T>
 void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t hkv, int64_t j0, int64_t bm,
@@ -294,6 +326,7 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
     kend = std::max(kend, lim);
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.0f;
+    w.nan_row[r] = 0;
     if (lim > 0) {
       const T* qr = q + b * p.q_stride_b + j * p.q_stride_l + (hkv * g + r % g) * p.q_stride_h;
       float* qs = w.q.data() + r * dp;
@@ -333,7 +366,12 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
         __builtin_prefetch(vr + off);
       }
     }
-    for (int r = 0; r < rows; ++r) w.n_vis[r] = int(std::clamp<int64_t>(w.limit[r] - k0, 0, nb));
+    int lo = nb;  // smallest visible count in this block over the valid rows
+    for (int r = 0; r < rows; ++r) {
+      w.n_vis[r] = int(std::clamp<int64_t>(w.limit[r] - k0, 0, nb));
+      if (w.limit[r] > 0) lo = std::min(lo, w.n_vis[r]);
+    }
+    if (lo < nb) mask_nonfinite_v(w, rows, lo, nb, D, dp);
     scores_block(w.q.data(), w.kt.data(), w.s.data(), rows, dpi);
     softmax_block(w.s.data(), w.n_vis.data(), w.m.data(), w.l.data(), w.alpha.data(), rows);
     pv_block(w.s.data(), w.v.data(), w.alpha.data(), w.o.data(), rows, nb, dpi);
@@ -342,10 +380,16 @@ void run_task(const WindowAttentionParams& p, Workspace& w, int64_t b, int64_t h
   for (int64_t r = 0; r < rows_here * g; ++r) {
     const int64_t j = j0 + r / g, h = hkv * g + r % g;
     T* orow = out + ((b * p.Lq + j) * p.Hq + h) * D;
-    // No visible key (padding row, or a row the wrapper's checks rule out): zeros.
-    const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
+    // No visible key (padding row, or a row the wrapper's checks rule out),
+    // l == 0: zeros. l NaN (a NaN score) gives NaN, as does a marked row,
+    // and a NaN in a visible value (NaN in some dims of O) spreads to the
+    // whole row.
+    const float l = w.l[r];
     const float* os = w.o.data() + r * dp;
-    for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(inv > 0.0f ? os[d] * inv : 0.0f);
+    bool nan = w.nan_row[r] != 0;
+    for (int64_t d = 0; d < D; ++d) nan |= std::isnan(os[d]);
+    const float inv = nan ? std::numeric_limits<float>::quiet_NaN() : (l != 0.0f ? 1.0f / l : 0.0f);
+    for (int64_t d = 0; d < D; ++d) orow[d] = from_float<T>(l != 0.0f ? os[d] * inv : 0.0f);
   }
 }
 

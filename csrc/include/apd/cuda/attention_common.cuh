@@ -208,15 +208,20 @@ __global__ void __launch_bounds__(256) window_attention_combine_kernel(const Att
   const T* ws = static_cast<const T*>(a.ws_o);
   float m = -INFINITY;
   for (int sp = 0; sp < nsp; ++sp) m = fmaxf(m, a.ws_lse[sp * rows + row]);
+  // NaN (docs/SEMANTICS.md): a split that saw a NaN has lse NaN (which the
+  // fmaxf above skips; its weight exp2f(NaN - m) is NaN) or a NaN partial;
+  // either way num or den turns NaN and so does the row. A split that saw no
+  // key (lse -inf) is skipped, so its zero partial adds nothing.
   for (int d = lane; d < a.D; d += 32) {
     float num = 0.f, den = 0.f;
     for (int sp = 0; sp < nsp; ++sp) {
       const float l = a.ws_lse[sp * rows + row];
-      const float w = (m == -INFINITY || l == -INFINITY) ? 0.f : exp2f(l - m);
+      if (l == -INFINITY) continue;
+      const float w = exp2f(l - m);
       den += w;
-      if (w > 0.f) num += w * load_elem(ws + (sp * rows + row) * a.D + d);
+      num += w * load_elem(ws + (sp * rows + row) * a.D + d);
     }
-    store_elem(o + d, den > 0.f ? num / den : 0.f);
+    store_elem(o + d, den != 0.f ? num / den : 0.f);
   }
 }
 
@@ -234,18 +239,35 @@ cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t q_tiles, int 
 }
 
 // Host-side launch entry points, explicitly instantiated in csrc/cuda/attention_*.cu.
-template <typename T, int NDC>
+// R: packed rows per warp of the simple kernel (8, or 4 where 8 does not fit);
+// BM: q rows per CTA of the mma kernel (128, or 64 where 128 does not fit).
+template <typename T, int NDC, int R>
 cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
-template <typename T, int D>
+template <typename T, int D, int BM>
 cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream);
 
-// Tile sizes, needed by the planner without the kernel definitions.
-constexpr int kSimpleBlockM = 64;  // 8 warps x 8 packed rows
-constexpr int kSimpleBlockN = 32;  // one key per lane
-constexpr int kMmaBlockM = 128;    // 4 warps x 32 packed rows
+// Tile sizes and shared memory, needed by the planner without the kernel
+// definitions (the kernels' Cfg structs static_assert that they agree).
+constexpr int kSimpleThreads = 256;  // 8 warps
+constexpr int kSimpleBlockN = 32;    // one key per lane
+constexpr int kMmaThreads = 128;     // 4 warps
 constexpr int kMmaBlockN = 64;
-
+// Simple kernel, NDC = ceil(D / 32) rounded up to a power of two, R rows per
+// warp: fp32 Qs [8R][32 NDC] + Ks [32][32 NDC + 1] + Vs [32][32 NDC].
+constexpr size_t simple_smem_bytes(int ndc, int rows_per_warp) {
+  return (size_t(8 * rows_per_warp) * 32 * ndc + size_t(kSimpleBlockN) * (32 * ndc + 1) +
+          size_t(kSimpleBlockN) * 32 * ndc) * sizeof(float);
+}
+// Per-thread register cap of the simple kernel's launch bounds (2 CTAs / SM
+// up to NDC = 4, i.e. 65536 / 512 = 128 registers; 255 above).
+constexpr int simple_regs_cap(int ndc) { return ndc <= 4 ? 128 : 255; }
+// Mma kernel: 16-bit Qs [BM][D + 8] + Ks, Vs [2][64][D + 8] (double-buffered)
+// + a 16-byte mask of non-finite V rows.
+constexpr size_t mma_smem_bytes(int d, int block_m) {
+  return (size_t(block_m) + 4 * size_t(kMmaBlockN)) * size_t(d + 8) * 2 + 16;
+}
+constexpr int kMmaRegsCap = 255;  // __launch_bounds__(128): no occupancy request
 }  // namespace attn
 }  // namespace apd

@@ -7,7 +7,8 @@
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
 //  * grid = (q_tiles, B * Hkv, num_splits); 128 threads = 4 warps.
 //  * A CTA owns block_m = 128 packed rows (positions x the G query heads of
-//    one kv head); warp w owns packed rows 16w + 64 mi .. + 15, mi = 0, 1
+//    one kv head), or 64 where the device's opt-in shared memory does not
+//    hold 128 (below); warp w owns packed rows 16w + 64 mi .. + 15, mi < BM / 64
 //    (TiledMMA: 4 x 1 warps of one m16n8k16 atom, repeated twice along M; N
 //    tile 16 so one ldmatrix.x4 feeds two atoms). 32 rows per warp, as FA2:
 //    every K / V byte a warp pulls from shared memory feeds 32 rows, and
@@ -16,8 +17,12 @@
 //    (tile t + 1 is in flight while tile t is computed).
 //  * Shared memory, 16-bit, row stride D + 8 elements (the 16-byte skew makes
 //    the 8 row addresses of every ldmatrix hit distinct banks):
-//      Qs [128][D + 8], Ks [2][64][D + 8], Vs [2][64][D + 8]
-//    = 6 * 64 * (D + 8) * 2 bytes: 104 KB at D = 128, 55 KB at D = 64.
+//      Qs [BM][D + 8], Ks [2][64][D + 8], Vs [2][64][D + 8], + 16 B (a key mask)
+//    = (BM + 256) (D + 8) 2 + 16 bytes: BM = 128: 104,464 B at D = 128 (over
+//    the 101,376 B opt-in of sm_86 / sm_89), 55,312 B at D = 64; BM = 64:
+//    87,056 B at D = 128 (the planner takes it only where 128 does not fit:
+//    every K / V byte then feeds 64 rows, not 128, so 2x the L2 passes, and
+//    one CTA per SM on sm_86 / sm_89, where 100 KB per SM holds one).
 //  * Q: at D = 64 moved to registers once (A fragments, 32 registers per
 //    thread) and reused by every key tile; at D = 128 it would take 64
 //    registers on top of 128 (O) + 64 (S) accumulators, so it is re-read from
@@ -35,6 +40,17 @@
 //  * ptxas (sm_90a, nvcc 13.0) and the predicted time: bench/NOTES.md.
 //  * Bytes moved per CTA: Q tile once; K and V of its key range once for all
 //    G heads; out (or 16-bit partials + fp32 lse) once.
+//  * NaN (docs/SEMANTICS.md): a NaN score (q or a visible key) is skipped
+//    by the fmaxf of the running max and turns p, and through the mma the
+//    row's sum and O, NaN; the epilogue treats a row with sum != 0 (NaN
+//    included) as seen, so it comes out NaN; a NaN in a visible value
+//    (some dims of O) is spread to the row by a quad vote. A masked key's score is -inf
+//    before the max (p = 0), but p V would still add 0 * NaN for a non-finite
+//    V row: so on a tile that some row of the CTA sees only in part (the
+//    causal diagonal; CTA-uniform test, no cost elsewhere) the V rows of the
+//    keys past the CTA's smallest limit are checked, a non-finite one zeroed
+//    in shared memory, and the running sum of every row that does see it
+//    set to NaN (the flag folded into the sum, no extra register).
 // Every __syncthreads is outside warp-dependent branches; all loop bounds are
 // uniform over the CTA.
 #pragma once
@@ -62,15 +78,16 @@ APD_DEVICE cute::half_t to_elem(float x, cute::half_t) {
   return cute::half_t::bitcast(__half_as_ushort(__float2half_rn(x)));
 }
 
-template <typename T, int D>
+template <typename T, int D, int BM>
 struct MmaCfg {
   static constexpr int kWarps = 4;
-  static constexpr int kBlockM = 128;  // 32 rows per warp: two m16 atoms
+  static constexpr int kBlockM = BM;  // 128: 32 rows per warp (two m16 atoms); 64: 16 (one)
   static constexpr int kBlockN = 64;
   static constexpr int kStride = D + 8;  // elements per smem row
   static constexpr int kTileQ = kBlockM * kStride;
   static constexpr int kTile = kBlockN * kStride;  // one K or V buffer
-  static constexpr size_t kSmemBytes = size_t(kTileQ + 4 * kTile) * 2;
+  // + the 64-bit mask of non-finite V rows of a partly visible tile (16 B).
+  static constexpr size_t kSmemBytes = size_t(kTileQ + 4 * kTile) * 2 + 16;
   static constexpr int kChunks = D / 8;  // 16-byte chunks per row
   // Q fragments of 32 rows cost D registers per thread: kept across key tiles
   // at D = 64; at D = 128 they would add 64 to the 128 (O) + 64 (S) fp32
@@ -78,7 +95,9 @@ struct MmaCfg {
   // k16 slice at a time, as FlashAttention-2 does.
   static constexpr bool kQInRegs = D <= 64;
   static_assert(D == 64 || D == 128, "mma kernel: D in {64, 128}");
-  static_assert(kBlockM == kMmaBlockM && kBlockN == kMmaBlockN, "planner tile sizes");
+  static_assert(BM == 64 || BM == 128, "mma kernel: block_m in {64, 128}");
+  static_assert(kWarps * 32 == kMmaThreads && kBlockN == kMmaBlockN, "planner tile sizes");
+  static_assert(kSmemBytes == mma_smem_bytes(D, BM), "planner smem size");
 
   using E = atoms::Elem<T>;
   // 4 warps along M, one m16n8k16 atom each, repeated twice over the 128-row
@@ -110,10 +129,14 @@ APD_DEVICE auto acc_to_a_layout(Layout l) {
                      get<1>(get<2>(d)));
 }
 
-template <typename T, int D>
+// Non-finite 16-bit value: all exponent bits set.
+APD_DEVICE bool nonfinite16(uint16_t x, bf16_t) { return (x & 0x7f80u) == 0x7f80u; }
+APD_DEVICE bool nonfinite16(uint16_t x, fp16_t) { return (x & 0x7c00u) == 0x7c00u; }
+
+template <typename T, int D, int BLOCK_M>
 __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArgs a) {
   using namespace cute;
-  using Cfg = MmaCfg<T, D>;
+  using Cfg = MmaCfg<T, D, BLOCK_M>;
   using E = typename Cfg::E;
   constexpr int BM = Cfg::kBlockM, BN = Cfg::kBlockN, S = Cfg::kStride, CH = Cfg::kChunks;
   static_assert(BN % (Cfg::kWarps * 32 / CH) == 0, "K/V copy passes");
@@ -123,6 +146,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   uint16_t* Qs = smem16;                 // [BM][S]
   uint16_t* Ks = Qs + Cfg::kTileQ;       // [2][BN][S]
   uint16_t* Vs = Ks + 2 * Cfg::kTile;    // [2][BN][S]
+  uint32_t* vbad = reinterpret_cast<uint32_t*>(Vs + 2 * Cfg::kTile);  // [2]: keys 0-31, 32-63
 
   const int tid = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * BM;
@@ -135,6 +159,13 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   int kb, ke;
   cta_key_range(a, s, row0, BM, split, kb, ke);
   const int ntiles = ke > kb ? (ke - kb + BN - 1) / BN : 0;
+  // Smallest key limit of the CTA's valid rows (CTA-uniform): limits grow
+  // with the position, so it is the first row's (causal); ke otherwise.
+  int lo_lim = ke;
+  if (a.causal && row0 / G < s.q_len) {
+    lo_lim = key_limit(a, s, int(row0 / G));
+    if (lo_lim > ke) lo_lim = ke;
+  }
 
   const T* qg = static_cast<const T*>(a.q);
   const T* kg = static_cast<const T*>(a.k);
@@ -249,6 +280,39 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
     }
     __syncthreads();
 
+    // A tile that some valid row sees only in part (CTA-uniform): keys
+    // [lo_lim, tile end) are masked for some rows. Their V rows are checked
+    // (warps 0-1, one key per thread); a non-finite one is zeroed, so that
+    // the 0 * v of the rows that do not see it stays 0, and flagged for the
+    // rows that do see it.
+    const int tile_end = kt + BN < ke ? kt + BN : ke;
+    if (lo_lim < tile_end) {
+      uint16_t* vt = Vs + buf * Cfg::kTile;
+      if (tid < BN) {
+        bool bad = false;
+        if (kt + tid >= lo_lim && kt + tid < tile_end) {
+          for (int d = 0; d < D; ++d) bad |= nonfinite16(vt[tid * S + d], T{});
+          if (bad)
+            for (int d = 0; d < D; ++d) vt[tid * S + d] = 0;
+        }
+        const uint32_t mask = __ballot_sync(0xffffffffu, bad);
+        if (tid % 32 == 0) vbad[tid / 32] = mask;
+      }
+      __syncthreads();
+      const uint64_t bad = uint64_t(vbad[0]) | (uint64_t(vbad[1]) << 32);
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          // The flag is folded into the running sum: NaN stays NaN through
+          // the later rescales, and the epilogue makes the row NaN.
+          const int nvis = lim[mi][h] - kt;  // keys of this tile the row sees
+          if (nvis > 0 && (bad & (nvis >= 64 ? ~uint64_t(0) : (uint64_t(1) << nvis) - 1)) != 0)
+            lsum[mi][h] = __uint_as_float(0x7fc00000u);
+        }
+      }
+    }
+
     if (Cfg::kQInRegs && t == 0) {
       // Q to registers once (the Q tile landed with the first K/V group).
       copy(copy_q, tSsQ, tSrQ_v);
@@ -341,13 +405,23 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
     float l = lsum[mi][h];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
+    // A NaN in a visible value reaches only some dims of O: spread it to the
+    // row (its dims are held by the 4 lanes of a quad; all lanes shuffle).
+    int nan_row = 0;
+#pragma unroll
+    for (int nt = 0; nt < size<2>(acc_o); ++nt) {
+      const float x0 = acc_o(2 * h, mi, nt), x1 = acc_o(2 * h + 1, mi, nt);
+      nan_row |= int(x0 != x0) | int(x1 != x1);  // NaN
+    }
+    nan_row |= __shfl_xor_sync(0xffffffffu, nan_row, 1);
+    nan_row |= __shfl_xor_sync(0xffffffffu, nan_row, 2);
     const int64_t prow = row0 + get<0>(tOcO(2 * h, mi, 0));
     if (prow >= npacked) continue;
     const int64_t pos = prow / G;
     const int hq = kvh * G + int(prow % G);
     const bool valid = pos < s.q_len;
-    const bool seen = valid && l > 0.f;
-    const float inv = seen ? 1.f / l : 0.f;
+    const bool seen = valid && l != 0.f;  // NaN: seen, and the row comes out NaN
+    const float inv = nan_row ? __uint_as_float(0x7fc00000u) : (seen ? 1.f / l : 0.f);
     if (a.num_splits == 1) {
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
@@ -370,10 +444,10 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int BM>
 cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
-  using Cfg = MmaCfg<T, D>;
-  return launch_tiled(window_attention_mma_kernel<T, D>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
+  using Cfg = MmaCfg<T, D, BM>;
+  return launch_tiled(window_attention_mma_kernel<T, D, BM>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 }  // namespace attn

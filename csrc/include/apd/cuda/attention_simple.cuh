@@ -3,18 +3,31 @@
 //
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
 //  * grid = (q_tiles, B * Hkv, num_splits); 256 threads = 8 warps.
-//  * A CTA owns block_m = 64 packed rows (positions x the G query heads of
-//    one kv head) and walks its key range in tiles of block_n = 32 keys.
+//  * A CTA owns block_m = 8 R packed rows (positions x the G query heads of
+//    one kv head; R = 8 rows per warp, or R = 4 where the device's opt-in
+//    shared memory does not hold R = 8, see below) and walks its key range in
+//    tiles of block_n = 32 keys.
 //  * Shared memory (fp32, converted once on load), DP = 32 * NDC >= D:
-//      Qs [64][DP]      Q pre-scaled by scale * log2(e)  (Q is read once)
+//      Qs [8R][DP]      Q pre-scaled by scale * log2(e)  (Q is read once)
 //      Ks [32][DP + 1]  odd stride: lane j reads key j's row without bank conflicts
 //      Vs [32][DP]      lane reads dims lane + 32 i: conflict-free
-//    = 4 * (64 DP + 32 (DP + 1) + 32 DP) bytes: 65.7 KB at D = 128, 131 KB at 256.
-//  * Warp w owns packed rows 8w .. 8w + 7. S = Q K^T: lane j computes the
+//    = 4 * (8R DP + 32 (DP + 1) + 32 DP) bytes, R = 8: 65,664 B at D = 128,
+//    131,200 B at D = 256 (over the 101,376 B opt-in of sm_86 / sm_89);
+//    R = 4: 98,432 B at D = 256 (fits every sm_80+ card; the planner takes it
+//    only where R = 8 does not fit: half the rows per K/V tile staged).
+//  * Warp w owns packed rows R w .. R w + R - 1. S = Q K^T: lane j computes the
 //    scores of key j for its warp's 8 rows. Online softmax per row with warp
 //    shuffles (the running sum stays per lane and is reduced once at the end).
 //    O += P V: lane owns output dims lane + 32 i (i < NDC) of the 8 rows; p of
-//    key j is broadcast with a shuffle. Accumulators: 8 x NDC fp32 per lane.
+//    key j is broadcast with a shuffle. Accumulators: R x NDC fp32 per lane.
+//  * NaN (docs/SEMANTICS.md): a NaN score (NaN in q or in a visible key)
+//    is not seen by the fmaxf of the running max and turns p, the running sum
+//    and the accumulators of its row NaN; the epilogue treats a row as seen
+//    when its sum is != 0 (NaN included), so the row comes out NaN; a NaN in
+//    a visible value (some dims of O) is spread to the whole row by a warp
+//    vote in the epilogue. A key a
+//    row does not see never reaches it: its score is replaced by -inf before
+//    the max, and its V row is skipped (0 * NaN would be NaN).
 //  * Bytes moved per CTA: Q tile once, K and V of its key range once (shared
 //    by all G heads of the kv head), out or the partials (input dtype) once.
 // Loads are synchronous (no double buffering): other CTAs on the SM hide the
@@ -27,22 +40,23 @@
 namespace apd {
 namespace attn {
 
-template <typename T, int NDC>
+template <typename T, int NDC, int ROWS>
 struct SimpleCfg {
   static constexpr int kWarps = 8;
-  static constexpr int kRows = 8;  // packed rows per warp
+  static constexpr int kRows = ROWS;  // packed rows per warp
   static constexpr int kBlockM = kWarps * kRows;
   static constexpr int kBlockN = 32;
   static constexpr int kDP = 32 * NDC;
   static constexpr int kKS = kDP + 1;
   static constexpr size_t kSmemFloats = size_t(kBlockM) * kDP + size_t(kBlockN) * kKS + size_t(kBlockN) * kDP;
   static constexpr size_t kSmemBytes = kSmemFloats * sizeof(float);
-  static_assert(kBlockM == kSimpleBlockM && kBlockN == kSimpleBlockN, "planner tile sizes");
+  static_assert(kWarps * 32 == kSimpleThreads && kBlockN == kSimpleBlockN, "planner tile sizes");
+  static_assert(kSmemBytes == simple_smem_bytes(NDC, ROWS), "planner smem size");
 };
 
-template <typename T, int NDC>
+template <typename T, int NDC, int ROWS>
 __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple_kernel(const AttnArgs a) {
-  using Cfg = SimpleCfg<T, NDC>;
+  using Cfg = SimpleCfg<T, NDC, ROWS>;
   constexpr int R = Cfg::kRows, BM = Cfg::kBlockM, BN = Cfg::kBlockN, DP = Cfg::kDP, KS = Cfg::kKS;
   constexpr int NT = Cfg::kWarps * 32;
   constexpr int CH = DP / 8;  // 8-element chunks per (padded) row
@@ -164,7 +178,9 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
       sc[r] = p;
     }
 
-    // O += P V.
+    // O += P V over the keys each row sees (lim[r] is warp-uniform, so is
+    // the branch): skipping a masked key, rather than adding 0 * v, keeps a
+    // NaN / inf value of a key the row does not see out of its output.
     const int nkeys = ke - kt < BN ? ke - kt : BN;  // uniform
     for (int j = 0; j < nkeys; ++j) {
       float vj[NDC];
@@ -173,8 +189,10 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         const float pj = __shfl_sync(0xffffffffu, sc[r], j);
+        if (kt + j < lim[r]) {
 #pragma unroll
-        for (int i = 0; i < NDC; ++i) acc[r][i] = fmaf(pj, vj[i], acc[r][i]);
+          for (int i = 0; i < NDC; ++i) acc[r][i] = fmaf(pj, vj[i], acc[r][i]);
+        }
       }
     }
   }
@@ -188,8 +206,13 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
     const int64_t pos = prow / G;
     const int hq = kvh * G + int(prow % G);
     const bool valid = pos < s.q_len;
-    const bool seen = valid && l > 0.f;
-    const float inv = seen ? 1.f / l : 0.f;
+    const bool seen = valid && l != 0.f;  // NaN: seen, and the row comes out NaN
+    // A NaN in a visible value reaches only some dims: spread it to the row.
+    bool nan_dim = false;
+#pragma unroll
+    for (int i = 0; i < NDC; ++i) nan_dim |= acc[r][i] != acc[r][i];  // NaN
+    const bool nan_row = __any_sync(0xffffffffu, nan_dim);
+    const float inv = nan_row ? __uint_as_float(0x7fc00000u) : (seen ? 1.f / l : 0.f);
     if (a.num_splits == 1) {
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
@@ -210,10 +233,10 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
   }
 }
 
-template <typename T, int NDC>
+template <typename T, int NDC, int ROWS>
 cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
-  using Cfg = SimpleCfg<T, NDC>;
-  return launch_tiled(window_attention_simple_kernel<T, NDC>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
+  using Cfg = SimpleCfg<T, NDC, ROWS>;
+  return launch_tiled(window_attention_simple_kernel<T, NDC, ROWS>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 template <typename T>

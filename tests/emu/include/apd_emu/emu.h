@@ -32,7 +32,19 @@
 //     CTA's bytes).
 //   * Launch limits as the driver: grid x < 2^31, y, z <= 65535; <= 1024
 //     threads (x, y <= 1024, z <= 64); dynamic smem <= 48 KB unless raised by
-//     cudaFuncSetAttribute(MaxDynamicSharedMemorySize), never above 227 KB.
+//     cudaFuncSetAttribute(MaxDynamicSharedMemorySize), never above the active
+//     device profile's opt-in limit (227 KB on the default H100 profile).
+//   * Device profiles: the emulated "devices" are the profiles of real cards
+//     (A100 sm_80, A5000 sm_86, RTX 4090 sm_89, H100 sm_90; device id =
+//     profile index, cudaSetDevice picks one, H100 by default).
+//     cudaDeviceGetAttribute answers from the active one (compute capability,
+//     opt-in shared memory per block, shared memory and registers per SM, SM
+//     count), so the planners read it through the calls the product makes.
+//     Raising a kernel's attribute above the opt-in limit fails as on the
+//     driver (cudaErrorInvalidValue), and a launch asking for more dynamic
+//     shared memory than the opt-in limit is a hard harness error (Error
+//     naming the kernel, the bytes and the profile), whatever attribute a
+//     kernel kept from another profile.
 //
 // Device math: intrinsics with an exact IEEE definition (__fmul_rn,
 // __fadd_rn, bit casts, RNE conversions to half / bfloat16 / integers) are
@@ -162,6 +174,21 @@ int schedule_kind();
 // harness error; returns a launch error code as the driver would).
 int launch(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 int set_max_dynamic_smem(const void* kernel, int bytes);
+
+// Device profiles (the cards of the build's arch list; figures from the CUDA C
+// Programming Guide's per-compute-capability table and the cards' specs).
+struct DeviceProfile {
+  const char* name;
+  int cc_major, cc_minor;
+  int smem_optin;   // cudaDevAttrMaxSharedMemoryPerBlockOptin
+  int smem_per_sm;  // cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  int sm_count;     // cudaDevAttrMultiProcessorCount
+  int regs_per_sm;  // cudaDevAttrMaxRegistersPerMultiprocessor
+};
+int device_count();
+const DeviceProfile& device_profile(int device);
+int active_device();
+int set_active_device(int device);  // cudaErrorInvalidValue (1) for an unknown id
 
 // Dynamic shared memory arrays (`extern __shared__ T name[]`), registered by
 // kernel_smem.cpp; `get` returns this OS thread's instance.

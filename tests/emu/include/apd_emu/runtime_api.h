@@ -16,12 +16,18 @@ struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 
 enum cudaFuncAttribute : int { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr : int {  // the runtime's values
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxRegistersPerMultiprocessor = 82,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 
 namespace apd_emu {
 cudaError_t take_last_error();
 void set_last_error(cudaError_t e);
-constexpr int kEmulatedSmCount = 132;  // an H200: the split-KV planner sees the real count
 }  // namespace apd_emu
 
 inline cudaError_t cudaGetLastError() { return apd_emu::take_last_error(); }
@@ -39,14 +45,24 @@ inline const char* cudaGetErrorString(cudaError_t e) {
     default: return "unspecified launch failure (emulated)";
   }
 }
+// Devices are the harness's device profiles (apd_emu/emu.h).
 inline cudaError_t cudaGetDevice(int* dev) {
-  *dev = 0;
+  *dev = apd_emu::active_device();
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = apd_emu::kEmulatedSmCount;
-  return cudaSuccess;
+inline cudaError_t cudaSetDevice(int dev) { return cudaError_t(apd_emu::set_active_device(dev)); }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (device < 0 || device >= apd_emu::device_count()) return cudaErrorInvalidValue;
+  const apd_emu::DeviceProfile& d = apd_emu::device_profile(device);
+  switch (attr) {
+    case cudaDevAttrMultiProcessorCount: *value = d.sm_count; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor: *value = d.cc_major; return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor: *value = d.cc_minor; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *value = d.smem_per_sm; return cudaSuccess;
+    case cudaDevAttrMaxRegistersPerMultiprocessor: *value = d.regs_per_sm; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *value = d.smem_optin; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
 }
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F* kernel, cudaFuncAttribute attr, int value) {
