@@ -157,18 +157,30 @@ def test_stop_string_criteria(setup):
         assert text.endswith("\n") and text.count("\n") == 1  # cut right after the first newline
 
 
-@pytest.mark.parametrize("stop", ["\n", " = 2", "Gets 7"])
-def test_stop_strings_end_generation_early(setup, stop):
+@pytest.mark.parametrize("which", ["newline", "tokens"])
+def test_stop_strings_end_generation_early(setup, which):
     """With stop_tokenizer=, a StopStringCriteria's strings (one or several
     tokens) go into the Engine: each row ends at the step that produces its
     stop string; the sequences equal the run without it cut as transformers
-    cuts (just after the completing token), and fewer steps run."""
+    cuts (just after the completing token), and fewer steps run.
+    M=4 makes the 30-token budget take several steps; the stops are "\n" (the
+    end of each row's first line) or, per row, the text of its generated
+    tokens 2..4 (several tokens each), taken from a run without stops so that
+    every row meets one early whatever the weights say."""
     from transformers import StopStringCriteria
     import apd_ext.decoding.apd as apd_mod
     s = setup
-    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], [stop])])
-    kw = dict(attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"], R=R, W=W, M=M,
-              max_new_tokens=30, do_sample=False, stopping_criteria=crit)
+    P = s["ids"].shape[1]
+    base = dict(attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"], R=R, W=W, M=4,
+                max_new_tokens=30, do_sample=False)
+    if which == "newline":
+        stops = ["\n"]
+    else:
+        free = s["ar"].generate(s["ids"], **base)
+        stops = [s["tok"].decode(free[b, P + 2:P + 5].tolist()) for b in range(3)]
+        assert all(len(s["tok"](x, add_special_tokens=False)["input_ids"]) >= 2 for x in stops), stops
+    crit = StoppingCriteriaList([StopStringCriteria(s["tok"], stops)])
+    kw = dict(base, stopping_criteria=crit)
     steps = []
     real = apd_mod.Engine.step
 
@@ -186,9 +198,8 @@ def test_stop_strings_end_generation_early(setup, stop):
     finally:
         apd_mod.Engine.step = real
     assert torch.equal(early, cut_only)
-    P = s["ids"].shape[1]
     texts = [s["tok"].decode([t for t in early[b, P:].tolist() if t != PAD]) for b in range(3)]
-    assert any(stop in t for t in texts)
+    assert all(any(stop in t for stop in stops) for t in texts), (texts, stops)
     assert len(steps) < n_cut_only, (len(steps), n_cut_only)
 
 
