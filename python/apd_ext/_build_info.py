@@ -175,9 +175,9 @@ def record():
 def rebuild_command(rec, cuda: bool, archs: str | None = None) -> str:
     """The command that rebuilds the extension for this python and its torch
     (--no-build-isolation: an isolated build would fetch another torch)."""
-    src = (rec or {}).get("source_dir")
-    if not (src and os.path.isfile(os.path.join(src, "setup.py"))):
-        src = "<the apd-ext source tree>"
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # python/apd_ext -> root
+    src = next((d for d in ((rec or {}).get("source_dir"), here) if d and os.path.isfile(os.path.join(d, "setup.py"))),
+               "<the apd-ext source tree>")
     so = extension_path() or ""
     editable = src != "<the apd-ext source tree>" and os.path.abspath(so).startswith(os.path.abspath(src) + os.sep)
     env = "APD_EXT_CUDA=1" if cuda else "APD_EXT_CUDA=0"
@@ -225,6 +225,10 @@ def _torch_message(rec, why: str) -> str:
 def load_extension():
     """Import apd_ext._C (registering torch.ops.apd.*) after checking that it was
     built against this torch; one clear ExtensionImportError otherwise."""
+    if extension_path() is None:
+        raise ExtensionImportError(
+            "apd_ext: the compiled extension (apd_ext._C) is not there: this package was not built. Build it: "
+            f"{rebuild_command(None, False).replace('APD_EXT_CUDA=0 ', '')}")
     rec = record()
     why = torch_mismatch(rec)
     if why:
