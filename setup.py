@@ -129,9 +129,10 @@ def record_source(record: dict) -> str:
     path = os.path.join(ROOT, "build", "gen", f"build_info_{hashlib.sha256(body.encode()).hexdigest()[:12]}.cpp")
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
+        tmp = f"{path}.{os.getpid()}.tmp"  # concurrent builds of one variant write the same text
+        with open(tmp, "w") as f:
             f.write(body)
-        os.replace(path + ".tmp", path)
+        os.replace(tmp, path)
     return os.path.relpath(path, ROOT)
 
 
