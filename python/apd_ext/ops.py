@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from apd_ext import _C  # noqa: F401  (registers torch.ops.apd.*)
+from apd_ext._build_info import check_device, load_extension
 from apd_ext._validate import (  # noqa: F401
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -20,7 +20,17 @@ from apd_ext._validate import (  # noqa: F401
     fail,
 )
 
+_C = load_extension()  # registers torch.ops.apd.*; one clear error if built against another torch
+
 __all__ = ["sample_draft", "mixture_accept", "accept_prefix", "window_attention"]
+
+
+def _check_build(device: torch.device) -> None:
+    """Before the first dispatch on a CUDA device: one clear error when this build
+    has no kernels for it (CPU-only, or no SASS/PTX for its capability) instead of
+    the dispatcher's or the driver's "no kernel image". Cached per device."""
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        check_device(device)
 
 # ---------------------------------------------------------------------------
 # Sampling core (DESIGN.md §4): sample_draft, mixture_accept, accept_prefix
@@ -57,6 +67,7 @@ def _check_logits(name: str, t, *, dtypes=FLOAT_DTYPES, device=None) -> torch.Te
         fail(name, "a tensor on cpu or cuda", f"one on {t.device}")
     if t.shape[2] < 1:
         fail(name, "a vocabulary (last) dimension >= 1", list(t.shape))
+    _check_build(t.device)
     return t
 
 
@@ -234,6 +245,7 @@ def accept_prefix(
     device = draft.device
     if device.type not in ("cpu", "cuda"):
         fail("draft", "a tensor on cpu or cuda", f"one on {device}")
+    _check_build(device)
     B, M = draft.shape
     check_tensor("target", target, ndim=2, dtypes=(torch.int64,), device=device, shape=(B, M))
     check_batch_vector("valid_len", valid_len, B, device)
@@ -322,6 +334,7 @@ def window_attention(
     device = q.device
     if device.type not in ("cpu", "cuda"):
         fail("q", "a tensor on cpu or cuda", f"one on {device}")
+    _check_build(device)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=(q.dtype,), device=device)
     B, Lq, Hq, D = q.shape
