@@ -19,6 +19,22 @@ def in_ci() -> bool:
 requires_cuda = pytest.mark.skipif(not cuda_available(), reason="needs a CUDA device")
 
 
+@pytest.fixture(scope="module")
+def tiny_pair_fp32():
+    """(dLLM, verifier) of the shipped tiny pair, loaded in fp32, with one
+    intra-op thread while the module runs: the tiny models' GEMMs are far too
+    small to gain from more, and on a loaded machine extra threads only wait
+    on each other."""
+    import apd_ext
+    from apd_ext import tiny
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    d, a = tiny.paths()
+    yield apd_ext.load_model(d, dtype=torch.float32), apd_ext.load_model(a, dtype=torch.float32)
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     # Without pytest-timeout the pyproject `timeout` is ignored (a warning
     # only) and a looping test hangs CI: in CI, refuse to run without it.

@@ -15,14 +15,8 @@ from apd_ext.engine import Engine
 
 
 @pytest.fixture(scope="module")
-def pair():
-    # One intra-op thread: the tiny models' GEMMs are far too small to gain from
-    # more, and on a loaded machine extra threads only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d, a = tiny.paths()
-    yield apd_ext.load_model(d, dtype=torch.float32), apd_ext.load_model(a, dtype=torch.float32)
-    torch.set_num_threads(threads)
+def pair(tiny_pair_fp32):
+    return tiny_pair_fp32
 
 
 @pytest.fixture(scope="module")

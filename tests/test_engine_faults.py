@@ -22,12 +22,8 @@ MARKER = 77  # a marked request's first prompt token (no unmarked prompt starts 
 
 
 @pytest.fixture(scope="module")
-def pair():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d, a = tiny.paths()
-    yield apd_ext.load_model(d, dtype=torch.float32), apd_ext.load_model(a, dtype=torch.float32)
-    torch.set_num_threads(threads)
+def pair(tiny_pair_fp32):
+    return tiny_pair_fp32
 
 
 @pytest.fixture(scope="module")

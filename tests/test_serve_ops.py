@@ -35,12 +35,8 @@ BUDGET = 60  # seconds any one scenario may take (bounded waits everywhere)
 
 
 @pytest.fixture(scope="module")
-def pair():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    d, a = tiny.paths()
-    yield apd_ext.load_model(d, dtype=torch.float32), apd_ext.load_model(a, dtype=torch.float32)
-    torch.set_num_threads(threads)
+def pair(tiny_pair_fp32):
+    return tiny_pair_fp32
 
 
 @pytest.fixture(scope="module")
