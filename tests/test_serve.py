@@ -145,7 +145,8 @@ def test_completions_equal_apd_generate(server, dirs, i):
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
         chunks = _sse(resp)
     assert "".join(c["choices"][0]["text"] for c in chunks) == want["text"]
-    assert len(chunks) > 1  # streamed block by block
+    # streamed block by block: several chunks whenever the answer took several steps
+    assert len(chunks) >= min(2, len(want["accepted_per_step"])), (len(chunks), want["accepted_per_step"])
     assert chunks[-1]["usage"]["accepted_per_step"] == want["accepted_per_step"]
 
 
@@ -355,7 +356,9 @@ def test_unknown_fields_are_ignored_with_a_warning_header(server):
 
 
 def test_seed_drawn_per_request_and_returned_for_replay(server):
-    body = dict(prompt=f"Question: {QUESTIONS[0]}\nAnswer:\n", max_tokens=16, temperature=1.0, top_p=1.0)
+    # An off-task prompt: on its own task the fine-tuned tiny pair is near-certain
+    # even at temperature 1 (two seeds gave the same 16 tokens).
+    body = dict(prompt="Question: zebra\nAnswer:\n", max_tokens=16, temperature=1.0, top_p=1.0)
     a, b = (httpx.post(server + "/v1/completions", json=body, timeout=60).json() for _ in range(2))
     assert a["seed"] != b["seed"]
     assert a["choices"][0]["text"] != b["choices"][0]["text"]  # 16 tokens at temperature 1: a tie is ~impossible

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -39,10 +40,16 @@ def missing_extra(feature: str) -> Optional[str]:
     """None when ``feature``'s modules import, else the one line that says what to install."""
     modules, extra = EXTRAS[feature]
     for mod in modules:
+        # Found, not imported: importing ray here would fix its settings before
+        # `apd serve` sets them (a loopback server's single-node mode is read
+        # when ray is first imported).
+        top = mod.split(".")[0]
         try:
-            importlib.import_module(mod)
-        except ImportError:
-            return f"{feature} needs {mod.split('.')[0]}, which is not installed: pip install 'apd-ext[{extra}]'"
+            found = importlib.util.find_spec(top) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{feature} needs {top}, which is not installed: pip install 'apd-ext[{extra}]'"
     return None
 
 
