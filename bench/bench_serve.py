@@ -88,7 +88,7 @@ async def http_level(base, bodies, want, c, deadline):
 
 def engine_level(solo, bodies, want, c):
     from apd_ext.config import APDConfig
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
 
     engine = Engine(solo.dllm, solo.ver, APDConfig(M=32), max_batch=c, max_len=256)
     todo = deque(range(len(bodies)))
@@ -171,7 +171,7 @@ def arrivals(n, rate, seed=5):
 def engine_open(solo, bodies, want, c, times):
     """Requests join the Engine's live batch at the first step boundary after they arrive."""
     from apd_ext.config import APDConfig
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
 
     engine = Engine(solo.dllm, solo.ver, APDConfig(M=32), max_batch=c, max_len=256)
     nxt, toks, first, lat, ttfb = 0, {}, {}, [], []
@@ -238,7 +238,7 @@ def step_cost(solo, sizes=(1, 2, 4, 8, 16), steps=8, reps=3):
     import statistics
 
     from apd_ext.config import APDConfig
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
 
     bodies = sc.workload(max(sizes), seed=1)
     times = {n: [] for n in sizes}

@@ -138,7 +138,7 @@ def bad_row(solo, n=16, mode="nan_logits", bad=9):
 
     from apd_ext import tiny
     from apd_ext.config import APDConfig
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
     from apd_ext.serve.app import APDServer
     from apd_ext.serve.loop import StepLoop
     from faults import FaultyModel
@@ -303,7 +303,7 @@ def fatal(solo, n_inflight=3):
             from faults import FaultyModel, SlowModel
 
             from apd_ext.config import APDConfig
-            from apd_ext.engine import Engine
+            from apd_ext import Engine
             from apd_ext.serve.loop import StepLoop
 
             # slowed (0.25 s per forward) so that the other streams are still in flight when the fault hits

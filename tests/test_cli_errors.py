@@ -180,7 +180,7 @@ def test_library_pair_with_different_tokenizers_blames_the_pair(tmp_path):
         apd_ext.generate(dllm, verifier, [torch.tensor([3, 560, 7])], max_new_tokens=4)
     with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 500\)"):
         apd_ext.generate(dllm, verifier, [torch.tensor([3, 600])], max_new_tokens=4)  # outside both
-    engine = apd_ext.engine.Engine(dllm, verifier, max_batch=1)
+    engine = apd_ext.Engine(dllm, verifier, max_batch=1)
     with pytest.raises(ValueError, match=r"dllm / verifier: the prompt's token id 560"):
         engine.add_request([3, 560, 7], None, request_id="r")
 

@@ -11,7 +11,7 @@ import torch
 import apd_ext
 from apd_ext import generate, tiny
 from apd_ext.config import APDConfig
-from apd_ext.engine import Engine
+from apd_ext import Engine
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 import apd_ext
 from apd_ext import generate, tiny
 from apd_ext.config import APDConfig
-from apd_ext.engine import Engine
+from apd_ext import Engine
 from apd_ext.errors import FatalDeviceError, is_fatal
 
 from faults import BatchFault, FaultyModel, PrefillFault, attention_propagates_nan, nan_embedding

@@ -10,7 +10,7 @@ import torch
 import apd_ext
 from apd_ext import ops
 from apd_ext import reference as ref
-from apd_ext.decoding.common import check_progress
+from apd_ext.decoding.scheduler import check_progress
 from apd_ext.reference_loop import reference_generate
 from tests.model_utils import make_tiny_dream, make_tiny_qwen2
 

@@ -14,7 +14,7 @@ import torch
 import apd_ext
 from apd_ext import tiny
 from apd_ext.config import APDConfig
-from apd_ext.engine import Engine
+from apd_ext import Engine
 from apd_ext.output.detokenizer import IncrementalDetokenizer
 from apd_ext.output.stops import RequestText, check_stop_strings
 from qwen_vocab import dream_tokenizer, write_real_vocab_pair

@@ -179,7 +179,7 @@ def test_apd_dream_qwen3_never_drafts_or_accepts_banned_ids(folders, monkeypatch
     _favour_banned(dllm, monkeypatch)
     _favour_banned(verifier, monkeypatch)
     kw = dict(R=0.7, W=4, M=8, temperature=0.7, top_p=0.95, max_new_tokens=8, eos_token_ids=[])
-    eng = apd_ext.engine.Engine(dllm, verifier)
+    eng = apd_ext.Engine(dllm, verifier)
     assert eng.banned == (151665, 151669)  # the Engine's pair check at load
     out = _assert_batch_equals_alone(dllm, verifier, **kw)
     ids = torch.cat([out.generated(b) for b in range(len(PROMPTS))])

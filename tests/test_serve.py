@@ -264,7 +264,7 @@ def test_step_loop_cancel_frees_the_row_and_spares_the_others():
     import apd_ext
     from apd_ext import generate
     from apd_ext.config import APDConfig
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
     from apd_ext.serve.loop import StepLoop
 
     threads = torch.get_num_threads()

@@ -53,7 +53,7 @@ def questions():
 def make_server(pair, wrap=None, **kw):
     """An APDServer on the tiny pair; wrap(dllm) -> the dLLM its Engine runs
     (a fault wrapper), and the FastAPI app with its routes."""
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
     from apd_ext.serve.app import APDServer
     from apd_ext.serve.loop import StepLoop
 
@@ -302,7 +302,7 @@ def test_step_loop_survives_an_exception_escaping_the_engine(pair, tok, question
     """An exception out of Engine.step itself (past its per-request
     containment: a bug) fails the requests live in that step; the loop goes
     on and serves the next request (test-only Engine subclass)."""
-    from apd_ext.engine import Engine
+    from apd_ext import Engine
     from apd_ext.errors import RequestFailed
     from apd_ext.serve.loop import StepLoop
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import apd_ext
-from apd_ext.decoding.step import window_bounds
+from apd_ext.decoding.runner import window_bounds
 from apd_ext.reference_loop import reference_generate
 from tests.model_utils import make_tiny_dream, make_tiny_qwen2
 

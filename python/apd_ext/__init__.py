@@ -8,15 +8,18 @@ __version__ = "0.1.0"
 
 from apd_ext import ops  # noqa: F401  (loads the extension, registers fakes)
 from apd_ext.models import check_compatible, load_model  # noqa: F401,E402  (Qwen2 / Dream runtime)
-from apd_ext.generate import (  # noqa: F401,E402  (APD loop and baselines)
-    APDConfig,
+from apd_ext.config import APDConfig  # noqa: F401,E402
+from apd_ext.decoding import (  # noqa: F401,E402  (APD loop, its baselines, the continuous-batching Engine)
+    DIFFUSION_ALGS,
     APDOutput,
+    Engine,
+    GenerationStats,
+    StepOutput,
     generate,
     generate_ar,
     generate_diffusion,
     generate_leftright,
 )
-from apd_ext import engine  # noqa: F401,E402  (continuous-batching Engine: apd_ext.engine.Engine)
 from apd_ext.pairs import check_pair  # noqa: F401,E402  (the pair checker: `apd check-pair`)
 from apd_ext import tiny  # noqa: F401,E402  (the embedded tiny pair: apd_ext.tiny.paths(), .tokenizer())
 from apd_ext.tokenization import load_tokenizer  # noqa: F401,E402  (a local folder's tokenizer)

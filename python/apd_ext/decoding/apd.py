@@ -1,7 +1,8 @@
 """Batched APD (DESIGN.md §6) and its left-to-right baseline, which shares
 the same window, cache and noise semantics: thin loops over the Engine
-(decoding/engine.py), the one scheduler. The step itself, its host-side
-state and its one host synchronisation per step live there.
+(decoding/engine.py). The step itself lives in the Engine's rooms (scheduler,
+runner, sampler, output path; docs/ARCHITECTURE.md), with its host-side state
+and its one host synchronisation per step.
 """
 from __future__ import annotations
 
@@ -10,20 +11,18 @@ from typing import Optional
 import torch
 
 from apd_ext.config import APDConfig
-from apd_ext.decoding.common import (
-    APDOutput,
-    Callback,
+from apd_ext.decoding.engine import Engine
+from apd_ext.decoding.inputs import (
     check_kind,
+    check_pair,
     check_prompt,
-    finish_output,
     model_device,
     normalize_prompts,
     resolve_eos,
     sampling_args,
     seed_tensor,
 )
-from apd_ext.decoding.engine import Engine
-from apd_ext.decoding.step import check_pair
+from apd_ext.decoding.results import APDOutput, Callback, finish_output
 
 
 def _graphs_supported(device: torch.device) -> bool:

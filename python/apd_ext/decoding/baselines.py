@@ -8,17 +8,9 @@ import torch
 
 from apd_ext import ops
 from apd_ext._validate import check_choice, fail
-from apd_ext.decoding.common import (
-    APDOutput,
-    Callback,
-    GenerationStats,
-    PhaseTimer,
+from apd_ext.decoding.inputs import (
     check_kind,
     check_prompt,
-    cache_prefix,
-    compact_cache_,
-    finish_output,
-    first_eos_count,
     model_device,
     normalize_prompts,
     resolve_eos,
@@ -26,6 +18,8 @@ from apd_ext.decoding.common import (
     seed_tensor,
     stack_prompts,
 )
+from apd_ext.decoding.results import APDOutput, Callback, finish_output, first_eos_count
+from apd_ext.decoding.stats import GenerationStats, PhaseTimer
 
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -225,8 +219,8 @@ def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.
                 break
             stay_d = stay.to(device)
             tokens, seeds_d, tok = tokens[stay_d], seeds_d[stay_d], tok[stay_d]
-            compact_cache_(base, stay_d)
-            cache = cache_prefix(base, live.numel())
+            base.compact_(stay_d)
+            cache = base.view(0, live.numel())
         t_d = t.to(device)
         with timer("verifier"):
             logits = model.forward(tok, cache, t_d - 1, ones[: live.numel()], logit_rows=None)  # [n, 1, V]

@@ -8,11 +8,16 @@ touching a valid position. The scratch slot is never read: kv_len <= max_len.
 
 lengths [B] int64 is the valid prefix of each sequence. Rolling back is only
 lowering lengths (crop): no data moves, nothing is reallocated.
+
+A batch of live sequences is kept in rows 0 .. n-1 of a capacity-B cache:
+view(a, b) is the cache of sequences a .. b-1 sharing the storage (the live
+rows, a join's new rows), and compact_ moves the survivors of a batch to the
+front with one gather, so views (and CUDA graphs captured on them) stay valid.
 """
 from __future__ import annotations
 
 import operator
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -49,6 +54,38 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.num_layers = num_layers
+
+    @classmethod
+    def _of(cls, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, max_len: int) -> "KVCache":
+        """A cache over existing storage (no allocation): k, v [layers, B, max_len + 1, Hkv, D], lengths [B]."""
+        self = cls.__new__(cls)
+        self._k, self._v, self.lengths = k, v, lengths
+        self.batch_size, self.max_len, self.num_layers = k.shape[1], max_len, k.shape[0]
+        return self
+
+    def view(self, a: int, b: int) -> "KVCache":
+        """A VIEW of sequences a .. b-1 (same storage, lengths a view too): writes
+        through it land in this cache. CUDA graphs captured on a view stay valid
+        while nothing reallocates the storage (compact_ moves data in place)."""
+        a, b = _index("a", a), _index("b", b)
+        if not (0 <= a < b <= self.batch_size):
+            fail("a, b", f"0 <= a < b <= {self.batch_size} (the cache's batch size)", (a, b))
+        # [layers, b-a, max_len + 1, Hkv, D] each; lengths [b-a]
+        return KVCache._of(self._k[:, a:b], self._v[:, a:b], self.lengths[a:b], self.max_len)
+
+    def compact_(self, keep: torch.Tensor, upto: Optional[int] = None) -> None:
+        """Batch compaction in place: sequences `keep` ([n] int64 on the cache's
+        device; a subset or a permutation of the rows) move to rows 0 .. n-1 (one
+        gather of K and V). upto: a host bound on every kept sequence's length:
+        only positions [0, upto) move, since nothing past a sequence's length is
+        ever read before it is written. The Engine's caches are max_len wide
+        (4096 by default) and compaction runs whenever a request leaves, so moving
+        the whole width would cost in proportion to max_len, not to what is used."""
+        n = keep.numel()
+        w = self._k.shape[2] if upto is None else min(int(upto), self._k.shape[2])
+        self._k[:, :n, :w] = self._k[:, :, :w].index_select(1, keep)
+        self._v[:, :n, :w] = self._v[:, :, :w].index_select(1, keep)
+        self.lengths[:n] = self.lengths.index_select(0, keep)
 
     @property
     def k(self) -> torch.Tensor:

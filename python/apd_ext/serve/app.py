@@ -42,7 +42,7 @@ class APDServer:
 
         import apd_ext
         from apd_ext.config import APDConfig
-        from apd_ext.engine import Engine
+        from apd_ext import Engine
         from apd_ext.tokenization import is_embedded_pair_folder, load_tokenizer
 
         if loopback:  # a loopback-only `apd serve`: no socket of this replica beyond 127.0.0.1

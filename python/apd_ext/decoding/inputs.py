@@ -1,118 +1,17 @@
-"""Pieces shared by the APD loop and its baselines: the output type, the
-per-phase timer, prompt normalisation and the checks every entry point runs
-before any forward (DESIGN.md §6, §7)."""
+"""The checks every decoding entry point runs before any forward (DESIGN.md
+§6, §7): model kinds and the pair, prompts (ragged lists, padded tensors with
+an attention mask), token ids against both vocabularies, seeds, stop ids and
+the sampling knobs. Bad input fails here with one error naming the argument."""
 from __future__ import annotations
 
-import time
 import warnings
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 
 from apd_ext._validate import fail
-
-# callback(step, tokens_accepted): step is the 1-based step just finished,
-# tokens_accepted[b] the list of token ids sequence b committed in that step.
-Callback = Callable[[int, List[List[int]]], None]
-
-
-@dataclass
-class GenerationStats:
-    """Counters and timings of one generation. Seconds are wall time from the
-    first forward to the last commit, device synchronised; the per-phase
-    seconds come from CUDA events on CUDA and from the host clock on the CPU."""
-
-    steps: int = 0
-    dllm_forwards: int = 0
-    verifier_forwards: int = 0  # for generate_ar: the AR model's forwards
-    generated_tokens: int = 0  # up to and including the first EOS, summed over B
-    seconds: float = 0.0
-    tokens_per_second: float = 0.0
-    dllm_seconds: float = 0.0
-    verifier_seconds: float = 0.0
-    sampling_seconds: float = 0.0
-    batch_size: int = 1
-    sequence_steps: int = 0  # steps summed over the sequences (a batch step counts each live one)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class APDOutput:
-    """sequences: [B, max_b P_b + max_new] int64, row b = prompt b (from column
-    0) + its generation, padded with the pad id after the sequence's end; num_generated: [B] int64 (the first EOS
-    included); accepted_per_step[b]: tokens committed at each step."""
-
-    sequences: torch.Tensor  # [B, P + max_new_tokens] int64
-    num_generated: torch.Tensor  # [B] int64
-    accepted_per_step: List[List[int]]
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    prompt_lengths: List[int] = field(default_factory=list)
-
-    def generated(self, b: int = 0) -> torch.Tensor:
-        """The generated ids of sequence b (1-D, EOS included)."""
-        start = self.prompt_lengths[b]
-        return self.sequences[b, start : start + int(self.num_generated[b])]
-
-    def sequence_stats(self, b: int) -> dict:
-        """Per-sequence counters: steps it was live, tokens generated, tokens per step."""
-        steps = len(self.accepted_per_step[b])
-        gen = int(self.num_generated[b])
-        return dict(steps=steps, generated_tokens=gen, tokens_per_step=gen / steps if steps else 0.0)
-
-
-class PhaseTimer:
-    """Accumulates seconds per phase ('dllm', 'verifier', 'sampling').
-
-    On CUDA it records event pairs and reads them once at the end, so that
-    timing adds no host synchronisation to the loop."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.totals = {"dllm": 0.0, "verifier": 0.0, "sampling": 0.0}
-        self._events = []
-        self._t0 = 0.0
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def start(self) -> None:
-        self.sync()
-        self._t0 = time.perf_counter()
-
-    def stop(self) -> float:
-        """Synchronise, fold the CUDA events into the totals, return wall seconds."""
-        self.sync()
-        seconds = time.perf_counter() - self._t0
-        for phase, begin, end in self._events:
-            self.totals[phase] += begin.elapsed_time(end) / 1e3
-        self._events.clear()
-        return seconds
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if self.cuda:
-            begin = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            begin.record()
-            yield
-            end.record()
-            self._events.append((phase, begin, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.totals[phase] += time.perf_counter() - t0
-
-    def fill(self, stats: GenerationStats, seconds: float) -> None:
-        stats.seconds = seconds
-        stats.dllm_seconds = self.totals["dllm"]
-        stats.verifier_seconds = self.totals["verifier"]
-        stats.sampling_seconds = self.totals["sampling"]
-        stats.tokens_per_second = stats.generated_tokens / seconds if seconds > 0 else 0.0
+from apd_ext.config import APDConfig
+from apd_ext.models.compat import check_compatible
 
 
 def model_device(model) -> torch.device:
@@ -286,42 +185,6 @@ def stack_prompts(prompts: List[torch.Tensor], width: int, fill: int, device) ->
     return out.to(device)
 
 
-def cache_prefix(cache, n: int):
-    """A KVCache VIEW of sequences 0 .. n-1 of `cache` (same storage, lengths a
-    view too): the live rows of a compacted batch. CUDA graphs captured on a
-    view stay valid, since compaction moves data but never reallocates."""
-    from apd_ext.models.cache import KVCache
-
-    view = KVCache.__new__(KVCache)
-    view._k, view._v = cache._k[:, :n], cache._v[:, :n]  # [layers, n, max_len + 1, Hkv, D]
-    view.lengths = cache.lengths[:n]  # [n]
-    view.batch_size, view.max_len, view.num_layers = n, cache.max_len, cache.num_layers
-    return view
-
-
-def compact_cache_(cache, keep: torch.Tensor, upto: Optional[int] = None) -> None:
-    """Batch compaction in place: sequences `keep` ([n] int64, ascending, on
-    the cache's device) move to rows 0 .. n-1 (one gather of K and V).
-    upto: a host bound on every kept sequence's length (its prompt + budget):
-    only positions [0, upto) move, since nothing past a sequence's length is
-    ever read before it is written. The Engine's caches are max_len wide
-    (4096 by default) and compaction runs whenever a request leaves, so moving
-    the whole width would cost in proportion to max_len, not to what is used."""
-    n = keep.numel()
-    w = cache._k.shape[2] if upto is None else min(int(upto), cache._k.shape[2])
-    cache._k[:, :n, :w] = cache._k[:, :, :w].index_select(1, keep)
-    cache._v[:, :n, :w] = cache._v[:, :, :w].index_select(1, keep)
-    cache.lengths[:n] = cache.lengths.index_select(0, keep)
-
-
-def batch_buckets(batch: int) -> List[int]:
-    """Batch sizes with a captured graph: powers of two below `batch`, and `batch`."""
-    out = [1]
-    while out[-1] * 2 < batch:
-        out.append(out[-1] * 2)
-    return sorted(set(out + [batch]))
-
-
 def resolve_eos(model, eos_token_ids) -> List[int]:
     """eos_token_ids: None (the checkpoint's), an int, or an iterable of ints."""
     if eos_token_ids is None:
@@ -339,59 +202,19 @@ def resolve_eos(model, eos_token_ids) -> List[int]:
 
 def sampling_args(temperature, top_p, top_k) -> None:
     """The sampling knobs of the baselines, checked like APDConfig's."""
-    from apd_ext.config import APDConfig
-
     APDConfig(temperature=temperature, top_p=top_p, top_k=top_k)
 
 
-def first_eos_count(ids: Iterable[int], eos: Sequence[int]) -> int:
-    """Number of ids up to and including the first EOS (all of them if none)."""
-    ids = list(ids)
-    for i, v in enumerate(ids):
-        if v in eos:
-            return i + 1
-    return len(ids)
+def check_pair(dllm, verifier):
+    """The pair checks at load: kinds, devices, check_compatible's config checks,
+    and for two folders with tokenizers the full pair report (apd_ext.pairs,
+    cached per folder pair). Returns the banned id range (start, end) or None."""
+    check_kind("dllm", dllm, "dllm")
+    check_kind("verifier", verifier, "ar")
+    from apd_ext.pairs import banned_for_models  # tokenizer-level checks: only when a pair is given
 
-
-def finish_output(prompts: List[torch.Tensor], tokens: torch.Tensor, generated: Sequence[int],
-                  max_new_tokens: int, pad_id: Optional[int], accepted: List[List[int]],
-                  stats: GenerationStats) -> APDOutput:
-    """tokens: [B, >= P_b + generated_b] rows in batch order (prompt b from
-    column 0); keeps prompt + generated of each row, pads the rest."""
-    B = len(prompts)
-    plens = [p.numel() for p in prompts]
-    pad = pad_id if pad_id is not None else 0
-    seq = torch.full((B, max(plens) + max_new_tokens), pad, dtype=torch.int64, device=tokens.device)
-    for b in range(B):
-        n = plens[b] + int(generated[b])
-        seq[b, :n] = tokens[b, :n]
-    stats.generated_tokens = int(sum(generated))
-    stats.batch_size = B
-    stats.sequence_steps = sum(len(a) for a in accepted)
-    return APDOutput(
-        sequences=seq,
-        num_generated=torch.tensor([int(g) for g in generated], dtype=torch.int64),
-        accepted_per_step=accepted,
-        stats=stats,
-        prompt_lengths=plens,
-    )
-
-
-def check_progress(step, t_host: torch.Tensor, n_accept_host: torch.Tensor, live=None) -> None:
-    """The decode loop's progress invariant: a live sequence accepts >= 1 token
-    per step (a_0 = 1, DESIGN §4), so every loop ends. step: an int, or the
-    live sequences' own step counters (host [n]); t_host, n_accept_host:
-    host [n] int64 of the live sequences; live: their batch indices or request
-    ids (default 0 .. n-1). A row that accepted 0 tokens would spin forever at the same t:
-    raise instead, naming the step, the sequence and the position."""
-    stuck = (n_accept_host < 1).nonzero().flatten()
-    if stuck.numel():
-        i = int(stuck[0])
-        b = live[i] if live is not None else i
-        b = int(b) if isinstance(b, torch.Tensor) else b
-        if isinstance(step, torch.Tensor):  # per-sequence step counters (the Engine)
-            step = int(step[i])
-        raise RuntimeError(
-            f"step {step}: sequence {b} accepted {int(n_accept_host[i])} tokens at position "
-            f"{int(t_host[i])} (the first drafted token is always accepted, so a live sequence "
-            "must advance every step); the acceptance kernel or loop is broken")
+    check_compatible(dllm, verifier)
+    dd, dv = model_device(dllm), model_device(verifier)
+    if dd != dv:
+        raise ValueError(f"verifier: expected a model on {dd} (the dLLM's device), got one on {dv}")
+    return banned_for_models(dllm, verifier)
