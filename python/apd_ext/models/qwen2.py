@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from apd_ext._validate import check_tensor, fail
 from apd_ext.models.cache import KVCache
 from apd_ext.models.config import ModelConfig
+from apd_ext.models.packing import Packing, check_packing
 
 # Internal switch for debugging only: "ops" calls the apd kernel (the one
 # production path, and what the tests run); "reference" calls the fp64 oracle.
 _ATTENTION = "ops"
 # Internal switch for benchmarking only: False runs CPU forwards over the padded
-# [B, Lw] rows as CUDA does (the A/B of the packing in forward).
+# [B, Lw] rows, ignoring a packing plan (the A/B of the packing in forward).
 _PACK_CPU = True
 
 
@@ -211,8 +212,16 @@ class Qwen2Runtime:
         q_start: torch.Tensor,  # [B] int, absolute position of row 0
         q_len: torch.Tensor,  # [B] int, valid rows (rows >= q_len are padding)
         logit_rows=None,  # None, or (row_start [B] int, n_rows int)
+        packing: Optional[Packing] = None,  # the host plan of the valid rows (models/packing.py)
     ) -> torch.Tensor:  # [B, Lw, V] or [B, n_rows, V], model dtype
         """Run the window, update the cache, return raw logits (see the module docstring).
+
+        packing: Packing.build(q_len_host, Lw, device) for these q_len: every
+        row-wise op then runs on the N = sum(q_len) valid rows only, on CUDA
+        as on the CPU, without a host synchronisation. It must describe the
+        q_len passed (checked on the CPU; trusted on CUDA, where a mismatch
+        leaves valid rows uncomputed). Without it the CPU packs by itself
+        (valid.nonzero()) and CUDA runs every B * Lw row (the graphs' layout).
 
         Padding rows (j >= q_len[b]) never touch the cache's valid positions and
         their logits are finite but meaningless. Value checks on q_start / q_len
@@ -224,6 +233,9 @@ class Qwen2Runtime:
         self._check_args(input_ids, cache, q_start, q_len, logit_rows)
         c = self.config
         B, Lw = input_ids.shape
+        check_packing(packing, B, Lw, self.device)
+        if packing is not None and self.device.type == "cpu" and not torch.equal(packing.q_len, q_len.to(torch.int64)):
+            fail("packing", f"a plan of these q_len ({q_len.tolist()})", packing.q_len.tolist())
         Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         dev = self.device
         # Clamps are no-ops for valid input (checked above on CPU); on CUDA they
@@ -239,18 +251,25 @@ class Qwen2Runtime:
         bidx = torch.arange(B, device=dev)[:, None].expand(B, Lw)  # [B, Lw]
         ids = torch.where(valid, input_ids, 0)  # [B, Lw]
 
-        # Ragged windows on the CPU: every row-wise op (the GEMMs, norms, RoPE,
-        # cache writes) runs on the N valid rows only, packed; just the attention
+        # Packed rows: every row-wise op (the GEMMs, norms, RoPE, cache writes,
+        # MLP, LM head) runs on the N valid rows only; just the attention
         # kernel sees the padded [B, Lw] layout (its padding queries are zeros).
-        # A CPU forward costs in proportion to its rows (tiny pair: ~10 ms per
-        # sequence-step at 1..16 sequences), so padding rows were pure waste:
-        # 20 % of the dLLM's rows in the Engine's closed loop at 16 clients
-        # (bench/bench_serve.py). On CUDA the dense shape stays: N would need a
-        # host sync, and the graphs need fixed shapes.
-        pack = None
-        if _PACK_CPU and dev.type == "cpu" and 0 < int(valid.sum()) < B * Lw:  # (no valid row: a graph capture)
-            pack = valid.view(-1).nonzero().flatten()  # [N] rows of the flattened [B * Lw]
-            pos, slot, bidx, ids = (t.reshape(-1)[pack] for t in (pos, slot, bidx, ids))  # [N] each
+        # A forward costs in proportion to its rows, so padding rows are pure
+        # waste: 20 % of the dLLM's rows in the Engine's closed loop at 16
+        # clients (bench/bench_serve.py), and nearly all of them on the step a
+        # long prompt joins short decoding rows (bench/NOTES.md, "Packed windows").
+        # The rows come from the caller's host plan (no sync: N is a host int);
+        # without one, the CPU finds them itself (nonzero() costs nothing
+        # there) and CUDA stays dense. N == 0 (a graph capture) and N == B * Lw
+        # run the padded layout: packing would change nothing.
+        pack = None  # [N] flat rows of [B * Lw], b-major; None: all B * Lw rows
+        if dev.type != "cpu" or _PACK_CPU:
+            if packing is not None:
+                pack = None if packing.dense else packing.index
+            elif dev.type == "cpu" and 0 < int(valid.sum()) < B * Lw:
+                pack = valid.view(-1).nonzero().flatten()
+        if pack is not None:
+            pos, slot, bidx, ids = (t.reshape(-1).index_select(0, pack) for t in (pos, slot, bidx, ids))  # [N] each
 
         # RoPE as Qwen2RotaryEmbedding: fp32 angles, cos/sin rounded to the model dtype.
         freqs = pos.float()[..., None] * self.inv_freq  # [B, Lw, D/2] (packed: [N, D/2])
@@ -284,13 +303,23 @@ class Qwen2Runtime:
                 gate, up = F.linear(h, L.w_gate), F.linear(h, L.w_up)
             x = _add_linear_(x, F.silu(gate) * up, L.w_down)
         cache.lengths.copy_(kv_len)
-        if pack is not None:  # back to [B, Lw, H]; padding rows are zeros (finite, meaningless logits)
-            x = x.new_zeros(B * Lw, x.shape[-1]).index_copy_(0, pack, x).view(B, Lw, -1)
-
-        if logit_rows is not None:
-            row_start, n_rows = logit_rows
-            rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)
-            x = x.gather(1, rows[:, :, None].expand(B, n_rows, x.shape[-1]))  # [B, n_rows, H]
+        if pack is None:
+            if logit_rows is not None:
+                row_start, n_rows = logit_rows
+                rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)
+                x = x.gather(1, rows[:, :, None].expand(B, n_rows, x.shape[-1]))  # [B, n_rows, H]
+            return F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+        # Packed x: [N, H]. Padding rows come back as zero hidden states: their
+        # logits are zeros (finite, meaningless), and the LM head runs on the
+        # rows asked for, never on B * Lw.
+        if logit_rows is None:
+            logits = F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)  # [N, V]
+            return logits.new_zeros(B * Lw, logits.shape[-1]).index_copy_(0, pack, logits).view(B, Lw, -1)
+        row_start, n_rows = logit_rows
+        rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)  # [B, n_rows]
+        first = torch.cumsum(q_len, 0) - q_len  # [B] packed index of each sequence's row 0
+        src = torch.where(rows < q_len[:, None], first[:, None] + rows, pack.numel())  # [B, n_rows]; N: a zero row
+        x = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, src.view(-1)).view(B, n_rows, -1)
         return F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
 
     __call__ = forward
