@@ -37,7 +37,7 @@ class FaultyModel:
         """[B] bool: the rows that see the marker at position 0."""
         return (q_start == 0) & (q_len > 0) & (input_ids[:, 0] == self.marker)
 
-    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None):
+    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None, packing=None):
         hit = self.marked(input_ids, q_start, q_len)
         if self.only_prefill and logit_rows is None:  # the Engine's prefill passes logit_rows=(zero, 1)
             hit = torch.zeros_like(hit)
@@ -47,7 +47,7 @@ class FaultyModel:
                 raise RuntimeError(f"injected fault: rows {hit.nonzero().flatten().tolist()} are marked")
             if self.mode == "fatal":
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected)")
-        out = self.model.forward(input_ids, cache, q_start, q_len, logit_rows)
+        out = self.model.forward(input_ids, cache, q_start, q_len, logit_rows, packing=packing)
         if self.mode == "nan_logits" and bool(hit.any()):
             out = out.clone()
             out[hit] = float("nan")
@@ -62,11 +62,11 @@ class PrefillFault(FaultyModel):
     def __init__(self, model, marker: int):
         super().__init__(model, marker, "raise")
 
-    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None):
+    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None, packing=None):
         if logit_rows is not None and bool(self.marked(input_ids, q_start, q_len).any()):
             self.hits += 1
             raise RuntimeError("injected fault: prefill of a marked request")
-        return self.model.forward(input_ids, cache, q_start, q_len, logit_rows)
+        return self.model.forward(input_ids, cache, q_start, q_len, logit_rows, packing=packing)
 
     __call__ = forward
 
@@ -131,11 +131,11 @@ class BatchFault:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None):
+    def forward(self, input_ids, cache, q_start, q_len, logit_rows=None, packing=None):
         if logit_rows is not None:
             self.calls += 1
             if self.calls <= self.times or (self.min_rows and input_ids.shape[0] >= self.min_rows):
                 raise RuntimeError(f"injected batch fault (call {self.calls}, {input_ids.shape[0]} rows)")
-        return self.model.forward(input_ids, cache, q_start, q_len, logit_rows)
+        return self.model.forward(input_ids, cache, q_start, q_len, logit_rows, packing=packing)
 
     __call__ = forward

@@ -6,7 +6,8 @@ caches (capacity max_batch, the live rows first) and the per-step argument
 vectors. A step here is:
 
   prepare   the window bounds of each row from the scheduler's host state
-            (window_bounds), staged and sent in ONE host->device copy (StepArgs)
+            (window_bounds) and each forward's packing plan (its valid rows,
+            models/packing.py), staged and sent in ONE host->device copy (StepArgs)
   draft     the dLLM forward over each row's [left, right) (Window; CUDA graphs
             per window bucket with max_batch 1) -> logits of the rows t .. t+m-1
   verify    the verifier's forward over m rows from t-1 (Verifier; one CUDA
@@ -26,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from apd_ext.decoding.inputs import model_device, stack_prompts
+from apd_ext.models.packing import Packing, pack_index
 
 
 def batch_buckets(batch: int) -> List[int]:
@@ -49,7 +51,7 @@ class StepBatch:
     Lw: int  # the dLLM window's width (the longest row's)
     ar: torch.Tensor  # [max(Lw, rows)] int64 device arange
     seeds: torch.Tensor  # [k] int64 device
-    args: "StepArgs"  # pos, rows, step, left, window, row_start, ver_start: [k] device views
+    args: "StepArgs"  # pos, rows, step, left, window, row_start, ver_start: [k] device views; packing
 
 
 class Window:
@@ -73,6 +75,8 @@ class Window:
             # Shorter windows (near the end) are padded into the smallest one;
             # longer ones (the first step, with the prompt) run eagerly. W=None
             # windows grow with the sequence, so they always run eagerly.
+            # Graphed, the window stays dense: at B = 1 it is [left, right)
+            # whole (Lw = right - left = N), so a packing plan is the identity.
             from apd_ext.models.graphs import BucketedGraphs
 
             lo, hi = min(self.M + W, total_len), min(2 * self.M + W - 1, total_len)
@@ -102,34 +106,58 @@ class Window:
             args.left,
             args.window,
             logit_rows=(args.row_start, rows),
+            packing=args.packing.get("dllm"),  # the valid rows only (sum of windows, not B x Lw)
         )
 
 
 class StepArgs:
     """The per-step [B] int64 vectors the forwards and ops read on the device,
-    staged in one host buffer (pinned on CUDA) and sent with ONE non-blocking
-    copy: no per-vector host->device transfer, no stream synchronisation.
-    Reusing the buffer is safe because each step ends with a synchronising
-    read (n_accept), after which the previous copy has completed."""
+    and the packing plans of the step's forwards (models/packing.py: [N] flat
+    row indices built from host lengths), staged in one host buffer (pinned on
+    CUDA) and sent with ONE non-blocking copy: no per-vector host->device
+    transfer, no stream synchronisation. Reusing the buffer is safe because
+    each step ends with a synchronising read (n_accept), after which the
+    previous copy has completed; it grows (a new pinned buffer) only when a
+    step's plans outgrow it."""
 
     FIELDS = ("left", "window", "row_start", "pos", "rows", "step", "ver_start")
 
     def __init__(self, batch: int, device: torch.device):
         self.device = device
-        self.host = torch.zeros((len(self.FIELDS), batch), dtype=torch.int64,
-                                pin_memory=device.type == "cuda")  # [7, B]
+        self.host = self._alloc(len(self.FIELDS) * batch)  # [7 B + plan rows], int64
+        self.packing: dict = {}
 
-    def send(self, n: int, **values) -> None:
-        """values: [n] host vectors (or scalars) for the n live sequences."""
-        host = self.host[:, :n]
+    def _alloc(self, size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+
+    def send(self, n: int, packs: Optional[dict] = None, **values) -> None:
+        """values: [n] host vectors (or scalars) for the n live sequences.
+        packs: {name: (q_len host [n], Lw)}: each forward's plan rides in the
+        same copy and is left in self.packing[name] (a Packing)."""
+        F = len(self.FIELDS)
+        index = {name: pack_index(q_len, Lw) for name, (q_len, Lw) in (packs or {}).items()}  # host [N] each
+        size = F * n + sum(i.numel() for i in index.values())
+        if self.host.numel() < size:
+            self.host = self._alloc(max(size, 2 * self.host.numel()))
+        host = self.host[:size]
+        vec = host[: F * n].view(F, n)
         for i, name in enumerate(self.FIELDS):
-            host[i] = values[name]
+            vec[i] = values[name]
+        at = F * n
+        for i in index.values():
+            host[at : at + i.numel()] = i
+            at += i.numel()
         if self.device.type == "cuda":
             dev = host.to(self.device, non_blocking=True)
         else:
             dev = host.clone()
         for i, name in enumerate(self.FIELDS):
-            setattr(self, name, dev[i])  # [B] views
+            setattr(self, name, dev[i * n : (i + 1) * n])  # [n] views
+        self.packing, at = {}, F * n
+        for name, i in index.items():
+            q_len, Lw = packs[name]
+            self.packing[name] = Packing(q_len, Lw, dev[at : at + i.numel()])
+            at += i.numel()
 
 
 class Verifier:
@@ -155,11 +183,20 @@ class Verifier:
         """The live sequences are rows 0 .. n-1 (after a join or a compaction)."""
         self.cache = self.base.view(0, n)
 
-    def forward(self, v_in: torch.Tensor, start: torch.Tensor, rows_d: torch.Tensor, rows: int):
-        """v_in: [n, rows] ids, start / rows_d: [n] -> logits [n, rows, V_A]."""
+    def forward(self, v_in: torch.Tensor, start: torch.Tensor, rows_d: torch.Tensor, rows: int,
+                packing: Optional[Packing] = None):
+        """v_in: [n, rows] ids, start / rows_d: [n] -> logits [n, rows, V_A].
+        packing: the plan of rows_d (eager only). The graphs stay dense: in a
+        decode step every row but those in their last step has m = M rows, so
+        N = n x M and the graph's padding is the batch bucket's (nb - n) x M
+        rows (3 x M of 8 x M at n = 5). A packed graph would replay per N
+        bucket instead; with power-of-two N buckets and a power-of-two M
+        (16, 32, ...) the bucket of n x M IS nb x M: the same rows and FLOPs,
+        for one more graph input and a gather per layer. Finer N buckets
+        would multiply the captures."""
         self.cache.crop_(start)
         if not self.graphs:
-            return self.model.forward(v_in, self.cache, start, rows_d, logit_rows=None)
+            return self.model.forward(v_in, self.cache, start, rows_d, logit_rows=None, packing=packing)
         n = v_in.shape[0]
         nb = next(b for b in sorted(self.graphs) if b >= n)
         v_in = torch.nn.functional.pad(v_in, (0, self.max_rows - rows, 0, nb - n))  # [nb, M]
@@ -230,7 +267,7 @@ class ModelRunner:
             zero = torch.zeros(k, dtype=torch.int64, device=dev)
             with self.timer("verifier"):
                 self.verifier.forward(rows[:, : pmax - 1], view, zero, (plens - 1).to(dev),  # q_len 0: 1-token prompts
-                                      logit_rows=(zero, 1))
+                                      logit_rows=(zero, 1), packing=Packing.build(plens - 1, pmax - 1, dev))
             self.stats.verifier_forwards += 1
 
     def truncate(self, n0: int) -> None:
@@ -262,7 +299,10 @@ class ModelRunner:
         rows = int(rows_t.max())
         row_start = t - 1 - left
         Lw = int(torch.maximum(right - left, row_start + rows).max())
-        self.args.send(k, left=left, window=right - left, row_start=row_start, pos=t, rows=rows_t,
+        packs = dict(dllm=(right - left, Lw))  # the forwards' plans ride in the same copy
+        if self.ver is not None:
+            packs["ver"] = (rows_t, rows)
+        self.args.send(k, packs, left=left, window=right - left, row_start=row_start, pos=t, rows=rows_t,
                        step=steps, ver_start=t - 1)
         ar = torch.arange(max(Lw, rows), device=self.device)
         return StepBatch(k, left, right, rows_t, rows, Lw, ar, self.seeds[:k], self.args)
@@ -286,7 +326,7 @@ class ModelRunner:
         v_in = torch.cat([self.tokens[: b.k].gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)
         v_in.clamp_(0, self.ver.vocab - 1)  # [k, rows]
         with self.timer("verifier"):
-            out = self.ver.forward(v_in, args.ver_start, args.rows, rows)  # [k, rows, V_A]
+            out = self.ver.forward(v_in, args.ver_start, args.rows, rows, args.packing["ver"])  # [k, rows, V_A]
         self.stats.verifier_forwards += 1
         return out
 
