@@ -73,7 +73,7 @@ def test_plan_equals_cpu_packing_and_padded(model, case, monkeypatch):
     runs = {}
     for name in ("plan", "nonzero", "padded"):
         cache = _clone(cache0)
-        monkeypatch.setattr(qwen2, "_PACK_CPU", name != "padded")
+        monkeypatch.setattr(qwen2, "_PACK", name != "padded")
         out = model.forward(ids, cache, q_start, ql, logit_rows=rows, packing=plan if name == "plan" else None)
         runs[name] = out, cache
     out, cache = runs["plan"]

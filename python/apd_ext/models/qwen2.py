@@ -30,9 +30,10 @@ from apd_ext.models.packing import Packing, check_packing
 # Internal switch for debugging only: "ops" calls the apd kernel (the one
 # production path, and what the tests run); "reference" calls the fp64 oracle.
 _ATTENTION = "ops"
-# Internal switch for benchmarking only: False runs CPU forwards over the padded
-# [B, Lw] rows, ignoring a packing plan (the A/B of the packing in forward).
-_PACK_CPU = True
+# Internal switch for benchmarking only: False runs every forward over the
+# padded [B, Lw] rows, ignoring a packing plan, on the CPU as on CUDA (the A/B
+# of the packing in forward, bench/bench_packing.py).
+_PACK = True
 
 
 def _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, causal):
@@ -263,7 +264,7 @@ class Qwen2Runtime:
         # there) and CUDA stays dense. N == 0 (a graph capture) and N == B * Lw
         # run the padded layout: packing would change nothing.
         pack = None  # [N] flat rows of [B * Lw], b-major; None: all B * Lw rows
-        if dev.type != "cpu" or _PACK_CPU:
+        if _PACK:
             if packing is not None:
                 pack = None if packing.dense else packing.index
             elif dev.type == "cpu" and 0 < int(valid.sum()) < B * Lw:
