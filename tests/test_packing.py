@@ -200,3 +200,35 @@ def test_planned_forward_reads_no_device_value(kind, monkeypatch):
         int(valid.sum())
     with pytest.raises((RuntimeError, NotImplementedError)):
         valid.view(-1).nonzero()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["qwen2", "Dream"])
+def test_cuda_planned_forward_equals_padded_without_a_sync(kind, monkeypatch):
+    # On the device: the planned forward under CUDA's sync debug mode "error"
+    # (any synchronising call raises), against the padded forward of the same
+    # step, valid rows within bf16 rounding of the row count's GEMM shapes.
+    dev = torch.device("cuda")
+    model = random_model({**CFG, "model_type": kind, "mask_token_id": 508}, dtype=torch.bfloat16, device=dev,
+                         init_device="cpu", seed=3, std=0.08)
+    prefix, q_len, Lw = [0, 5, 9, 3, 0], [17, 3, 0, 1, 5], 17
+    B = len(q_len)
+    ids = torch.randint(0, V, (B, Lw), generator=torch.Generator().manual_seed(4)).to(dev)
+    q_start, ql = torch.tensor(prefix).to(dev), torch.tensor(q_len).to(dev)
+    rs = torch.tensor([0, 2, 0, 0, 4]).to(dev)
+    caches = [model.new_cache(B, 40) for _ in range(2)]
+    for c in caches:
+        c.lengths.copy_(q_start)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        plan = Packing.build(torch.tensor(q_len), Lw, dev)
+        got = model.forward(ids, caches[0], q_start, ql, logit_rows=(rs, 2), packing=plan)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(qwen2, "_PACK", False)
+    want = model.forward(ids, caches[1], q_start, ql, logit_rows=(rs, 2))
+    for b in range(B):
+        keep = [r for r in range(2) if int(rs[b]) + r < q_len[b]]
+        torch.testing.assert_close(got[b, keep].float(), want[b, keep].float(), atol=0.1, rtol=0.05)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
