@@ -20,6 +20,7 @@ from apd_ext.decoding.inputs import (
 )
 from apd_ext.decoding.results import APDOutput, Callback, finish_output, first_eos_count
 from apd_ext.decoding.stats import GenerationStats, PhaseTimer
+from apd_ext.models.packing import Packing
 
 DIFFUSION_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 
@@ -184,7 +185,8 @@ def generate_ar(model, input_ids, *, temperature: float = 0.2, top_p: float = 0.
     ones = torch.ones(B, dtype=torch.int64, device=device)
     with timer("verifier"):
         logits = model.forward(tokens[:, : int(plens.max())], cache, torch.zeros_like(ones), t_d,
-                               logit_rows=(t_d - 1, 1))  # [B, 1, V]
+                               logit_rows=(t_d - 1, 1),  # [B, 1, V]
+                               packing=Packing.build(plens, int(plens.max()), device))  # ragged prompts, packed
     stats.verifier_forwards += 1
     while True:
         n = live.numel()
