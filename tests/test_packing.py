@@ -232,3 +232,35 @@ def test_cuda_planned_forward_equals_padded_without_a_sync(kind, monkeypatch):
         keep = [r for r in range(2) if int(rs[b]) + r < q_len[b]]
         torch.testing.assert_close(got[b, keep].float(), want[b, keep].float(), atol=0.1, rtol=0.05)
     assert torch.equal(caches[0].lengths, caches[1].lengths)
+
+
+def test_engine_forwards_run_packed(tiny_pair_fp32, monkeypatch):
+    # A long prompt joins short decoding rows: every forward the Engine runs
+    # carries a plan of exactly its q_len (so it computes sum(q_len) rows),
+    # and the join step's dLLM forward is the ragged one the plan exists for.
+    from apd_ext.config import APDConfig
+    from apd_ext.decoding.engine import Engine
+
+    seen = []  # (kind, B * Lw, plan rows, sum(q_len))
+    orig = qwen2.Qwen2Runtime.forward
+
+    def forward(model, input_ids, cache, q_start, q_len, logit_rows=None, packing=None):
+        assert packing is not None, f"a {model.kind} forward without a plan"
+        assert torch.equal(packing.q_len, q_len.cpu()) and packing.window == input_ids.shape[1]
+        seen.append((model.kind, input_ids.numel(), packing.n, int(q_len.sum())))
+        return orig(model, input_ids, cache, q_start, q_len, logit_rows, packing=packing)
+
+    monkeypatch.setattr(qwen2.Qwen2Runtime, "forward", forward)
+    dllm, ver = tiny_pair_fp32
+    engine = Engine(dllm, ver, APDConfig(M=8, W=4), max_batch=4, max_len=160)
+    params = dict(max_new_tokens=40, stop_token_ids=[], seed=0)
+    for i in range(3):
+        engine.add_request(list(range(5, 9 + i)), params, f"s{i}")
+    engine.step()
+    engine.step()
+    seen.clear()
+    engine.add_request(list(range(5, 95)), params, "long")
+    engine.step()
+    assert all(n == s for _, _, n, s in seen)
+    d = [(pad, n) for kind, pad, n, _ in seen if kind == "dllm"]
+    assert len(d) == 1 and d[0][1] < d[0][0] / 2, d  # 3 short windows + one of 98 rows, vs 4 x 98
