@@ -10,7 +10,7 @@ values), cu_seqlens style:
     index[cu_seqlens[b] + j] = b * Lw + j   for j < q_len[b]  # [N], flat rows of [B * Lw]
 
 and `index` goes to the device with one non-blocking copy (pinned memory on
-CUDA; the Engine puts it in the step's one copy, decoding/step.py StepArgs).
+CUDA; the Engine puts it in the step's one copy, decoding/runner.py StepArgs).
 The forward then gathers the valid rows with it: N is a host int, so nothing
 reads a device value (no nonzero(), no .item(), no shape from device data)
 and the packed forward stays free of host synchronisation.
