@@ -188,8 +188,13 @@ def test_padding_rows_leave_the_cache_alone(qwen):
     win = torch.cat([ids[:, 4:6], ids_batch(2, 7, seed=9)], 1)
     model.forward(win, cache, i64(4, 3), i64(2, 0))
     assert cache.lengths.tolist() == [6, 3]
-    torch.testing.assert_close(cache.k, k0, atol=1e-6, rtol=0)
-    torch.testing.assert_close(cache.v, v0, atol=1e-6, rtol=0)
+    # Rounding only on the rewritten [4, 6): a 2-row GEMM (packed) against the
+    # 20-row one that wrote k0; MKL's kernel for each shape depends on the CPU,
+    # and one such machine was 1.01e-6 (~4 ulp at 0.25) off. A padding row
+    # landing on a valid position would be off by O(1); untouched rows are
+    # compared exactly below.
+    torch.testing.assert_close(cache.k, k0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.v, v0, atol=1e-5, rtol=0)
     assert torch.equal(cache.k[:, 0, 6:], k0[:, 0, 6:]) and torch.equal(cache.k[:, 1], k0[:, 1])
 
 
