@@ -218,12 +218,12 @@ def test_ar_folder_autotokenizer_same_ids():
 
 
 def _transformers_model(d):
-    from apd_ext.tiny.train import load_exported
+    from apd_ext.tiny.hf_models import load_exported
     return load_exported(d)
 
 
 def test_bidirectional_mask_reaches_earlier_rows():
-    from apd_ext.tiny.train import bidir_mask, dllm_logits
+    from apd_ext.tiny.hf_models import bidir_mask, dllm_logits
     model = _transformers_model(DLLM_DIR)
     ids = torch.tensor([[5, 9, 14, 20, 33, 41, 7]])
     ids2 = ids.clone()

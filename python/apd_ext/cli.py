@@ -19,13 +19,11 @@ import os
 import sys
 from typing import List, Optional
 
+from apd_ext.errors import UsageError
+
 METHODS = ("apd", "leftright", "diffusion", "ar")
 _COLOURS = ["\033[36m", "\033[33m", "\033[32m", "\033[35m", "\033[34m", "\033[31m"]
 _RESET = "\033[0m"
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs (exit status 2)."""
 
 
 # Optional features -> (the modules they import, the pyproject extra that installs them).
@@ -506,9 +504,5 @@ def lm_eval_main() -> int:
     return _lm_eval_main()
 
 
-if __name__ == "__main__":
-    # `python -m apd_ext.cli`: run the imported module's main, so that UsageError
-    # raised by subcommand modules (apd_ext.cli.UsageError) is the class caught.
-    from apd_ext.cli import main as _main
-
-    sys.exit(_main())
+if __name__ == "__main__":  # `python -m apd_ext.cli` (UsageError is errors.py's, one class either way)
+    sys.exit(main())

@@ -53,3 +53,8 @@ class Rejected(RuntimeError):
 class RequestFailed(RuntimeError):
     """An admitted request ended without a result (its row failed, the replica
     hit a fatal error, or the drain deadline passed)."""
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs (`apd ...`, `apd serve`,
+    the tiny demo: exit status 2, one line naming the flag)."""

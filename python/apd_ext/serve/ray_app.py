@@ -103,9 +103,8 @@ def add_arguments(p: argparse.ArgumentParser, d_def: Optional[str] = None, a_def
 
 
 def _check(args) -> None:
-    from apd_ext.cli import UsageError
-
     from apd_ext._validate import check_device
+    from apd_ext.errors import UsageError
     from apd_ext.models.config import check_folder
 
     check_device("--device", args.device)  # here, not in a replica's traceback

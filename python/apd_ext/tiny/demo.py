@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import apd_ext
     from apd_ext._validate import check_device
-    from apd_ext.cli import UsageError
+    from apd_ext.errors import UsageError
     from apd_ext.models.config import check_folder
     from apd_ext.tasks import arith
     from apd_ext.tiny import test_file, unknown_words

@@ -50,7 +50,7 @@ def ar_greedy(model, tok, probs, max_new: int = 64, batch: int = 50) -> dict:
 
 @torch.no_grad()
 def dllm_leftright(model, tok, probs, max_new: int = 64, mask_id: int = 2, batch: int = 50) -> dict:
-    from apd_ext.tiny.train import bidir_mask
+    from apd_ext.tiny.hf_models import bidir_mask
     gens = []
     for s in range(0, len(probs), batch):
         pids, pam = _left_pad(tok, probs[s:s + batch])
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from apd_ext.tiny import paths, test_file, tokenizer
-    from apd_ext.tiny.train import load_exported
+    from apd_ext.tiny.hf_models import load_exported
 
     ap = argparse.ArgumentParser(prog="python -m apd_ext.tiny.evaluate")
     ap.add_argument("--dllm", type=Path, default=paths()[0])
