@@ -18,7 +18,7 @@ TINY_INTERMEDIATE = 96
 TINY_ROPE_THETA = 1000.0  # not the default 10000: a loader that ignored it would fail
 
 
-def _build(vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate, **ids):
+def _build(vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate, context=512, **ids):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     cfg = Qwen2Config(
@@ -29,7 +29,7 @@ def _build(vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate, **id
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         tie_word_embeddings=tie,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         rope_theta=TINY_ROPE_THETA,
         rms_norm_eps=1e-6,
         attn_implementation="eager",
@@ -64,10 +64,12 @@ def make_tiny_qwen2(
     bos_token_id: Optional[int] = 1,
     pad_token_id: Optional[int] = 0,
     max_shard_size=None,
+    context: int = 512,
 ):
-    """A causal Qwen2 checkpoint (model_type "qwen2") at `path`; returns the HF model."""
+    """A causal Qwen2 checkpoint (model_type "qwen2") at `path`; returns the HF model.
+    context: max_position_embeddings."""
     model = _build(
-        vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate,
+        vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate, context,
         eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
     )
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
@@ -90,6 +92,7 @@ def make_tiny_dream(
     bos_token_id: Optional[int] = 1,
     pad_token_id: Optional[int] = 0,
     max_shard_size=None,
+    context: int = 512,
 ):
     """Qwen2 weights under a Dream-v0-style config.json (model_type "Dream",
     architectures ["DreamModel"], mask_token_id) at `path`; returns the HF Qwen2
@@ -98,7 +101,7 @@ def make_tiny_dream(
     model = make_tiny_qwen2(
         path, vocab, hidden, layers, heads, kv_heads, seed, tie, intermediate,
         eos_token_id=eos_token_id, bos_token_id=bos_token_id, pad_token_id=pad_token_id,
-        max_shard_size=max_shard_size,
+        max_shard_size=max_shard_size, context=context,
     )
     cfg_path = os.path.join(os.fspath(path), "config.json")
     with open(cfg_path) as f:

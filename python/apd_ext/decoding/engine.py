@@ -21,6 +21,8 @@ step, whose window starts at 0), its own W / M bounds, seed and budget.
 One step = admit (+ the joiners' prefill) -> compute (one dLLM forward, the
 draft, one verifier forward, the acceptance) -> ONE host read (n_accept with
 the drafts) -> commit (device scatter, outputs, retire the finished).
+With prefill_chunk, a joiner's prompt instead rides along the next steps one
+chunk at a time (docs/SEMANTICS.md "Chunked prefill"; scheduler.chunks).
 """
 from __future__ import annotations
 
@@ -63,11 +65,18 @@ class Engine:
     requests may give stop strings (params["stop"]), checked on the host each
     step: the step that produces one finishes the request ("stop") and the
     text is cut before it.
+    prefill_chunk: None (default: a joining request's first step runs its
+    whole prompt) or N >= 1: a prompt longer than N is prefilled N tokens per
+    engine step, riding along the live rows' decode steps so that a long
+    prompt never stalls them; the request drafts from the step after its
+    last full chunk (docs/SEMANTICS.md "Chunked prefill": N >= the prompt
+    length is exactly the default; W None requests are never chunked).
     """
 
     def __init__(self, dllm, verifier, config: Optional[APDConfig] = None, max_batch: int = 8, *,
                  max_len: Optional[int] = None, kv_budget: Optional[int] = None, K: Optional[int] = None,
-                 cuda_graphs: bool = False, tokenizer=None, _verifier_rows: Optional[int] = None,
+                 cuda_graphs: bool = False, tokenizer=None, prefill_chunk: Optional[int] = None,
+                 _verifier_rows: Optional[int] = None,
                  _graphs_checked: bool = False):
         cfg = config if config is not None else APDConfig()
         if not isinstance(cfg, APDConfig):
@@ -82,6 +91,9 @@ class Engine:
             if K is not None:
                 fail("K", "None when a verifier is given (APD accepts adaptively)", K)
         _check_count("max_batch", max_batch)
+        if prefill_chunk is not None:
+            _check_count("prefill_chunk", prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.dllm, self.verifier, self.config, self.K = dllm, verifier, cfg, K
         self.tokenizer = tokenizer
         self.device = model_device(dllm)
@@ -106,7 +118,7 @@ class Engine:
         rows = None if verifier is None else (_verifier_rows if _verifier_rows is not None else min(cfg.M, max_len))
         self.runner = ModelRunner(dllm, verifier, max_batch, max_len, cfg.W, cfg.M, verifier_rows=rows,
                                   cuda_graphs=cuda_graphs, timer=self.timer, stats=self.stats)
-        self.scheduler = Scheduler(max_batch, kv_budget, self.runner)
+        self.scheduler = Scheduler(max_batch, kv_budget, self.runner, prefill_chunk)
         self.sampler = Sampler(self.device, self.banned, self.timer)
         self._n_accept_override: Optional[int] = None  # benchmarking hook (bench.py)
         self._trace: Optional[list] = None  # tests only: per step [(request_id, left, right, n_accept)]
@@ -209,7 +221,7 @@ class Engine:
         of a subset, see _isolate). Writes the caches (as the real step would)
         and nothing else of the engine's state."""
         reqs = self.live[:k]
-        batch = self.runner.prepare(k, *self.scheduler.host_state(k), self.K)
+        batch = self.runner.prepare(k, *self.scheduler.host_state(k), self.K, self.scheduler.chunks(k))
         d_logits = self.runner.draft_logits(batch)  # [k, rows, V_D]
         draft = self.sampler.draft(d_logits, batch, reqs)  # [k, rows]
         a_logits = None if self.verifier is None else self.runner.verify_logits(batch, draft)  # [k, rows, V_A]
@@ -227,13 +239,14 @@ class Engine:
         n_h = host[:n]  # [n]
         d_host = host[n:].view(n, batch.rows)  # [n, rows]
         bad = output.bad_rows(d_host, batch.rows_t)  # [n] bool: those requests fail, alone
-        good = (~bad).nonzero().flatten()
+        pre = batch.pre  # [n] bool: prefilling rows drafted nothing (no output, no step)
+        good = (~bad & ~pre).nonzero().flatten()
         self._inspect(batch.left[good], batch.right[good], n_h[good], good.tolist())
-        want = [i for i, r in enumerate(self.live) if r.logprobs is not None and not bool(bad[i])]
+        want = [i for i, r in enumerate(self.live) if r.logprobs is not None and not bool(bad[i] | pre[i])]
         lps = output.logprobs(self.live, want, res["d_logits"], res["a_logits"], draft) if want else {}
-        outs, done = output.step_outputs(self.live, s.steps, s.t, s.total, n_h, d_host, batch.rows_t, bad, lps)
+        outs, done = output.step_outputs(self.live, s.steps, s.t, s.total, n_h, d_host, batch.rows_t, bad, lps, pre)
         self.stats.steps += 1
-        s.advance(n_h)
+        s.advance(n_h, pre)
         if bool(done.any()):
             s.retire(~done)
         return outs

@@ -41,14 +41,18 @@ def bad_rows(d_host: torch.Tensor, rows_t: torch.Tensor) -> torch.Tensor:
 
 def step_outputs(live: Sequence, steps: torch.Tensor, t: torch.Tensor, total: torch.Tensor,
                  n_accept: torch.Tensor, d_host: torch.Tensor, rows_t: torch.Tensor, bad: torch.Tensor,
-                 lps: dict) -> Tuple[List[StepOutput], torch.Tensor]:
+                 lps: dict, pre: Optional[torch.Tensor] = None) -> Tuple[List[StepOutput], torch.Tensor]:
     """One StepOutput per live request for the step just computed. Host
     tensors, [n] int64 each unless noted: steps (0-based, before the step), t,
     total, n_accept; d_host [n, rows] drafts; bad [n] bool (bad_rows); lps:
-    {row: logprobs}. Returns (outputs, done [n] bool: the rows that finished)."""
+    {row: logprobs}; pre [n] bool or None: prefilling rows (chunked prefill),
+    which drafted nothing and get no output. Returns (outputs, done [n] bool:
+    the rows that finished)."""
     outs: List[StepOutput] = []
     done = bad.clone()
     for i, req in enumerate(live):
+        if pre is not None and pre[i]:
+            continue
         if bad[i]:
             j = int((d_host[i, : int(rows_t[i])] < 0).nonzero()[0])
             outs.append(StepOutput(req.request_id, [], int(steps[i]) + 1, True, "error", (

@@ -14,8 +14,11 @@ vectors. A step here is:
             graph of M rows per batch bucket) -> logits [n, m, V_A]
   commit    tokens[b, t_b + j] = draft[b, j] for j < n_accept[b], on the device
 
-and, between steps, the joins (the verifier's prompt prefill on join) and the
-reorders (the survivors move to the front of every buffer and cache) that the
+With chunked prefill (the scheduler's Chunks), a prefilling row's dLLM window
+is its next chunk, it drafts 0 rows, and verify runs one more causal forward
+over the prefilling rows' verifier chunks (the others with q_len 0) before the
+step's M-row forward. And, between steps, the joins (the verifier's prompt
+prefill on join, unless the row is chunked) and the reorders (the survivors move to the front of every buffer and cache) that the
 scheduler decides. The sampler (decoding/sampler.py) turns logits into drafts
 and acceptance; nothing here reads the device back to the host.
 """
@@ -46,7 +49,9 @@ class StepBatch:
     k: int  # rows in this step (all live rows, or a dry run's subset)
     left: torch.Tensor  # [k] int64 host: window start per row
     right: torch.Tensor  # [k] int64 host: window end (exclusive)
-    rows_t: torch.Tensor  # [k] int64 host: drafted rows per row (>= 1)
+    rows_t: torch.Tensor  # [k] int64 host: drafted rows per row (>= 1; 0 for a prefilling row)
+    pre: torch.Tensor  # [k] bool host: prefilling rows (chunked prefill)
+    pre_cols: int  # the longest verifier chunk of a prefilling row (0: none)
     rows: int  # max(rows_t): the logits' row count
     Lw: int  # the dLLM window's width (the longest row's)
     ar: torch.Tensor  # [max(Lw, rows)] int64 device arange
@@ -120,11 +125,11 @@ class StepArgs:
     previous copy has completed; it grows (a new pinned buffer) only when a
     step's plans outgrow it."""
 
-    FIELDS = ("left", "window", "row_start", "pos", "rows", "step", "ver_start")
+    FIELDS = ("left", "window", "row_start", "pos", "rows", "step", "ver_start", "pre_start", "pre_len")
 
     def __init__(self, batch: int, device: torch.device):
         self.device = device
-        self.host = self._alloc(len(self.FIELDS) * batch)  # [7 B + plan rows], int64
+        self.host = self._alloc(len(self.FIELDS) * batch)  # [9 B + plan rows], int64
         self.packing: dict = {}
 
     def _alloc(self, size: int) -> torch.Tensor:
@@ -207,13 +212,17 @@ class Verifier:
 
 
 def window_bounds(t: torch.Tensor, n_prev: torch.Tensor, total: torch.Tensor, W: torch.Tensor,
-                  M: torch.Tensor, first: torch.Tensor):
+                  M: torch.Tensor, first: torch.Tensor, first_left: Optional[torch.Tensor] = None):
     """DESIGN §6 window of each live sequence, all host [n] int64 (W = -1 for
     W None; first: bool [n], the sequence's own first step):
     right = min(t + M, total); left = 0 on a first step or without a cache,
-    else max(t - n_prev - W + 1, 0). Returns (left, right)."""
+    else max(t - n_prev - W + 1, 0). first_left: [n] the first step's left
+    instead of 0 (chunked prefill: the start of the prompt's last chunk, the
+    earlier chunks being in the dLLM's cache; docs/SEMANTICS.md).
+    Returns (left, right)."""
     cached = ~first & (W >= 0)
-    left = torch.where(cached, (t - n_prev - W + 1).clamp_min(0), torch.zeros_like(t))
+    start = torch.zeros_like(t) if first_left is None else torch.where(first, first_left, 0)
+    left = torch.where(cached, (t - n_prev - W + 1).clamp_min(0), start)
     right = torch.minimum(t + M, total)
     return left, right
 
@@ -247,11 +256,12 @@ class ModelRunner:
         if self.ver is not None:
             self.ver.live(max(n, 1))
 
-    def join(self, prompts: List[torch.Tensor], seeds: torch.Tensor) -> None:
+    def join(self, prompts: List[torch.Tensor], seeds: torch.Tensor, chunked: Optional[torch.Tensor] = None) -> None:
         """Append rows for the new prompts (CPU int64 each) with their seeds (host
         [k] int64), then prefill the verifier's cache with [0, P-1) of each (the
         dLLM's first step has left = 0, so it recomputes its whole window and
-        needs no prefill). On an exception the caller truncates back."""
+        needs no prefill); chunked: host [k] bool, rows prefilled chunk by chunk
+        in the next steps instead. On an exception the caller truncates back."""
         dev, n0, k = self.device, self.tokens.shape[0], len(prompts)
         plens = torch.tensor([p.numel() for p in prompts], dtype=torch.int64)  # [k]
         rows = stack_prompts(prompts, 2 * self.total_len, self.mask_id, dev)  # [k, 2L]
@@ -261,13 +271,14 @@ class ModelRunner:
         self.live(n)
         if self.ver is None:
             return
-        pmax = int(plens.max())
-        if pmax > 1:  # the verifier's cache holds [0, t-1) before each step
+        vlen = plens - 1 if chunked is None else torch.where(chunked, 0, plens - 1)  # [k]
+        vmax = int(vlen.max())
+        if vmax > 0:  # the verifier's cache holds [0, t-1) before each step
             view = self.ver.base.view(n0, n)
             zero = torch.zeros(k, dtype=torch.int64, device=dev)
             with self.timer("verifier"):
-                self.verifier.forward(rows[:, : pmax - 1], view, zero, (plens - 1).to(dev),  # q_len 0: 1-token prompts
-                                      logit_rows=(zero, 1), packing=Packing.build(plens - 1, pmax - 1, dev))
+                self.verifier.forward(rows[:, :vmax], view, zero, vlen.to(dev),  # q_len 0: 1-token prompts
+                                      logit_rows=(zero, 1), packing=Packing.build(vlen, vmax, dev))
             self.stats.verifier_forwards += 1
 
     def truncate(self, n0: int) -> None:
@@ -289,23 +300,36 @@ class ModelRunner:
         self.live(n)
 
     # ------------------------------------------------------------- the step
-    def prepare(self, k: int, t, n_prev, total, W, M, steps, K: Optional[int]) -> StepBatch:
+    def prepare(self, k: int, t, n_prev, total, W, M, steps, K: Optional[int], chunks=None) -> StepBatch:
         """The bounds of rows 0 .. k-1 from their host state ([k] int64 each, as
         window_bounds takes them; K: tokens per step of the left-to-right
-        baseline, else None), sent to the device in one copy."""
-        left, right = window_bounds(t, n_prev, total, W, M, steps == 0)
-        m_t = right - t  # drafted rows per sequence, >= 1
-        rows_t = m_t if K is None else m_t.clamp(max=K)
-        rows = int(rows_t.max())
-        row_start = t - 1 - left
+        baseline, else None; chunks: the scheduler's Chunks or None), sent to
+        the device in one copy. A prefilling row's window is its chunk; it
+        drafts 0 rows, and its step forward in the verifier (q_len 0) starts at
+        its verifier chunk's end, where the chunk forward leaves that cache."""
+        left, right = window_bounds(t, n_prev, total, W, M, steps == 0, None if chunks is None else chunks.first_left)
+        pre = torch.zeros(k, dtype=torch.bool) if chunks is None else chunks.pre
+        ver_start, pre_start, pre_len = t - 1, t - 1, torch.zeros_like(t)
+        if bool(pre.any()):
+            left, right = torch.where(pre, chunks.start, left), torch.where(pre, chunks.end, right)
+            ver_start = torch.where(pre, chunks.ver_end, t - 1)
+            pre_start = torch.where(pre, chunks.start, ver_start)
+            pre_len = torch.where(pre, chunks.ver_end - chunks.start, 0)
+        m_t = right - t  # drafted rows per sequence, >= 1 (a prefilling row's: 0, below)
+        rows_t = torch.where(pre, 0, m_t if K is None else m_t.clamp(max=K))
+        rows = max(int(rows_t.max()), 1)
+        row_start = torch.where(pre, 0, t - 1 - left)
         Lw = int(torch.maximum(right - left, row_start + rows).max())
+        pre_cols = int(pre_len.max())
         packs = dict(dllm=(right - left, Lw))  # the forwards' plans ride in the same copy
         if self.ver is not None:
             packs["ver"] = (rows_t, rows)
+            if pre_cols:
+                packs["pre"] = (pre_len, pre_cols)  # the verifier's chunk forward
         self.args.send(k, packs, left=left, window=right - left, row_start=row_start, pos=t, rows=rows_t,
-                       step=steps, ver_start=t - 1)
+                       step=steps, ver_start=ver_start, pre_start=pre_start, pre_len=pre_len)
         ar = torch.arange(max(Lw, rows), device=self.device)
-        return StepBatch(k, left, right, rows_t, rows, Lw, ar, self.seeds[:k], self.args)
+        return StepBatch(k, left, right, rows_t, pre, pre_cols, rows, Lw, ar, self.seeds[:k], self.args)
 
     def draft_logits(self, b: StepBatch) -> torch.Tensor:
         """The dLLM forward of the step -> logits [k, rows, V_D] of positions t .. t+rows-1."""
@@ -323,12 +347,27 @@ class ModelRunner:
         >= V_A (such a draft never matches, DESIGN §4, but the first token of a
         step is accepted anyway and then feeds the next step)."""
         args, rows = b.args, b.rows
+        if b.pre_cols:
+            self._prefill_chunks(b)
         v_in = torch.cat([self.tokens[: b.k].gather(1, args.ver_start[:, None]), draft[:, : rows - 1]], dim=1)
         v_in.clamp_(0, self.ver.vocab - 1)  # [k, rows]
         with self.timer("verifier"):
             out = self.ver.forward(v_in, args.ver_start, args.rows, rows, args.packing["ver"])  # [k, rows, V_A]
         self.stats.verifier_forwards += 1
         return out
+
+    def _prefill_chunks(self, b: StepBatch) -> None:
+        """The verifier's causal forward over the prefilling rows' chunks
+        [pre_start, pre_start + pre_len) (the other rows: q_len 0, they only
+        touch the scratch slot). The same math as a whole-prompt prefill."""
+        args = b.args
+        cols = torch.arange(b.pre_cols, device=self.device)
+        ids = self.tokens[: b.k].gather(1, args.pre_start[:, None] + cols)  # [k, pre_cols]
+        zero = torch.zeros_like(args.pre_start)
+        with self.timer("verifier"):
+            self.verifier.forward(ids, self.ver.cache, args.pre_start, args.pre_len, logit_rows=(zero, 1),
+                                  packing=args.packing["pre"])
+        self.stats.verifier_forwards += 1
 
     def commit(self, b: StepBatch, draft: torch.Tensor, n_acc: torch.Tensor) -> None:
         """tokens[i, t_i + j] = draft[i, j] for j < n_acc[i], on the device (no host

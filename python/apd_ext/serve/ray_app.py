@@ -24,7 +24,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu", dtype: str = "auto",
               max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
               cpus_per_replica: float = 1.0, model_name: str = "apd", max_queue: int = 0,
-              request_timeout: float = 0.0, drain_timeout: float = 30.0, loopback: bool = False):
+              request_timeout: float = 0.0, drain_timeout: float = 30.0, loopback: bool = False,
+              prefill_chunk: int = 0):
     """A bound Ray Serve application (pass it to serve.run)."""
     from ray import serve
 
@@ -46,7 +47,7 @@ def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu
     )(serve.ingress(app)(cls))
     return Deployment.bind(dllm, verifier, device=device, dtype=dtype, max_batch=max_batch, max_len=max_len,
                            kv_budget=kv_budget, M=M, threads=threads, model_name=model_name, max_queue=max_queue,
-                           request_timeout=request_timeout, loopback=loopback)
+                           request_timeout=request_timeout, loopback=loopback, prefill_chunk=prefill_chunk)
 
 
 def pin_replica_grpc_to_loopback() -> None:
@@ -90,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser, d_def: Optional[str] = None, a_def
     p.add_argument("--max-len", type=int, default=0, help="positions per sequence (0: min(context, 4096))")
     p.add_argument("--kv-budget", type=int, default=0, help="KV positions per replica (0: max-batch x max-len)")
     p.add_argument("--M", type=int, default=100, help="largest lookahead a request may ask for")
+    p.add_argument("--prefill-chunk", type=int, default=0,
+                   help="prefill a longer prompt this many tokens per engine step, beside the live rows' "
+                   "decode steps (0: off, the whole prompt in its first step; docs/SEMANTICS.md "
+                   "'Chunked prefill': chunks change a dLLM's drafts)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per replica (0: torch's default)")
     p.add_argument("--model-name", default="apd", help="the id /v1/models reports and requests must name")
     p.add_argument("--max-queue", type=int, default=0,
@@ -112,7 +117,7 @@ def _check(args) -> None:
         check_folder(flag, folder)
     for flag, v, lo in (("--replicas", args.replicas, 1), ("--port", args.port, 1), ("--max-batch", args.max_batch, 1),
                         ("--M", args.M, 1), ("--max-len", args.max_len, 0), ("--kv-budget", args.kv_budget, 0),
-                        ("--max-queue", args.max_queue, 0)):
+                        ("--max-queue", args.max_queue, 0), ("--prefill-chunk", args.prefill_chunk, 0)):
         if v < lo:
             raise UsageError(f"{flag}: expected an int >= {lo}, got {v}")
     for flag, v in (("--request-timeout", args.request_timeout), ("--drain-timeout", args.drain_timeout)):
@@ -149,7 +154,7 @@ def cmd_serve(args) -> int:
                                  max_batch=args.max_batch, max_len=args.max_len, kv_budget=args.kv_budget, M=args.M,
                                  threads=args.threads, model_name=args.model_name, max_queue=args.max_queue,
                                  request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
-                                 loopback=local_only),
+                                 loopback=local_only, prefill_chunk=args.prefill_chunk),
                        name="apd", route_prefix="/", blocking=False)
     # Warm the handle now (its router fetches the replicas on first use, which
     # takes seconds on a loaded host): the SIGTERM drain must reach the
