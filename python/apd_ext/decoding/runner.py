@@ -18,9 +18,10 @@ With chunked prefill (the scheduler's Chunks), a prefilling row's dLLM window
 is its next chunk, it drafts 0 rows, and verify runs one more causal forward
 over the prefilling rows' verifier chunks (the others with q_len 0) before the
 step's M-row forward. And, between steps, the joins (the verifier's prompt
-prefill on join, unless the row is chunked) and the reorders (the survivors move to the front of every buffer and cache) that the
-scheduler decides. The sampler (decoding/sampler.py) turns logits into drafts
-and acceptance; nothing here reads the device back to the host.
+prefill on join, unless the row is chunked) and the reorders (the survivors
+move to the front of every buffer and cache) that the scheduler decides.
+The sampler (decoding/sampler.py) turns logits into drafts and acceptance;
+nothing here reads the device back to the host.
 """
 from __future__ import annotations
 
