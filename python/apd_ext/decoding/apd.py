@@ -132,8 +132,8 @@ def _row_budgets(default: int, batch: int, per_row) -> list:
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
              attention_mask=None, seeds=None, max_new_tokens_per_row=None, stop_strings=None, tokenizer=None,
-             text_callback: Optional[TextCallback] = None, _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
-             _trace: Optional[list] = None, **overrides) -> APDOutput:
+             text_callback: Optional[TextCallback] = None, _n_accept_override: Optional[int] = None,
+             _stop_after_steps: Optional[int] = None, _trace: Optional[list] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
     dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
