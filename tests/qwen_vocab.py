@@ -20,14 +20,22 @@ version and this file's recipe version) and shared by every test process.
 write_real_vocab_pair(dir) writes random tiny Dream (V = 152064) and Qwen2
 (V = 151936) folders with these tokenizers: the real-vocabulary twin of the
 embedded tiny pair, for the text paths (detokenizing, streaming, stop strings,
-chat templates, pair checks).
+chat templates, pair checks). Building a pair (random init of two 152k-row
+embeddings and heads, two tokenizer.json saves) took 14.8 s on this machine
+under load, and seven test modules build one: the pair is built once per
+recipe under build/qwen_vocab/ too (keyed by the arguments, the sources of this
+file and model_utils.py, and the torch / transformers versions) and each call
+gets its own copy (a test may edit its folders; the weights are read-only
+symlinks into the cache).
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
+import shutil
 from typing import Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,10 +157,45 @@ def write_real_vocab_pair(root, *, hidden: int = 32, layers: int = 1, heads: int
                           seed: int = 0) -> tuple[str, str]:
     """Random tiny Dream (V=152064) and Qwen2.5-style verifier (V=151936) folders
     under `root`, each with its real tokenizer saved beside it. Returns (dllm, ar).
-    Small hidden sizes keep them ~10-20 MB each (the embedding dominates)."""
+    Small hidden sizes keep them ~10-20 MB each (the embedding dominates).
+    A copy of the cached build (see the module docstring)."""
+    import torch
+    import transformers
+
+    args = dict(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, seed=seed)
+    here = pathlib.Path(__file__).resolve().parent
+    key = hashlib.sha256(json.dumps([args, torch.__version__, transformers.__version__] + [
+        (here / f).read_text() for f in ("qwen_vocab.py", "model_utils.py")]).encode()).hexdigest()[:16]
+    d = _cache_dir()
+    cached = d / f"pair-{key}"
+    with open(d / ".pair-lock", "w") as lock:  # not .lock: the tokenizer build below takes that one
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not cached.is_dir():
+            tmp = d / f"pair-{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            _build_real_vocab_pair(tmp, **args)
+            for w in tmp.glob("*/*.safetensors"):
+                w.chmod(0o444)  # shared by every copy (below): an in-place write fails, never corrupts
+            os.replace(tmp, cached)
+    root = pathlib.Path(root)
+    for name in ("dllm", "ar"):
+        # The weights (55 MB a folder) are symlinks to the cache, read-only; the small
+        # files are copies a test may edit. (Copying the weights took ~4 s a pair.)
+        shutil.copytree(cached / name, root / name, copy_function=_link_weights)
+    return str(root / "dllm"), str(root / "ar")
+
+
+def _link_weights(src: str, dst: str) -> None:
+    if src.endswith(".safetensors"):
+        os.symlink(os.path.abspath(src), dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def _build_real_vocab_pair(root: pathlib.Path, *, hidden: int, layers: int, heads: int, kv_heads: int,
+                           seed: int) -> None:
     from model_utils import make_tiny_dream, make_tiny_qwen2
 
-    root = pathlib.Path(root)
     dllm, ar = root / "dllm", root / "ar"
     dtok, atok = dream_tokenizer(), qwen25_tokenizer()
     eos = _token_id(dtok, "<|endoftext|>")
@@ -164,7 +207,6 @@ def write_real_vocab_pair(root, *, hidden: int = 32, layers: int = 1, heads: int
                     pad_token_id=eos)
     dtok.save_pretrained(dllm)
     atok.save_pretrained(ar)
-    return str(dllm), str(ar)
 
 
 def describe() -> dict:

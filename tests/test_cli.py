@@ -142,7 +142,7 @@ def test_streamer_colours_each_step(ckpts):
     blocks = [tok("ab", add_special_tokens=False)["input_ids"], tok("cde", add_special_tokens=False)["input_ids"],
               [2]]
     for i, b in enumerate(blocks):
-        s(i + 1, [b])
+        s.ids(i + 1, [b])
     out = buf.getvalue()
     assert out == cli._COLOURS[0] + "ab" + cli._RESET + cli._COLOURS[1] + "cde" + cli._RESET
 
@@ -281,9 +281,9 @@ def test_streamer_holds_a_split_character_back():
     ids = tok(emoji, add_special_tokens=False)["input_ids"]  # its 4 UTF-8 bytes span several byte tokens
     buf = io.StringIO()
     s = cli._Streamer(tok, eos=[151643], colour=False, stream=buf)
-    s(1, [ids[:1]])
+    s.ids(1, [ids[:1]])
     assert buf.getvalue() == ""  # half a character: nothing yet
-    s(2, [ids[1:] + tok(" ok", add_special_tokens=False)["input_ids"]])
+    s.ids(2, [ids[1:] + tok(" ok", add_special_tokens=False)["input_ids"]])
     s.finish()
     assert buf.getvalue() == emoji + " ok"
 

@@ -57,6 +57,23 @@ def setup():
                 ar_rt=apd_ext.load_model(str(ar_dir), **f32), prompts=prompts, ids=ids, mask=mask, tok=tok)
 
 
+@pytest.fixture
+def engine_steps(monkeypatch):
+    """A list that gets one entry per Engine.step() while the test runs (the
+    class is patched, so every generate path that steps an Engine counts)."""
+    from apd_ext.decoding.apd import Engine
+
+    steps = []
+    real = Engine.step
+
+    def counting(self):
+        steps.append(1)
+        return real(self)
+
+    monkeypatch.setattr(Engine, "step", counting)
+    return steps
+
+
 def _expected(s, max_new=MAX_NEW, cut=None, **sampling):
     """transformers' layout of apd_ext.generate's tokens: padded prompts, then each generation, pad after its end."""
     out = apd_ext.generate(s["dllm_rt"], s["ar_rt"], [torch.tensor(p) for p in s["prompts"]],
@@ -158,7 +175,7 @@ def test_stop_string_criteria(setup):
 
 
 @pytest.mark.parametrize("which", ["newline", "tokens"])
-def test_stop_strings_end_generation_early(setup, which):
+def test_stop_strings_end_generation_early(setup, which, engine_steps):
     """With stop_tokenizer=, a StopStringCriteria's strings (one or several
     tokens) go into the Engine: each row ends at the step that produces its
     stop string; the sequences equal the run without it cut as transformers
@@ -168,7 +185,6 @@ def test_stop_strings_end_generation_early(setup, which):
     tokens 2..4 (several tokens each), taken from a run without stops so that
     every row meets one early whatever the weights say."""
     from transformers import StopStringCriteria
-    import apd_ext.decoding.apd as apd_mod
     s = setup
     P = s["ids"].shape[1]
     base = dict(attention_mask=s["mask"], custom_generate=apd_generate, dllm=s["dllm"], R=R, W=W, M=4,
@@ -181,36 +197,25 @@ def test_stop_strings_end_generation_early(setup, which):
         assert all(len(s["tok"](x, add_special_tokens=False)["input_ids"]) >= 2 for x in stops), stops
     crit = StoppingCriteriaList([StopStringCriteria(s["tok"], stops)])
     kw = dict(base, stopping_criteria=crit)
-    steps = []
-    real = apd_mod.Engine.step
-
-    def counting(self):
-        steps.append(1)
-        return real(self)
-
-    apd_mod.Engine.step = counting
-    try:
-        with pytest.warns(UserWarning, match="stop_tokenizer"):
-            cut_only = s["ar"].generate(s["ids"], **kw)
-        n_cut_only = len(steps)
-        steps.clear()
-        early = s["ar"].generate(s["ids"], stop_tokenizer=s["tok"], **kw)
-    finally:
-        apd_mod.Engine.step = real
+    steps = engine_steps
+    with pytest.warns(UserWarning, match="stop_tokenizer"):
+        cut_only = s["ar"].generate(s["ids"], **kw)
+    n_cut_only = len(steps)
+    steps.clear()
+    early = s["ar"].generate(s["ids"], stop_tokenizer=s["tok"], **kw)
     assert torch.equal(early, cut_only)
     texts = [s["tok"].decode([t for t in early[b, P:].tolist() if t != PAD]) for b in range(3)]
     assert all(any(stop in t for stop in stops) for t in texts), (texts, stops)
     assert len(steps) < n_cut_only, (len(steps), n_cut_only)
 
 
-def test_stop_strings_on_the_real_vocabulary(tmp_path):
+def test_stop_strings_on_the_real_vocabulary(tmp_path, engine_steps):
     """The same on the random tiny pair at the real Qwen vocabulary: a stop
     string of several tokens from the middle of a sampled CJK / emoji text
     ends generation at the step that produces it (fewer steps than the run
     without it) and the sequence is the free run cut as transformers cuts."""
     from transformers import StopStringCriteria
 
-    import apd_ext.decoding.apd as apd_mod
     from qwen_vocab import dream_tokenizer, write_real_vocab_pair
 
     d, a = write_real_vocab_pair(tmp_path)
@@ -221,26 +226,16 @@ def test_stop_strings_on_the_real_vocabulary(tmp_path):
     ids = torch.tensor([tok("你好，世界 🙂 emoji", add_special_tokens=False)["input_ids"]])
     kw = dict(custom_generate=apd_generate, dllm=d, R=0.5, W=4, M=8, max_new_tokens=30, do_sample=True,
               temperature=1.0, top_p=1.0, seed=3)
-    steps = []
-    real = apd_mod.Engine.step
-
-    def counting(self):
-        steps.append(1)
-        return real(self)
-
-    apd_mod.Engine.step = counting
-    try:
-        free = ar.generate(ids, **kw)
-        n_free = len(steps)
-        text = tok.decode(free[0, ids.shape[1]:].tolist())
-        stop = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)
-                    if len(tok(text[i:i + 3], add_special_tokens=False)["input_ids"]) >= 2
-                    and "\ufffd" not in text[i:i + 3])
-        steps.clear()
-        crit = StoppingCriteriaList([StopStringCriteria(tok, [stop])])
-        early = ar.generate(ids, stopping_criteria=crit, stop_tokenizer=tok, **kw)
-    finally:
-        apd_mod.Engine.step = real
+    steps = engine_steps
+    free = ar.generate(ids, **kw)
+    n_free = len(steps)
+    text = tok.decode(free[0, ids.shape[1]:].tolist())
+    stop = next(text[i:i + 3] for i in range(len(text) // 3, len(text) - 3)
+                if len(tok(text[i:i + 3], add_special_tokens=False)["input_ids"]) >= 2
+                and "\ufffd" not in text[i:i + 3])
+    steps.clear()
+    crit = StoppingCriteriaList([StopStringCriteria(tok, [stop])])
+    early = ar.generate(ids, stopping_criteria=crit, stop_tokenizer=tok, **kw)
     got = tok.decode(early[0, ids.shape[1]:].tolist())
     assert got.endswith(stop) or stop in got
     assert torch.equal(early[0], free[0, : early.shape[1]])

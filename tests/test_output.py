@@ -191,6 +191,70 @@ def test_engine_stop_needs_a_tokenizer(pair):
         _engine(pair).add_request([1, 2], dict(stop=[""]))
 
 
+@pytest.mark.parametrize("method", ["apd", "leftright"])
+def test_generate_text_callback_joins_to_the_text(pair, method):
+    """generate / generate_leftright with tokenizer= and text_callback: a
+    sampled batch of CJK / emoji prompts (ragged, one seed each); per
+    sequence the text deltas joined equal decode(its ids before EOS,
+    skip_special_tokens=True), no delta ends mid-character, the id callback
+    beside it still gets the ids, and the tokens are those of the run
+    without any callback. With stop_strings the deltas join to the text cut
+    before the stop string."""
+    dllm, ver, tok = pair
+    prompts = [torch.tensor(tok(p, add_special_tokens=False)["input_ids"][:40]) for p in PROMPTS]
+    seeds = [11, 12, 13, 14, 15]
+    kw = dict(temperature=1.0, top_p=1.0, max_new_tokens=24, seeds=seeds)
+
+    def run(**extra):
+        if method == "apd":
+            return apd_ext.generate(dllm, ver, prompts, APDConfig(R=0.6, W=4, M=8), **kw, **extra)
+        return apd_ext.generate_leftright(dllm, prompts, K=2, W=4, M=8, **kw, **extra)
+
+    plain = run()
+    texts, ids_seen, steps = [[] for _ in prompts], [[] for _ in prompts], []
+
+    def on_text(step, deltas):
+        assert len(deltas) == len(prompts) and all(isinstance(d, str) for d in deltas)
+        steps.append(step)
+        for b, d in enumerate(deltas):
+            texts[b].append(d)
+
+    def on_ids(step, blocks):
+        for b, blk in enumerate(blocks):
+            ids_seen[b] += blk
+
+    out = run(tokenizer=tok, text_callback=on_text, callback=on_ids)
+    assert steps == list(range(1, out.stats.steps + 1))
+    eos = set(dllm.config.eos_token_ids)
+    split = 0
+    for b in range(len(prompts)):
+        gen = out.generated(b).tolist()
+        assert gen == plain.generated(b).tolist() == ids_seen[b]
+        body = gen[: next((k for k, t in enumerate(gen) if t in eos), len(gen))]
+        assert "".join(texts[b]) == tok.decode(body, skip_special_tokens=True), (b, texts[b])
+        assert not any(d.endswith("\ufffd") for d in texts[b][:-1])
+        split += any(tok.decode(body[:k]).endswith("\ufffd") for k in range(1, len(body)))
+    if len(tok) > 100_000:  # the real vocabulary: a character really was split across tokens (held back)
+        assert split > 0
+    # Stop strings: the text of two tokens from the middle of the longest answer ends it there, its
+    # deltas cut before the stop string's first occurrence (the tiny pair answers CJK briefly).
+    r = max(range(len(prompts)), key=lambda b: int(out.num_generated[b]))
+    full, body = "".join(texts[r]), out.generated(r).tolist()
+    stop = next(p for k in range(len(body) // 3, len(body) - 1) for p in (tok.decode(body[k:k + 2]),)
+                if len(p) >= 2 and "\ufffd" not in p and p in full)
+    texts = [[] for _ in prompts]
+    run(tokenizer=tok, text_callback=on_text, stop_strings=[stop])
+    assert "".join(texts[r]) == full[: full.find(stop)]
+
+
+def test_generate_text_callback_needs_a_tokenizer(pair):
+    dllm, ver, tok = pair
+    with pytest.raises(ValueError, match="^text_callback: need tokenizer="):
+        apd_ext.generate(dllm, ver, [[1, 2, 3]], max_new_tokens=4, text_callback=lambda *a: None)
+    with pytest.raises(TypeError, match="^text_callback: expected a callable"):
+        apd_ext.generate_leftright(dllm, [[1, 2, 3]], max_new_tokens=4, tokenizer=tok, text_callback="print")
+
+
 def test_engine_logprobs_are_the_target_distribution(tmp_path):
     """params["logprobs"] = k: per accepted token its log-probability under the
     target distribution it was checked against, with the k most likely ids.

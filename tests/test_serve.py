@@ -9,11 +9,6 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -22,19 +17,13 @@ import torch
 from apd_ext import tiny
 from apd_ext.cli import main as apd_main
 from qwen_vocab import write_real_vocab_pair
+from serve_utils import apd_serve
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("ray.serve")
 
 QUESTIONS = ["Rosa has 13 apples. Zoe gives her 7 apples. How many apples does Rosa have now?",
              "Sam has 9 pencils. He loses 4 pencils. How many pencils does Sam have now?"]
-START_TIMEOUT = 150  # seconds: Ray's start on a loaded 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", params=["tiny", "qwen"])
@@ -52,42 +41,27 @@ def dirs(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(dirs):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    log = open(os.path.join(os.path.dirname(dirs[0]), "serve.log"), "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "apd_ext.cli", "serve", "--dllm", dirs[0], "--verifier", dirs[1], "--port", str(port),
-         "--host", "127.0.0.1", "--threads", "1", "--max-batch", "8", "--max-len", "256", "--M", "32",
-         "--num-cpus", "2"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"apd serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"apd serve not healthy after {START_TIMEOUT} s")
-            time.sleep(1)
+    log = os.path.join(os.path.dirname(dirs[0]), "serve.log")
+    with apd_serve(dirs[0], dirs[1], log, "--max-batch", "8", "--max-len", "256", "--M", "32") as (base, _, _):
         yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # Ray's workers share the group
-        proc.wait(timeout=10)
-        log.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_loads():
+    """`apd generate` (run in this process by _apd_generate, ~16 times per pair)
+    loads the tokenizer and both models on every call: 3.3 s of a 16 s call on
+    the real vocabulary (its 18 MB tokenizer.json). Share them per folder for
+    the module; generation only reads them."""
+    import functools
+
+    import apd_ext
+    from apd_ext import cli
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cli, "_load_tokenizer", functools.lru_cache(maxsize=None)(cli._load_tokenizer))
+    mp.setattr(apd_ext, "load_model", functools.lru_cache(maxsize=None)(apd_ext.load_model))
+    yield
+    mp.undo()
 
 
 def _apd_generate(dirs, text, chat=False, **kw):

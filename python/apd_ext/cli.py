@@ -186,12 +186,15 @@ def _encode(tok, prompt: str, chat: bool) -> List[int]:
 
 
 class _Streamer:
-    """generate() callback: prints the newly accepted text, one colour per step on a TTY.
+    """Prints the newly committed text, one colour per step on a TTY.
 
     The text comes from the incremental detokenizer (apd_ext.output): each
     step decodes only its own ids (plus the previous step's as context), and a
     character split across steps (UTF-8 bytes of a CJK character or an emoji)
-    is printed once it is complete, never as U+FFFD and then again."""
+    is printed once it is complete, never as U+FFFD and then again.
+    generate / generate_leftright: `text` is their text_callback (the Engine's
+    output path, the server's streams' detokenizer); generate_ar (no Engine):
+    `ids` is its id callback, through its own IncrementalDetokenizer."""
 
     def __init__(self, tok, eos, colour: bool, stream):
         from apd_ext.output.detokenizer import IncrementalDetokenizer
@@ -200,12 +203,16 @@ class _Streamer:
         self.eos, self.colour, self.stream = set(eos), colour, stream
         self.blocks = 0
 
-    def __call__(self, step: int, tokens_accepted) -> None:
+    def text(self, step: int, text_deltas) -> None:
+        self._write(text_deltas[0])
+
+    def ids(self, step: int, tokens_accepted) -> None:
         block = [t for t in tokens_accepted[0] if t not in self.eos]
         self._write(self.detok.update(block))
 
     def finish(self) -> None:
-        """Print a tail that never completed (as the full decode renders it)."""
+        """ids: print a tail that never completed (as the full decode renders it;
+        the text path's last delta already holds it)."""
         self._write(self.detok.finish())
 
     def _write(self, new: str) -> None:
@@ -303,24 +310,26 @@ def cmd_generate(args) -> int:
     colour = not args.no_color and not args.json and sys.stdout.isatty()
     stream = None if args.json else _Streamer(tok, eos, colour, sys.stdout)
     sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                    max_new_tokens=args.max_new_tokens, callback=stream)
+                    max_new_tokens=args.max_new_tokens)
+    text_stream = dict(tokenizer=tok, text_callback=stream.text) if stream is not None else {}
     prompt = torch.tensor([ids], dtype=torch.long)
     config = None
     if args.method == "apd":
         config = APDConfig(R=args.R, W=args.W, M=args.M, acceptance=args.acceptance, compat=args.compat,
                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                            max_new_tokens=args.max_new_tokens, seed=args.seed)
-        out = apd_ext.generate(dllm, verifier, prompt, config, callback=stream)
+        out = apd_ext.generate(dllm, verifier, prompt, config, **text_stream)
     elif args.method == "leftright":
         out = apd_ext.generate_leftright(dllm, prompt, K=args.K, W=args.W, M=args.M, compat=args.compat,
-                                         **sampling)
+                                         **sampling, **text_stream)
     elif args.method == "diffusion":
-        sampling["callback"] = None  # tokens land out of order: print the text at the end
+        # tokens land out of order: the text is printed at the end
         steps = args.steps if args.steps is not None else args.max_new_tokens
         out = apd_ext.generate_diffusion(dllm, prompt, steps=steps, alg=args.alg,
                                          **sampling)
     else:
-        out = apd_ext.generate_ar(verifier, prompt, **sampling)
+        out = apd_ext.generate_ar(verifier, prompt, callback=stream.ids if stream is not None else None,
+                                  **sampling)
 
     gen = out.generated(0).tolist()
     body = [t for t in gen if t not in set(eos)]

@@ -6,7 +6,7 @@ and its one host synchronisation per step.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, List, Optional
 
 import torch
 
@@ -24,6 +24,11 @@ from apd_ext.decoding.inputs import (
 )
 from apd_ext.decoding.results import APDOutput, Callback, finish_output
 
+# text_callback(step, text_deltas): text_deltas[b] is the text sequence b
+# committed in that step through the Engine's output path (incremental
+# detokenizer: complete characters only; "" when nothing completed).
+TextCallback = Callable[[int, List[str]], None]
+
 
 def _graphs_supported(device: torch.device) -> bool:
     return device.type == "cuda"
@@ -33,7 +38,8 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
          callback: Optional[Callback], n_accept_override: Optional[int],
          cuda_graphs: bool = False, stop_after_steps: Optional[int] = None,
          attention_mask=None, seeds=None, trace: Optional[list] = None,
-         max_new_tokens_per_row=None, stop_strings=None, tokenizer=None) -> APDOutput:
+         max_new_tokens_per_row=None, stop_strings=None, tokenizer=None,
+         text_callback: Optional[TextCallback] = None) -> APDOutput:
     """One static batch through the Engine: every prompt is queued at once
     (max_batch = B, max_len = the longest prompt + budget), then the loop steps
     until all have finished. APD (verifier given, K None) and leftright
@@ -55,8 +61,12 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
     gen_max = max(tot - p.numel() for tot, p in zip(totals, prompts))
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings: need tokenizer=... (stop strings are matched on the decoded text)")
+    if text_callback is not None and tokenizer is None:
+        raise ValueError("text_callback: need tokenizer=... (the text deltas come from the Engine's detokenizer)")
+    if text_callback is not None and not callable(text_callback):
+        raise TypeError(f"text_callback: expected a callable (step, text_deltas), got {type(text_callback).__name__}")
     engine = Engine(dllm, verifier, cfg, max_batch=B, max_len=max(totals), K=K, cuda_graphs=cuda_graphs,
-                    tokenizer=tokenizer if stop_strings else None,
+                    tokenizer=tokenizer if stop_strings or text_callback is not None else None,
                     _verifier_rows=None if verifier is None else min(cfg.M, gen_max), _graphs_checked=True)
     engine._n_accept_override = n_accept_override
     engine._trace = trace
@@ -73,6 +83,7 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
         if stop_after_steps is not None and engine.stats.steps >= stop_after_steps:  # benchmarking only
             engine.finish_all()
         per_step = [[] for _ in range(B)] if callback is not None else None
+        texts = [""] * B if text_callback is not None else None
         for o in outs:
             if o.finish_reason == "error":  # the Engine contains it per request; a batch call has no other channel
                 raise RuntimeError(f"sequence {o.request_id}: {o.error}")
@@ -80,8 +91,12 @@ def _run(dllm, verifier, input_ids, cfg: APDConfig, *, K: Optional[int], eos_tok
             generated[o.request_id] += o.new_tokens
             if per_step is not None:
                 per_step[o.request_id] = o.new_tokens
+            if texts is not None:
+                texts[o.request_id] = o.text
         if callback is not None:
             callback(engine.stats.steps, per_step)
+        if text_callback is not None:
+            text_callback(engine.stats.steps, texts)
     seconds = engine.timer.stop()
 
     width = max(p.numel() + len(g) for p, g in zip(prompts, generated))
@@ -117,8 +132,8 @@ def _row_budgets(default: int, batch: int, per_row) -> list:
 def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
              eos_token_ids=None, callback: Optional[Callback] = None, cuda_graphs: bool = False,
              attention_mask=None, seeds=None, max_new_tokens_per_row=None, stop_strings=None, tokenizer=None,
-             _n_accept_override: Optional[int] = None, _stop_after_steps: Optional[int] = None,
-             _trace: Optional[list] = None, **overrides) -> APDOutput:
+             text_callback: Optional[TextCallback] = None, _n_accept_override: Optional[int] = None,
+             _stop_after_steps: Optional[int] = None, _trace: Optional[list] = None, **overrides) -> APDOutput:
     """Adaptive Parallel Decoding (DESIGN.md §6).
 
     dllm: a diffusion model (kind 'dllm') and verifier: an AR model (kind 'ar'),
@@ -143,6 +158,14 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
     sequence ends at the step whose text contains one (the Engine's output
     path); its ids are those up to the end of that step (the stop string's
     tokens included, maybe a few after it: the caller cuts the text).
+    text_callback(step, text_deltas) (with tokenizer): text_deltas[b] is the
+    text sequence b committed in that step, from the same incremental
+    detokenizer as the server's streams: complete characters only (a CJK
+    character or emoji split across steps comes once it is whole), special
+    ids dropped, cut before a stop string; "" when nothing completed. The
+    deltas of a sequence joined equal tokenizer.decode(its ids before EOS,
+    skip_special_tokens=True) (cut before a stop string). callback and
+    text_callback may be given together; both are called after each step.
     _n_accept_override / _stop_after_steps: benchmarking hooks (a fixed
     acceptance schedule; stop after that many steps), not part of the API.
     _trace: tests only, a list that gets per step [(b, left, right, n_accept)]
@@ -158,7 +181,7 @@ def generate(dllm, verifier, input_ids, config: Optional[APDConfig] = None, *,
                 callback=callback, n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
                 stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
                 trace=_trace, max_new_tokens_per_row=max_new_tokens_per_row, stop_strings=stop_strings,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, text_callback=text_callback)
 
 
 def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: Optional[int] = None, *,
@@ -166,13 +189,15 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
                        max_new_tokens: int = 256, eos_token_ids=None,
                        callback: Optional[Callback] = None, compat: Optional[str] = None,
                        cuda_graphs: bool = False, attention_mask=None, seeds=None, stop_strings=None,
-                       tokenizer=None, _n_accept_override: Optional[int] = None,
+                       tokenizer=None, text_callback: Optional[TextCallback] = None,
+                       _n_accept_override: Optional[int] = None,
                        _stop_after_steps: Optional[int] = None) -> APDOutput:
     """Left-to-right dLLM decoding: K tokens per step from the dLLM marginals,
     no verifier. W and M as in APD (M None: the whole masked tail is in the
     window). The first EOS ends the sequence. Sampling defaults are
     APDConfig's (temperature 0.2, top_p 0.95); batching (input_ids,
-    attention_mask, seeds) and cuda_graphs as in generate."""
+    attention_mask, seeds), cuda_graphs, stop_strings / tokenizer and
+    text_callback as in generate."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise ValueError(f"K: expected an int >= 1, got {K!r}")
     check_kind("dllm", dllm, "dllm")
@@ -182,4 +207,4 @@ def generate_leftright(dllm, input_ids, K: int = 1, W: Optional[int] = None, M: 
     return _run(dllm, None, input_ids, cfg, K=K, eos_token_ids=eos_token_ids, callback=callback,
                 n_accept_override=_n_accept_override, cuda_graphs=cuda_graphs,
                 stop_after_steps=_stop_after_steps, attention_mask=attention_mask, seeds=seeds,
-                stop_strings=stop_strings, tokenizer=tokenizer)
+                stop_strings=stop_strings, tokenizer=tokenizer, text_callback=text_callback)

@@ -149,6 +149,17 @@ def cmd_serve(args) -> int:
     else:
         ray.init(num_cpus=args.num_cpus or max(2, args.replicas), include_dashboard=False,
                  dashboard_host="127.0.0.1", **({"_node_ip_address": "127.0.0.1"} if local_only else {}))
+    # SIGTERM drains from here on, even while the app deploys and its handle
+    # warms: ray.init has just installed its own handlers (Python's sys.exit
+    # and the core worker's C++ failure handler, which aborts the driver with
+    # a stack dump). A SIGTERM that came during start-up, when the replica
+    # already answered /health but the driver had not reached its handlers,
+    # killed the driver without a drain: new requests then got no 503.
+    # A SIGTERM now is acted on once start-up is done (a drain with nothing in
+    # flight returns at once). SIGINT keeps Python's KeyboardInterrupt until
+    # then, so Ctrl-C still stops a start-up that hangs.
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     serve.start(http_options={"host": args.host, "port": args.port})
     handle = serve.run(build_app(args.dllm, args.verifier, replicas=args.replicas, device=device, dtype=args.dtype,
                                  max_batch=args.max_batch, max_len=args.max_len, kv_budget=args.kv_budget, M=args.M,
@@ -162,9 +173,7 @@ def cmd_serve(args) -> int:
     handle.options(method_name="check_health").remote().result(timeout_s=120)
     print(f"apd serve: ready on http://{args.host}:{args.port}/v1 ({args.replicas} replica(s), {device})",
           flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
     if args.drain_timeout > 0:
         print(f"apd serve: draining ({args.drain_timeout:g} s at most)", flush=True)

@@ -54,17 +54,15 @@ def generated_text(tok, out) -> str:
     return tok.decode(ids, skip_special_tokens=True)
 
 
-def _streamer(tok, colour: bool, stream=sys.stdout):
-    """A generate() callback printing each accepted block as it is committed."""
-    state = {"ids": [], "text": "", "block": 0}
+def _streamer(colour: bool, stream=sys.stdout):
+    """A generate() text_callback printing each step's text as it is committed
+    (the Engine's incremental detokenizer: complete characters, O(step) each)."""
+    state = {"block": 0}
 
-    def cb(step: int, accepted) -> None:
-        block = [t for t in accepted[0] if t != tok.eos_token_id]
-        if not block:
+    def cb(step: int, text_deltas) -> None:
+        new = text_deltas[0]
+        if not new:
             return
-        state["ids"] += block
-        text = tok.decode(state["ids"], skip_special_tokens=True)
-        new, state["text"] = text[len(state["text"]):], text
         if colour:
             new = _COLOURS[state["block"] % len(_COLOURS)] + new + _RESET
         state["block"] += 1
@@ -133,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
           f" ({'blocks accepted per step alternate colours' if colour else 'streaming'}):")
     out = apd_ext.generate(dllm, ar, prompt, R=args.R, W=args.W, M=args.M,
                            temperature=args.temperature, top_p=DEFAULTS["top_p"], seed=args.seed,
-                           max_new_tokens=args.max_new_tokens, callback=_streamer(tok, colour))
+                           max_new_tokens=args.max_new_tokens, tokenizer=tok,
+                           text_callback=_streamer(colour))
     print()
     text = generated_text(tok, out)
     got = arith.extract_answer(text)
