@@ -488,8 +488,13 @@ def test_batch_invariance(use, impl, causal, dtype, splits, backend):
     for ti, (name, spec) in enumerate(INV_TRACKED.items()):
         req = (spec, _inv_request(spec, dtype, ti))
         q_len = spec[0]
-        alone = _run_args(_inv_batch([req], dtype, seed=ti, slack=0), causal)[0, :q_len]
+        alone_args = _inv_batch([req], dtype, seed=ti, slack=0)
+        alone = _run_args(alone_args, causal)[0, :q_len]
         assert torch.isfinite(alone.float()).all(), name
+        if backend == "emu":  # the request really splits (the plan op reports sequence 0's own split)
+            n = torch.ops.apd_emu.window_attention_plan(alone_args[0], alone_args[1], alone_args[5], impl,
+                                                        int(splits))[1]
+            assert n > 1, (name, n)
         for bi, (pos, idx) in enumerate(INV_BATCHES[1:]):
             reqs = [mates[i] for i in idx]
             reqs.insert(pos, req)
