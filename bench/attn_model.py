@@ -50,14 +50,16 @@ def splits(ctas: int, kv: int, after: bool) -> int:
     return math.ceil(tiles / per)
 
 
-def predict(cfg: str, B: int, Lq: int, kv: int, Hq: int, Hkv: int, D: int) -> dict:
+def predict(cfg: str, B: int, Lq: int, kv: int, Hq: int, Hkv: int, D: int, per_request: bool = False) -> dict:
+    """B identical requests. per_request: the split of csrc/include/apd/attention_split.h (issue 28),
+    each request split as if alone, whatever B; else the batch-wide rule it replaced."""
     bm, warps, q_smem, packed = CONFIGS[cfg]
     if q_smem is None:
         q_smem = D > 64
     heads, rows = (Hkv, Lq * Hq // Hkv) if packed else (Hq, Lq)
     qt = math.ceil(rows / bm)
     ctas = B * heads * qt
-    ns = splits(ctas, kv, after="before" not in cfg)
+    ns = splits(ctas // B if per_request else ctas, kv, after="before" not in cfg)
     tiles = math.ceil(math.ceil(kv / BN) / ns)  # key tiles per CTA
     total = ctas * ns
     waves = math.ceil(total / (SMS * SLOTS))
@@ -95,6 +97,22 @@ def main() -> None:
     emit_table("window_attention, predicted us (CTAs, waves); model, not measured",
                ["model", "B", "q_len", "kv", "FLOP floor", "mma before", "mma after",
                 "after: MMA / smem / L2 / combine", "FA2 (SDPA)", "FA2 / after"], body, args.markdown)
+
+    # Issue 28: the split count per request (batch invariance) against the batch-wide rule, 128-row mma.
+    mma = "mma after (128 rows, 32 / warp)"
+    body = []
+    for model, B, Lq, kv, Hq, Hkv, D in shapes + [("Dream-7B", B, Lq, 4096, 28, 4, 128) for B in (4, 16, 64)
+                                                   for Lq in (16, 100)]:
+        old, new = predict(mma, B, Lq, kv, Hq, Hkv, D), predict(mma, B, Lq, kv, Hq, Hkv, D, per_request=True)
+        body.append([model, str(B), str(Lq), str(kv),
+                     f"{us(old['total'])} ({old['splits']}, {old['ctas']}, {old['waves']}w)",
+                     f"{us(new['total'])} ({new['splits']}, {new['ctas']}, {new['waves']}w)",
+                     f"{new['mma'] * 1e6:.0f} / {new['smem'] * 1e6:.0f} / {new['l2'] * 1e6:.0f} / "
+                     f"{new['combine'] * 1e6:.0f}",
+                     f"{new['total'] / old['total']:.2f}"])
+    emit_table("window_attention split rule, predicted us (splits, CTAs, waves); model, not measured",
+               ["model", "B", "q_len", "kv", "batch-wide rule", "per request (issue 28)",
+                "per request: MMA / smem / L2 / combine", "per request / batch-wide"], body, args.markdown)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,11 @@ run_bench() {  # run_bench CAP_S LABEL CMD...
   timeout "$cap" "$@" --device cuda --markdown "$OUT/table.md" 2>&1 | tail -30
   [ "${PIPESTATUS[0]}" -eq 124 ] && echo "- $label: timed out after ${cap} s" | tee -a "$OUT/table.md"
 }
+# Batch invariance on the device (docs/SEMANTICS.md "Batch invariance"): a
+# request alone vs inside mixed batches, kernels and the tiny pair's logits
+# and tokens; prints bit-identical yes / NO per check (the GEMMs are the part
+# not invariant by construction).
+run_bench 60 batch-invariance python3 bench/batch_invariance_check.py
 run_bench 60 sampling python3 bench/bench_sampling.py
 run_bench 90 attention python3 bench/bench_attention.py
 # The tensor-core attention kernel, same shapes (the table above is the default kernel).

@@ -30,7 +30,8 @@ BK = Backend()
 
 # Tests that run on every device profile of the emulator in CI (on a few
 # shapes each, emu_quick(..., profile_keep=...)); APD_EMU_FULL=1 runs all.
-PROFILE_TESTS = {"test_against_reference", "test_nan_propagates", "test_plan_fits_the_profile"}
+PROFILE_TESTS = {"test_against_reference", "test_nan_propagates", "test_plan_fits_the_profile",
+                 "test_batch_invariance"}
 
 
 @pytest.fixture(autouse=True, params=emu_backend.backend_params())
@@ -285,25 +286,29 @@ def test_bad_lengths_never_read_out_of_bounds(use, impl):
 
 
 # (B, q_len, kv_len, Hq, Hkv, D, splits): the bench_attention.py shapes. The
-# mma planner packs G = Hq / Hkv heads into 128-row q tiles; below one CTA per
-# SM it splits the keys so that the grid fills the 2 CTAs per SM of 132 SMs
-# in one wave (rounded down), each split >= 128 keys (two key tiles).
+# mma planner packs G = Hq / Hkv heads into 128-row q tiles; when a request's
+# own (kv head, q tile) grid is below one CTA per SM, it splits that request's
+# keys so that its grid alone fills the 2 CTAs per SM of 132 SMs in one wave
+# (rounded down), each split >= 128 keys (two key tiles). Per request
+# (apd/attention_split.h): B does not change it.
 PLAN_SHAPES = [
     (1, 16, 4096, 28, 4, 128, 32),    # 4 CTAs: 66 wanted, 32 by length
     (1, 100, 4096, 28, 4, 128, 11),   # 24 CTAs: 264 / 24 = 11
     (1, 116, 4096, 28, 4, 128, 8),    # 28 CTAs: 9 wanted, 8 splits of 8 key tiles (224); rounding up: 10 (280)
     (1, 216, 4096, 28, 4, 128, 5),    # 48 CTAs: 5 (240); rounding up gave 6 (288)
     (1, 216, 16384, 28, 4, 128, 5),
-    (8, 100, 4096, 28, 4, 128, 1),    # 192 CTAs >= 132 SMs: no split
+    (8, 100, 4096, 28, 4, 128, 11),   # as alone: batch-mates never change a request's split (the batch-wide
+                                      # rule took 1 here: 192 CTAs >= 132 SMs)
+    (1, 1000, 4096, 28, 4, 128, 1),   # 55 q tiles x 4 = 220 CTAs >= 132 SMs: no split
     (1, 100, 1024, 14, 2, 64, 8),     # Qwen: 12 CTAs: 22 wanted, 8 by length
 ]
 
 
 @pytest.mark.parametrize("B,Lq,kv,Hq,Hkv,D,want", PLAN_SHAPES)
 def test_mma_plan_fills_one_wave(B, Lq, kv, Hq, Hkv, D, want, backend):
-    """The split count the CUDA launcher would choose on the H100 profile (the
-    planner is host code; it reads the SM count through the emulated
-    cudaDeviceGetAttribute: the profile's 132)."""
+    """The split count the CUDA kernels give a request of these lengths on the
+    H100 profile (the planner is host code; it reads the SM count through the
+    emulated cudaDeviceGetAttribute: the profile's 132)."""
     if backend != "emu":
         not_applicable("the plan is read through the emulator's torch.ops.apd_emu.window_attention_plan")
     emu = torch.ops.apd_emu
@@ -312,7 +317,7 @@ def test_mma_plan_fills_one_wave(B, Lq, kv, Hq, Hkv, D, want, backend):
     q = torch.zeros(B, Lq, Hq, D, dtype=torch.bfloat16)
     k = torch.zeros(B, kv, Hkv, D, dtype=torch.bfloat16)
     impl, splits, block_m, smem = emu.window_attention_plan(q, k, torch.full((B,), kv), "mma", 0)
-    ctas = B * Hkv * -(-Lq * (Hq // Hkv) // 128)
+    ctas = Hkv * -(-Lq * (Hq // Hkv) // 128)  # the request's own grid
     assert impl == "mma" and block_m == 128 and splits == want, (impl, block_m, splits, want)
     assert splits == 1 or (ctas * splits <= 2 * sms and -(-kv // 128) >= splits), (ctas, splits)
 
@@ -326,8 +331,8 @@ PROFILE_PLAN_SHAPES = [(B, Lq, kv, Hq, Hkv, D) for D in (8, 40, 64, 72, 128, 200
 @pytest.mark.parametrize("impl", IMPLS)
 def test_plan_fits_the_profile(impl, dtype, backend):
     """On every device profile, every plan's dynamic shared memory fits the
-    profile's opt-in limit, and its split fills at most one wave of the CTAs
-    that fit an SM. The tiles: on sm_86 / sm_89 (99 KB opt-in) the mma kernel
+    profile's opt-in limit, and a request's split fills at most one wave of
+    the CTAs that fit an SM with that request's own CTAs. The tiles: on sm_86 / sm_89 (99 KB opt-in) the mma kernel
     at D = 128 takes 64-row q tiles (87,056 B; 128 rows need 104,464 B) and the
     simple kernel at D > 128 4 rows per warp (98,432 B; 8 need 131,200 B);
     elsewhere the large tiles."""
@@ -349,7 +354,7 @@ def test_plan_fits_the_profile(impl, dtype, backend):
             assert block_m == (64 if small and D == 128 else 128), what
         else:
             assert block_m == (32 if small and D > 128 else 64), what
-        ctas = B * Hkv * -(-Lq * (Hq // Hkv) // block_m)
+        ctas = Hkv * -(-Lq * (Hq // Hkv) // block_m)  # one request's
         assert splits == 1 or ctas * splits <= 2 * sms, what
         seen.add((got, block_m))
     if small:
@@ -399,3 +404,111 @@ def test_nan_propagates(use, impl, causal, dtype, splits, backend):
         counts[what] = assert_nan_rule(_run(cn, causal), clean, cn, causal=causal, what=what)
     assert counts == {"q": 1, "visible_key": 2 * 21, "visible_value": 2 * (11 if causal else 21),
                       "invisible_key": 0}, counts
+
+
+# --------------------------------------------------------------------------- batch invariance
+#
+# DESIGN.md §8 on the CUDA kernels (docs/SEMANTICS.md "Batch invariance"): a
+# request's rows are bit for bit the same alone and inside any batch. Each
+# request below is (q_len, kv_len, q_start) with its own q / K / V; a batch
+# pads the windows to its longest (Lq) and the caches to its longest kv_len
+# plus slack (Lmax), and fills the padding with finite noise that no row may
+# see. TRACKED are the requests checked; MATES change the padded shapes and
+# the grid around them: a longer window (more q tiles: on main fewer splits),
+# a longer cache (on main more splits for every row), empty and one-row
+# windows, and short caches that never split.
+INV_HEADS = dict(Hq=4, Hkv=2, D=64)  # GQA 2; D = 64: the mma kernel applies in bf16 / fp16
+INV_TRACKED = {
+    "short_kv": (5, 300, 295),    # a few key tiles: split alone into short chunks
+    "long_kv": (3, 1000, 997),    # long cache: many splits (128-key minimum)
+    "window": (37, 700, 0),       # a window at position 0 under a longer cache (2 simple q tiles)
+}
+INV_MATES = [
+    (64, 1200, 1136),  # long window and the longest cache
+    (1, 64, 63),       # one row, one key tile
+    (0, 10, 0),        # empty window
+    (17, 520, 503),
+    (150, 400, 250),   # longest window: 300 packed rows, 3 mma q tiles / 5 simple ones
+]
+# Batches: the tracked request's index, and the mates around it (indices into
+# INV_MATES); B = 1 .. 6, the request first, in the middle and last.
+INV_BATCHES = [
+    (0, []),
+    (0, [0]),
+    (1, [1, 3]),
+    (2, [4, 2]),
+    (1, [0, 1, 2, 3]),
+    (5, [4, 0, 3, 1, 2]),
+]
+
+
+def _inv_request(spec, dtype, seed):
+    q_len, kv_len, q_start = spec
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hkv, D = INV_HEADS["Hq"], INV_HEADS["Hkv"], INV_HEADS["D"]
+    return (torch.randn(q_len, Hq, D, generator=g).to(dtype), torch.randn(kv_len, Hkv, D, generator=g).to(dtype),
+            torch.randn(kv_len, Hkv, D, generator=g).to(dtype))
+
+
+def _inv_batch(reqs, dtype, seed, slack):
+    """reqs: [(spec, (q, k, v))] -> the window_attention arguments of one batch on BK.dev."""
+    g = torch.Generator().manual_seed(seed)
+    Hq, Hkv, D = INV_HEADS["Hq"], INV_HEADS["Hkv"], INV_HEADS["D"]
+    Lq = max(1, max(s[0] for s, _ in reqs))
+    Lmax = max(s[1] for s, _ in reqs) + slack
+    B = len(reqs)
+    q = (torch.randn(B, Lq, Hq, D, generator=g) * 5).to(dtype)  # noise where no row may look
+    k = (torch.randn(B, Lmax, Hkv, D, generator=g) * 5).to(dtype)
+    v = (torch.randn(B, Lmax, Hkv, D, generator=g) * 5).to(dtype)
+    for b, ((q_len, kv_len, _), (qr, kr, vr)) in enumerate(reqs):
+        q[b, :q_len], k[b, :kv_len], v[b, :kv_len] = qr, kr, vr
+    ints = lambda i: torch.tensor([s[i] for s, _ in reqs], device=BK.dev)  # noqa: E731
+    return tuple(t.to(BK.dev) for t in (q, k, v)) + (ints(2), ints(0), ints(1))
+
+
+@pytest.mark.parametrize("splits", ["0", "3"], ids=["auto", "split3"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_invariance(use, impl, causal, dtype, splits, backend):
+    """A request's output rows are bit-identical alone (B = 1, Lq = its q_len,
+    Lmax = its kv_len) and inside every batch of INV_BATCHES (other requests
+    around it, longer / shorter windows and caches, a bigger cache allocation),
+    for the split heuristic and a requested split count: every choice that
+    touches a row's arithmetic (kernel, q tile, key tile, split count and
+    boundaries, combine order) comes from the device profile, the dtype /
+    head shapes and that request's own lengths (attention_launch.h). Its
+    padding rows are zeros. All three emulator schedules agree on each call."""
+    if impl == "mma" and dtype == torch.float32:
+        not_applicable("the mma kernel does not apply to fp32: the simple kernel would run again")
+    emu_quick(backend, dtype == torch.bfloat16 and splits == "0",
+              profile_keep=dtype == torch.bfloat16 and splits == "0" and not causal)
+    use(impl, splits)
+    mates = [(spec, _inv_request(spec, dtype, 100 + i)) for i, spec in enumerate(INV_MATES)]
+    for ti, (name, spec) in enumerate(INV_TRACKED.items()):
+        req = (spec, _inv_request(spec, dtype, ti))
+        q_len = spec[0]
+        alone_args = _inv_batch([req], dtype, seed=ti, slack=0)
+        alone = _run_args(alone_args, causal)[0, :q_len]
+        assert torch.isfinite(alone.float()).all(), name
+        if backend == "emu":  # the request really splits (the plan op reports sequence 0's own split)
+            n = torch.ops.apd_emu.window_attention_plan(alone_args[0], alone_args[1], alone_args[5], impl,
+                                                        int(splits))[1]
+            assert n > 1, (name, n)
+        for bi, (pos, idx) in enumerate(INV_BATCHES[1:]):
+            reqs = [mates[i] for i in idx]
+            reqs.insert(pos, req)
+            out = _run_args(_inv_batch(reqs, dtype, seed=1000 + bi, slack=37 * bi), causal)
+            got = out[pos]
+            same = got[:q_len] == alone
+            assert same.all(), (f"{name} in batch {bi} (B={len(reqs)}, at {pos}): "
+                                f"{int((~same).sum())} of {same.numel()} values differ from alone, "
+                                f"max |diff| {(got[:q_len].double() - alone.double()).abs().max().item():.3g}")
+            assert torch.all(got[q_len:] == 0), (name, bi)
+
+
+def _run_args(args, causal):
+    out = attn(*args, causal=causal)
+    if BK.name == "cuda":
+        torch.cuda.synchronize()
+    return out

@@ -488,6 +488,73 @@ def test_batch_invariance():
         assert torch.equal(one, full[b : b + 1])
 
 
+# A request alone and inside batches of other requests (DESIGN.md §8, on the
+# CUDA kernels): its draft ids, targets and n_accept are bit-identical. The
+# grid is one CTA per (sequence, row) of B x M, with M padded to the batch's
+# longest window: rows past valid_len only write -1, and a row's CTA (512
+# threads, its reductions over V, its noise from its own seed / step /
+# position) and the n_accept scan over its own valid_len never see B or M.
+# Requests: (valid rows, pos_start, seed, step); the batches put mates with
+# longer / shorter / empty windows around the tracked one, padding rows hold
+# other logits.
+INV_REQUESTS = [(3, 17, 11, 5), (6, 200, -7, 2**33), (1, 0, 3, 0), (0, 9, 4, 1), (4, 3000, 2**61, 77)]
+# (position of the tracked request, mates: indices into the other requests)
+INV_BATCHES = [(0, [0]), (1, [1, 0, 2]), (2, [3, 2]), (1, [2, 3, 1, 0])]
+INV_SAMPLERS = [(0.7, 30, 0.9, None), (0.2, 0, 0.95, None)]  # top-k + top-p; the paper's default top-p (staged)
+
+
+def _inv_batch(reqs, slack, V_D, V_A, seed):
+    """reqs: [(spec, (d [m, V_D], a [m, V_A], draft [m]))] -> the batched inputs on DEV."""
+    g = torch.Generator().manual_seed(seed)
+    B, M = len(reqs), max(1, max(spec[0] for spec, _ in reqs)) + slack
+    d = torch.randn(B, M, V_D, generator=g) * 3  # padding rows: other logits
+    a = torch.randn(B, M, V_A, generator=g) * 3
+    draft = torch.randint(0, V_A, (B, M), generator=g)
+    for b, ((m, *_), (db, ab, xb)) in enumerate(reqs):
+        d[b, :m], a[b, :m], draft[b, :m] = db, ab, xb
+    col = lambda i: torch.tensor([spec[i] for spec, _ in reqs], dtype=torch.int64)  # noqa: E731
+    seq = [col(1), col(0), col(2), col(3)]  # pos_start, valid_len, seeds, steps
+    return d.to(torch.bfloat16).to(DEV), a.to(torch.bfloat16).to(DEV), draft.to(DEV), [t.to(DEV) for t in seq]
+
+
+@pytest.mark.parametrize("sampler", INV_SAMPLERS, ids=["topk_topp", "paper_topp"])
+def test_batch_invariance_mixed_batches(sampler, backend):
+    """A request's sample_draft ids and mixture_accept targets / n_accept are
+    the same alone (B = 1, M = its own rows) and inside batches with other
+    requests around it (B = 2..5, M padded to the longest window plus slack),
+    bit for bit; its padding rows are -1."""
+    emu_quick(backend, sampler[2] < 0.95)
+    tau, top_k, top_p, compat = sampler
+    V_D, V_A = 3001, 2999
+    g = torch.Generator().manual_seed(61)
+    own = [(torch.randn(m, V_D, generator=g) * 3, torch.randn(m, V_A, generator=g) * 3,
+            torch.randint(0, V_A, (m,), generator=g)) for m, *_ in INV_REQUESTS]
+    kw = dict(temperature=tau, top_k=top_k, top_p=top_p, compat=compat)
+    eos = torch.tensor([5], device=DEV)
+
+    def run(reqs, slack, seed):
+        d, a, draft, seq = _inv_batch(reqs, slack, V_D, V_A, seed)
+        ids = OPS.sample_draft(d, *seq, **kw)
+        target, n_acc = OPS.mixture_accept(d, a, draft, *seq, R=0.6, eos_ids=eos, **kw)
+        return ids.cpu(), target.cpu(), n_acc.cpu()
+
+    checked = 0
+    for t in (0, 1):  # the tracked requests
+        m = INV_REQUESTS[t][0]
+        alone = run([(INV_REQUESTS[t], own[t])], 0, 900 + t)
+        others = [i for i in range(len(INV_REQUESTS)) if i != t]
+        for bi, (pos, mates) in enumerate(INV_BATCHES):
+            reqs = [(INV_REQUESTS[others[i]], own[others[i]]) for i in mates]
+            reqs.insert(pos, (INV_REQUESTS[t], own[t]))
+            got = run(reqs, 2 * bi, 1000 + bi)
+            for name, x, y in zip(("draft", "target"), got[:2], alone[:2]):
+                assert torch.equal(x[pos, :m], y[0, :m]), (t, bi, name, x[pos, :m], y[0, :m])
+                assert torch.all(x[pos, m:] == -1), (t, bi, name)
+            assert got[2][pos] == alone[2][0], (t, bi, "n_accept", got[2][pos], alone[2][0])
+            checked += 1
+    assert checked == 2 * len(INV_BATCHES), checked
+
+
 def test_opcheck(backend):
     if backend == "emu":
         not_applicable("opcheck is about the torch.ops.apd CUDA registration")

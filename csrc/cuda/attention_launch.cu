@@ -80,45 +80,53 @@ WindowAttentionPlan plan_window_attention(const DeviceProfile& dev, const Window
   plan.ctas_per_sm = blocks_per_sm(dev, plan.smem_bytes, threads, regs, 2);
   const int64_t G = p.Hq / p.Hkv;
   plan.q_tiles = ceil_div<int64_t>(p.Lq * G, plan.block_m);
-  const int64_t bn = plan.block_n;
-  const int64_t lmax_tiles = ceil_div<int64_t>(p.Lmax, bn);  // key tiles of the cache
 
-  // Splits: requested, or as many as fill every SM with the CTAs that fit on
-  // it (up to two: plan.ctas_per_sm, from the profile's shared memory and
-  // registers per SM) when the (b, kv head, q tile) grid alone would leave
-  // SMs idle, keeping >= 128 keys (two mma key tiles) per split and at
-  // most 64 splits.
-  // Rounded down: one split more than fits starts a second wave of a few
-  // CTAs (Dream-7B, q_len 216, kv 4096, mma: 48 CTAs x 6 splits of 11 key
-  // tiles = 288 CTAs on 264 slots, 2 waves = 22 tile-times per SM; 5 splits of
-  // 13 tiles = 240 CTAs, one wave, 13 tile-times; a model, bench/NOTES.md).
-  int64_t want = opt.num_splits;
-  if (want <= 0) {
-    const int64_t ctas = int64_t(p.B) * p.Hkv * plan.q_tiles;
-    const int64_t sms = dev.sm_count > 0 ? dev.sm_count : 1;
-    want = 1;
-    if (ctas < sms) {
-      want = plan.ctas_per_sm * sms / ctas;  // >= 1
-      const int64_t max_by_len = ceil_div<int64_t>(p.Lmax, 128);
-      if (want > max_by_len) want = max_by_len;
-      if (want > 64) want = 64;
+  // Splits, per sequence (apd/attention_split.h): as many as fill every SM
+  // with the CTAs that fit on it (plan.ctas_per_sm, from the profile's shared
+  // memory and registers per SM) when the request's own (kv head, q tile)
+  // grid would leave SMs idle, >= 128 keys (two mma key tiles) per split, at
+  // most 64; or the requested count. The rule reads the request's own q_len
+  // and kv_len on the device: a batch never changes a request's split.
+  SplitRule& r = plan.split;
+  r.request = opt.num_splits > 0 ? (opt.num_splits < 65535 ? opt.num_splits : 65535) : 0;
+  r.sm_count = dev.sm_count > 0 ? dev.sm_count : 1;
+  r.ctas_per_sm = plan.ctas_per_sm;
+  r.heads = int(p.Hkv);
+  r.group = int(G);
+  r.block_m = plan.block_m;
+  r.block_n = plan.block_n;
+  r.min_tiles = 128 / plan.block_n;
+  r.max_splits = 64;
+
+  // Bounds over every sequence this call can hold (q_len <= Lq, kv_len <=
+  // Lmax), from n_b <= want_b and n_b <= tiles_b: the most splits, and the
+  // most (q tile, split) CTAs of a split sequence. Under the rule, q_tiles_b x
+  // want_b <= ctas_per_sm x SMs / Hkv (want_b is rounded down), so a split
+  // sequence never has more than one device wave of CTAs per kv head.
+  const int64_t lmax_tiles = ceil_div<int64_t>(p.Lmax, plan.block_n);
+  int64_t smax = 1;
+  if (lmax_tiles > 1) {
+    if (r.request > 0) {
+      smax = r.request < lmax_tiles ? r.request : lmax_tiles;
+    } else if (r.heads < r.sm_count) {  // a sequence with one q tile can split
+      smax = int64_t(r.ctas_per_sm) * r.sm_count / r.heads;
+      const int64_t by_len = ceil_div<int64_t>(lmax_tiles, r.min_tiles);
+      if (smax > by_len) smax = by_len;
+      if (smax > r.max_splits) smax = r.max_splits;
     }
   }
-  if (want < 1) want = 1;
-  if (want > 65535) want = 65535;
-  if (lmax_tiles <= 1 || want == 1) {
-    plan.num_splits = 1;
-    plan.chunk = lmax_tiles * bn;
-  } else {
-    // Whole key tiles per split; the last split may be shorter, none is empty.
-    const int64_t tiles_per = ceil_div<int64_t>(lmax_tiles, want);
-    plan.chunk = tiles_per * bn;
-    plan.num_splits = int(ceil_div<int64_t>(lmax_tiles, tiles_per));
+  plan.num_splits = int(smax);
+  plan.ws_items = 0;
+  if (smax > 1) {
+    plan.ws_items = plan.q_tiles * smax;
+    const int64_t wave = int64_t(r.ctas_per_sm) * r.sm_count / r.heads;
+    if (r.request == 0 && plan.ws_items > wave) plan.ws_items = wave;
   }
-  if (plan.num_splits > 1) {
-    const size_t rows = size_t(p.B) * p.Lq * p.Hq;
+  plan.grid_x = plan.q_tiles > plan.ws_items ? plan.q_tiles : plan.ws_items;
+  if (plan.ws_items > 0) {
+    const size_t rows = size_t(p.B) * p.Hkv * plan.ws_items * plan.block_m;
     // Partials in the input dtype, then the fp32 lse (16-byte aligned: D % 8 == 0).
-    plan.workspace_bytes = size_t(plan.num_splits) * rows * (size_t(p.D) * elem_size(p.dtype) + sizeof(float));
+    plan.workspace_bytes = rows * (size_t(p.D) * elem_size(p.dtype) + sizeof(float));
   }
   return plan;
 }
@@ -131,22 +139,22 @@ cudaError_t dispatch(const attn::AttnArgs& a, const WindowAttentionPlan& plan, c
   if (plan.impl == AttnImpl::kMma) {
     if constexpr (sizeof(T) == 2) {
       // BM = 64 only where the 128-row tile does not fit (D = 128 on sm_86 / sm_89).
-      if (a.D == 64) e = attn::launch_mma<T, 64, 128>(a, plan.q_tiles, stream);
-      else if (plan.block_m == 128) e = attn::launch_mma<T, 128, 128>(a, plan.q_tiles, stream);
-      else e = attn::launch_mma<T, 128, 64>(a, plan.q_tiles, stream);
+      if (a.D == 64) e = attn::launch_mma<T, 64, 128>(a, plan.grid_x, stream);
+      else if (plan.block_m == 128) e = attn::launch_mma<T, 128, 128>(a, plan.grid_x, stream);
+      else e = attn::launch_mma<T, 128, 64>(a, plan.grid_x, stream);
     } else {
       return cudaErrorInvalidValue;
     }
   } else {
     // 4 rows per warp only where 8 do not fit (D > 128 on sm_86 / sm_89).
     const int ndc = simple_ndc(a.D);
-    if (ndc == 1) e = attn::launch_simple<T, 1, 8>(a, plan.q_tiles, stream);
-    else if (ndc == 2) e = attn::launch_simple<T, 2, 8>(a, plan.q_tiles, stream);
-    else if (ndc == 4) e = attn::launch_simple<T, 4, 8>(a, plan.q_tiles, stream);
-    else if (plan.block_m == 64) e = attn::launch_simple<T, 8, 8>(a, plan.q_tiles, stream);
-    else e = attn::launch_simple<T, 8, 4>(a, plan.q_tiles, stream);
+    if (ndc == 1) e = attn::launch_simple<T, 1, 8>(a, plan.grid_x, stream);
+    else if (ndc == 2) e = attn::launch_simple<T, 2, 8>(a, plan.grid_x, stream);
+    else if (ndc == 4) e = attn::launch_simple<T, 4, 8>(a, plan.grid_x, stream);
+    else if (plan.block_m == 64) e = attn::launch_simple<T, 8, 8>(a, plan.grid_x, stream);
+    else e = attn::launch_simple<T, 8, 4>(a, plan.grid_x, stream);
   }
-  if (e != cudaSuccess || plan.num_splits == 1) return e;
+  if (e != cudaSuccess || plan.ws_items == 0) return e;
   return attn::launch_combine<T>(a, stream);
 }
 
@@ -155,8 +163,8 @@ cudaError_t dispatch(const attn::AttnArgs& a, const WindowAttentionPlan& plan, c
 cudaError_t launch_window_attention(const WindowAttentionParams& p, const WindowAttentionPlan& plan,
                                     void* workspace, size_t workspace_bytes, cudaStream_t stream) {
   if (window_attention_unsupported(p) != nullptr) return cudaErrorInvalidValue;
-  if (plan.num_splits > 1 && (workspace == nullptr || workspace_bytes < plan.workspace_bytes ||
-                              reinterpret_cast<uintptr_t>(workspace) % 16 != 0))
+  if (plan.ws_items > 0 && (workspace == nullptr || workspace_bytes < plan.workspace_bytes ||
+                            reinterpret_cast<uintptr_t>(workspace) % 16 != 0))
     return cudaErrorInvalidValue;
   if (plan.impl == AttnImpl::kMma && !mma_applies(p)) return cudaErrorInvalidValue;
   if (p.B == 0 || p.Lq == 0 || p.Hq == 0) return cudaSuccess;
@@ -165,18 +173,27 @@ cudaError_t launch_window_attention(const WindowAttentionParams& p, const Window
   if (plan.impl == AttnImpl::kMma ? !(plan.block_m == 128 || (plan.block_m == 64 && p.D == 128))
                                   : !(plan.block_m == 64 || (plan.block_m == 32 && p.D > 128)))
     return cudaErrorInvalidValue;
+  // The split rule and the grid must be this call's: the kernels index the
+  // workspace with them.
+  const SplitRule& r = plan.split;
+  if (r.block_m != plan.block_m || r.block_n != plan.block_n || r.heads != p.Hkv || r.group != p.Hq / p.Hkv ||
+      r.block_n != (plan.impl == AttnImpl::kMma ? attn::kMmaBlockN : attn::kSimpleBlockN) || r.min_tiles < 1 ||
+      r.sm_count < 1 || r.ctas_per_sm < 1 || r.max_splits < 1 ||
+      plan.q_tiles != ceil_div<int64_t>(p.Lq * (p.Hq / p.Hkv), plan.block_m) ||
+      plan.grid_x < plan.q_tiles || plan.grid_x < plan.ws_items || plan.grid_x > INT_MAX ||
+      (plan.ws_items > 0) != (plan.num_splits > 1))
+    return cudaErrorInvalidValue;
 
   attn::AttnArgs a{};
   a.q = p.q;
   a.k = p.k_cache;
   a.v = p.v_cache;
   a.out = p.out;
-  const size_t rows = size_t(p.B) * p.Lq * p.Hq;
-  a.ws_o = plan.num_splits > 1 ? workspace : nullptr;
-  a.ws_lse = plan.num_splits > 1
-                 ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                            size_t(plan.num_splits) * rows * p.D * elem_size(p.dtype))
-                 : nullptr;
+  const size_t ws_rows = size_t(p.B) * p.Hkv * plan.ws_items * plan.block_m;
+  a.ws_o = plan.ws_items > 0 ? workspace : nullptr;
+  a.ws_lse = plan.ws_items > 0 ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                                          ws_rows * p.D * elem_size(p.dtype))
+                               : nullptr;
   a.q_start = p.q_start;
   a.q_len = p.q_len;
   a.kv_len = p.kv_len;
@@ -185,9 +202,9 @@ cudaError_t launch_window_attention(const WindowAttentionParams& p, const Window
   a.v_sb = p.v_stride_b; a.v_sl = p.v_stride_l; a.v_sh = p.v_stride_h;
   a.B = int(p.B); a.Lq = int(p.Lq); a.Hq = int(p.Hq); a.Hkv = int(p.Hkv);
   a.G = int(p.Hq / p.Hkv); a.D = int(p.D); a.Lmax = int(p.Lmax);
-  a.num_splits = plan.num_splits;
-  a.chunk = int(plan.chunk);
-  a.block_n = int(plan.block_n);
+  a.split = plan.split;
+  a.q_tiles = int(plan.q_tiles);
+  a.ws_items = int(plan.ws_items);
   a.scale_log2 = p.scale * attn::kLog2e;
   a.causal = p.causal;
   a.q_vec = vec_aligned(p.q, p.dtype, p.q_stride_b, p.q_stride_l, p.q_stride_h);

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -214,7 +215,9 @@ at::Tensor window_attention_emu(const at::Tensor& q_in, const at::Tensor& k_in, 
 
 // The plan the CUDA path would use on the active device profile (impl,
 // splits, block_m, dynamic shared memory bytes), for tests that must know that
-// a case really took the mma kernel, a split or a tile.
+// a case really took the mma kernel, a split or a tile. splits: those of
+// sequence 0 (q_len = Lq, its kv_len) under the plan's per-sequence rule
+// (apd/attention_split.h): every sequence's own, whatever the batch.
 std::tuple<std::string, int64_t, int64_t, int64_t> window_attention_plan_emu(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& kv_len, c10::string_view impl,
                                                           int64_t num_splits) {
@@ -227,7 +230,9 @@ std::tuple<std::string, int64_t, int64_t, int64_t> window_attention_plan_emu(con
   opt.impl = impl == "mma" ? apd::AttnImpl::kMma : apd::AttnImpl::kSimple;
   opt.num_splits = int(num_splits);
   const apd::WindowAttentionPlan plan = apd::plan_window_attention(p, opt);
-  return {plan.impl == apd::AttnImpl::kMma ? "mma" : "simple", int64_t(plan.num_splits), int64_t(plan.block_m),
+  const int64_t kv0 = q.size(0) > 0 ? kv[0].item<int64_t>() : 0;
+  const int splits = apd::row_splits(plan.split, int(q.size(1)), int(std::min<int64_t>(kv0, k.size(1))));
+  return {plan.impl == apd::AttnImpl::kMma ? "mma" : "simple", int64_t(splits), int64_t(plan.block_m),
           int64_t(plan.smem_bytes)};
 }
 

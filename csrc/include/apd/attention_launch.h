@@ -8,8 +8,13 @@
 // The plan is a pure function of the device profile (apd/device_profile.h:
 // opt-in shared memory, shared memory and registers per SM, SM count) and of
 // shapes, dtype and pointer alignment, never of the contents of q_start /
-// q_len / kv_len: it picks the kernel's tile that fits the device's opt-in
-// shared memory, and the split that fills its SMs.
+// q_len / kv_len: it picks the kernel and its tile that fits the device's
+// opt-in shared memory (from the profile, dtype, D and alignment only), and
+// the per-sequence split rule (apd/attention_split.h) with the grid and the
+// workspace that bound it. Batch invariance (DESIGN.md §8): nothing that
+// touches a row's arithmetic depends on B, Lq, Lmax or another sequence's
+// lengths; the batch's shapes only size the grid (more CTAs, the extra ones
+// exit) and the workspace.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -17,6 +22,7 @@
 #include <cuda_runtime_api.h>
 
 #include "apd/attention_params.h"
+#include "apd/attention_split.h"
 #include "apd/device_profile.h"
 
 namespace apd {
@@ -36,21 +42,25 @@ struct WindowAttentionPlan {
   int block_m = 0;                    // packed (position, head) query rows per CTA: simple 64 (32 where
                                       // 64 does not fit), mma 128 (64 where 128 does not fit)
   int block_n = 0;                    // keys per K/V tile
-  int64_t q_tiles = 0;                // ceil(Lq * Hq / Hkv / block_m)
-  int num_splits = 1;                 // KV chunks; 1 = no split, no workspace, no combine
-  int64_t chunk = 0;                  // keys per split at kv_len = Lmax, a multiple of block_n (the
-                                      // kernels size each sequence's splits from its own kv_len)
-  size_t workspace_bytes = 0;         // partial out [S, B, Lq, Hq, D] (input dtype) + fp32 lse [S, B, Lq, Hq]
+  int64_t q_tiles = 0;                // ceil(Lq * Hq / Hkv / block_m): q tiles of the padded window
+  SplitRule split;                    // each sequence's split count and boundaries (attention_split.h)
+  int num_splits = 1;                 // most splits a sequence of this call can take (kv_len <= Lmax);
+                                      // 1 = none splits: no workspace, no combine
+  int64_t ws_items = 0;               // workspace slots per (b, kv head): the most (q tile, split) CTAs
+                                      // of a split sequence, q_tiles_b * n_b (0 when num_splits == 1)
+  int64_t grid_x = 0;                 // CTAs per (b, kv head): max(q_tiles, ws_items); a sequence's
+                                      // CTAs past its own q_tiles_b * n_b (or q_tiles unsplit) exit
+  size_t workspace_bytes = 0;         // partial out [B, Hkv, ws_items, block_m, D] (input dtype) + fp32 lse
   size_t smem_bytes = 0;              // the kernel's dynamic shared memory (<= the profile's opt-in, except
                                       // for a simple-kernel tile that fits no tile: then the launch fails)
-  int ctas_per_sm = 0;                // CTAs of the kernel that fit one SM (the split heuristic's unit)
+  int ctas_per_sm = 0;                // CTAs of the kernel that fit one SM (the split rule's unit)
 };
 
 // nullptr when the CUDA kernels support these shapes, else a message naming the
 // problem (e.g. an unsupported head dim). Host-only, no device access.
 const char* window_attention_unsupported(const WindowAttentionParams& p);
 
-// Chooses the kernel, its tile and the split for `dev` (a pure function).
+// Chooses the kernel, its tile and the split rule for `dev` (a pure function).
 WindowAttentionPlan plan_window_attention(const DeviceProfile& dev, const WindowAttentionParams& p,
                                           const WindowAttentionOptions& opt);
 // The same for the current device (current_device_profile(), cached per device).

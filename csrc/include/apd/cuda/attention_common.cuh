@@ -14,16 +14,22 @@
 //    [0, kv_len[b]) (bidirectional) or [0, min(kv_len[b], q_start[b] + j + 1))
 //    (causal). q_len and kv_len are clamped to [0, Lq] and [0, Lmax] on the
 //    device, so bad values can give wrong numbers but never wild reads.
-//  * Split-KV: split s of sequence b covers keys [s * chunk_b, (s + 1) * chunk_b),
-//    chunk_b = whole key tiles of ceil(kv_len[b] / num_splits) (seq_chunk):
-//    sized from the sequence's own kv_len, not from Lmax, so that a short
-//    sequence in a long cache still spreads its keys over every split. It
-//    writes the normalised partial output, rounded to the input dtype (half
-//    the bytes of fp32 for bf16 / fp16; one extra rounding of a value in
-//    [-max|v|, max|v|]), and its lse (fp32, -inf when it saw no key) for every
-//    valid row to the workspace; the combine kernel merges the splits that
-//    hold keys of the sequence and writes zeros for padding rows. Without a
-//    split the attention kernel writes `out` itself, padding rows included.
+//  * Split-KV, per sequence (apd/attention_split.h): sequence b takes n_b
+//    splits of per_b whole key tiles, from the device profile, the tiles,
+//    the head shapes and its own q_len[b] / kv_len[b] only, so that a
+//    request's reduction order is the same in every batch (batch
+//    invariance, DESIGN.md §8). Grid x holds each (b, kv head)'s CTAs: an
+//    unsplit sequence (n_b = 1) has one per q tile of the padded window and
+//    writes `out` itself, padding rows included; a split one has one per
+//    (split s, q tile t < q_tiles_b) at x = s * q_tiles_b + t (neighbouring
+//    CTAs share a split's K / V in L2), covers keys [s chunk_b, (s + 1)
+//    chunk_b) and writes, for its valid rows, the normalised partial output
+//    rounded to the input dtype (half the bytes of fp32 for bf16 / fp16; one
+//    extra rounding of a value in [-max|v|, max|v|]) and its lse (fp32, -inf
+//    when it saw no key) to workspace slot x of (b, kv head); the combine
+//    kernel merges its n_b splits and writes its padding rows. CTAs past a
+//    sequence's own count exit at once. q_len and kv_len are clamped first,
+//    so a bad value cannot make the rule read past the grid or the workspace.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,9 +61,9 @@ struct AttnArgs {
   int64_t k_sb, k_sl, k_sh;
   int64_t v_sb, v_sl, v_sh;
   int B, Lq, Hq, Hkv, G, D, Lmax;
-  int num_splits;
-  int chunk;          // planner's keys per split from Lmax (an upper bound of seq_chunk)
-  int block_n;        // the kernel's key tile: seq_chunk is a multiple of it
+  SplitRule split;    // the per-sequence split rule (apd/attention_split.h)
+  int q_tiles;        // q tiles of the padded window: CTAs of an unsplit sequence per kv head
+  int ws_items;       // workspace slots per (b, kv head): >= q_tiles_b * n_b of every split sequence
   float scale_log2;   // scale * log2(e)
   bool causal;
   bool q_vec, k_vec, v_vec;  // 16-byte vector loads are aligned for this tensor
@@ -155,39 +161,65 @@ APD_DEVICE int key_limit(const AttnArgs& a, const SeqInfo& s, int pos) {
   return lim <= 0 ? 0 : (lim < s.kv_len ? int(lim) : s.kv_len);
 }
 
-// Keys per split of one sequence: whole key tiles of ceil(kv_len / num_splits)
-// (at least one tile), so its splits share kv_len, not Lmax, evenly.
-APD_HD int seq_chunk(const AttnArgs& a, const SeqInfo& s) {
-  const int tiles = (s.kv_len + a.block_n - 1) / a.block_n;
-  const int per = (tiles + a.num_splits - 1) / a.num_splits;
-  return (per > 0 ? per : 1) * a.block_n;
+// What one CTA does for sequence b: the q tile at packed row row0, split
+// `split` of `nsplit`, keys [split * chunk, (split + 1) * chunk) (before the
+// causal limit); `slot` is its workspace slot when nsplit > 1. cta_work
+// returns false for a CTA past the sequence's own count (it exits). Uniform
+// over the CTA.
+struct CtaWork {
+  int64_t row0;
+  int split, nsplit, chunk;
+  int slot;
+};
+
+// q tiles of a sequence's valid rows.
+APD_DEVICE int seq_q_tiles(const AttnArgs& a, const SeqInfo& s) {
+  return int((int64_t(s.q_len) * a.G + a.split.block_m - 1) / a.split.block_m);
 }
 
-// Splits of a sequence that can hold keys: the others see none (lse -inf).
-APD_HD int seq_splits(const AttnArgs& a, const SeqInfo& s) {
-  const int n = (s.kv_len + seq_chunk(a, s) - 1) / seq_chunk(a, s);
-  return n < a.num_splits ? n : a.num_splits;
+APD_DEVICE bool cta_work(const AttnArgs& a, const SeqInfo& s, int x, CtaWork& w) {
+  int n = 1;
+  w.chunk = split_tiles(a.split, s.q_len, s.kv_len, &n) * a.split.block_n;
+  w.nsplit = n;
+  if (n == 1) {
+    if (x >= a.q_tiles) return false;
+    w.row0 = int64_t(x) * a.split.block_m;
+    w.split = 0;
+    w.slot = 0;
+    return true;
+  }
+  const int qt = seq_q_tiles(a, s);  // >= 1: n > 1 needs q_len >= 1
+  if (int64_t(x) >= int64_t(qt) * n || x >= a.ws_items) return false;
+  w.split = x / qt;
+  w.row0 = int64_t(x % qt) * a.split.block_m;
+  w.slot = x;
+  return true;
+}
+
+// Workspace row of packed row r (< block_m) of slot x of (b, kv head).
+APD_DEVICE int64_t ws_row(const AttnArgs& a, int b, int kvh, int x, int r) {
+  return ((int64_t(b) * a.Hkv + kvh) * a.ws_items + x) * a.split.block_m + r;
 }
 
 // Key range [kb, ke) of one CTA: its split intersected with the keys that the
 // last valid position of its packed-row tile can see. Uniform over the CTA.
-APD_DEVICE void cta_key_range(const AttnArgs& a, const SeqInfo& s, int64_t row0, int block_m,
-                              int split, int& kb, int& ke) {
-  const int64_t p_first = row0 / a.G;
-  int64_t p_last = (row0 + block_m - 1) / a.G;
+APD_DEVICE void cta_key_range(const AttnArgs& a, const SeqInfo& s, const CtaWork& w, int block_m, int& kb,
+                              int& ke) {
+  const int64_t p_first = w.row0 / a.G;
+  int64_t p_last = (w.row0 + block_m - 1) / a.G;
   if (p_last > s.q_len - 1) p_last = s.q_len - 1;
   const int max_limit = p_first <= p_last ? key_limit(a, s, int(p_last)) : 0;
-  const int chunk = seq_chunk(a, s);
-  const int64_t b0 = int64_t(split) * chunk;
+  const int64_t b0 = int64_t(w.split) * w.chunk;
   kb = b0 < max_limit ? int(b0) : max_limit;
-  const int64_t e = b0 + chunk;
+  const int64_t e = b0 + w.chunk;
   ke = e < max_limit ? int(e) : max_limit;
   if (ke < kb) ke = kb;
 }
 
 // ---------------------------------------------------------------------------
-// Split-KV combine: one warp per (b, position, query head) row, over the
-// seq_splits(b) splits that can hold keys (the rest saw none: weight 0).
+// Split-KV combine: one warp per (b, position, query head) row of a split
+// sequence (n_b > 1; the attention kernel wrote the unsplit ones), over its
+// n_b splits in split order:
 //   out = sum_s w_s * o_s / sum_s w_s,  w_s = exp2(lse_s - max_s lse_s).
 // ---------------------------------------------------------------------------
 template <typename T>
@@ -196,18 +228,24 @@ __global__ void __launch_bounds__(256) window_attention_combine_kernel(const Att
   const int64_t row = int64_t(blockIdx.x) * 8 + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;  // whole warp
+  const int hq = int(row % a.Hq);
   const int pos = int((row / a.Hq) % a.Lq);
   const int b = int(row / (int64_t(a.Hq) * a.Lq));
   const SeqInfo s = load_seq(a, b);
+  const int nsp = row_splits(a.split, s.q_len, s.kv_len);
+  if (nsp == 1) return;  // written by the attention kernel
   T* o = static_cast<T*>(a.out) + row * a.D;
   if (pos >= s.q_len) {
     for (int d = lane; d < a.D; d += 32) store_elem(o + d, 0.f);
     return;
   }
-  const int nsp = seq_splits(a, s);
+  const int kvh = hq / a.G;
+  const int64_t prow = int64_t(pos) * a.G + hq % a.G;  // packed row of this kv head
+  const int qt = seq_q_tiles(a, s);
+  const int tile = int(prow / a.split.block_m), r = int(prow % a.split.block_m);
   const T* ws = static_cast<const T*>(a.ws_o);
   float m = -INFINITY;
-  for (int sp = 0; sp < nsp; ++sp) m = fmaxf(m, a.ws_lse[sp * rows + row]);
+  for (int sp = 0; sp < nsp; ++sp) m = fmaxf(m, a.ws_lse[ws_row(a, b, kvh, sp * qt + tile, r)]);
   // NaN (docs/SEMANTICS.md): a split that saw a NaN has lse NaN (which the
   // fmaxf above skips; its weight exp2f(NaN - m) is NaN) or a NaN partial;
   // either way num or den turns NaN and so does the row. A split that saw no
@@ -215,26 +253,28 @@ __global__ void __launch_bounds__(256) window_attention_combine_kernel(const Att
   for (int d = lane; d < a.D; d += 32) {
     float num = 0.f, den = 0.f;
     for (int sp = 0; sp < nsp; ++sp) {
-      const float l = a.ws_lse[sp * rows + row];
+      const int64_t wr = ws_row(a, b, kvh, sp * qt + tile, r);
+      const float l = a.ws_lse[wr];
       if (l == -INFINITY) continue;
       const float w = exp2f(l - m);
       den += w;
-      num += w * load_elem(ws + (sp * rows + row) * a.D + d);
+      num += w * load_elem(ws + wr * a.D + d);
     }
     store_elem(o + d, den != 0.f ? num / den : 0.f);
   }
 }
 
-// Launch one attention kernel over the (query tile, b * kv head, split) grid,
-// raising its dynamic shared-memory limit first when it needs more than 48 KB.
+// Launch one attention kernel over the (CTA of a sequence's kv head, b * kv
+// head) grid, raising its dynamic shared-memory limit first when it needs
+// more than 48 KB.
 template <typename Kernel>
-cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t q_tiles, int threads, size_t smem,
+cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t grid_x, int threads, size_t smem,
                          cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return e;
   }
-  const dim3 grid(unsigned(q_tiles), unsigned(int64_t(a.B) * a.Hkv), unsigned(a.num_splits));
+  const dim3 grid(unsigned(grid_x), unsigned(int64_t(a.B) * a.Hkv), 1u);
   return cuda::launch(kernel, grid, dim3(unsigned(threads)), smem, stream, a);
 }
 
@@ -242,9 +282,9 @@ cudaError_t launch_tiled(Kernel kernel, const AttnArgs& a, int64_t q_tiles, int 
 // R: packed rows per warp of the simple kernel (8, or 4 where 8 does not fit);
 // BM: q rows per CTA of the mma kernel (128, or 64 where 128 does not fit).
 template <typename T, int NDC, int R>
-cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
+cudaError_t launch_simple(const AttnArgs& a, int64_t grid_x, cudaStream_t stream);
 template <typename T, int D, int BM>
-cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream);
+cudaError_t launch_mma(const AttnArgs& a, int64_t grid_x, cudaStream_t stream);
 template <typename T>
 cudaError_t launch_combine(const AttnArgs& a, cudaStream_t stream);
 

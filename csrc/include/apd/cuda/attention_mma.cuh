@@ -5,7 +5,9 @@
 // APD_ATTN_IMPL=mma (see ops_cuda_attention.cpp).
 //
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
-//  * grid = (q_tiles, B * Hkv, num_splits); 128 threads = 4 warps.
+//  * grid = (CTAs per sequence and kv head, B * Hkv): the q tiles of an
+//    unsplit sequence, (split, q tile) pairs of a split one (attention_common.cuh);
+//    128 threads = 4 warps.
 //  * A CTA owns block_m = 128 packed rows (positions x the G query heads of
 //    one kv head), or 64 where the device's opt-in shared memory does not
 //    hold 128 (below); warp w owns packed rows 16w + 64 mi .. + 15, mi < BM / 64
@@ -149,15 +151,16 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
   uint32_t* vbad = reinterpret_cast<uint32_t*>(Vs + 2 * Cfg::kTile);  // [2]: keys 0-31, 32-63
 
   const int tid = threadIdx.x;
-  const int64_t row0 = int64_t(blockIdx.x) * BM;
   const int b = int(blockIdx.y / a.Hkv), kvh = int(blockIdx.y % a.Hkv);
-  const int split = int(blockIdx.z);
   const int G = a.G;
   const int64_t npacked = int64_t(a.Lq) * G;
   const SeqInfo s = load_seq(a, b);
+  CtaWork w;
+  if (!cta_work(a, s, int(blockIdx.x), w)) return;  // past this sequence's CTAs (CTA-uniform)
+  const int64_t row0 = w.row0;
 
   int kb, ke;
-  cta_key_range(a, s, row0, BM, split, kb, ke);
+  cta_key_range(a, s, w, BM, kb, ke);
   const int ntiles = ke > kb ? (ke - kb + BN - 1) / BN : 0;
   // Smallest key limit of the CTA's valid rows (CTA-uniform): limits grow
   // with the position, so it is the first row's (causal); ke otherwise.
@@ -422,7 +425,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
     const bool valid = pos < s.q_len;
     const bool seen = valid && l != 0.f;  // NaN: seen, and the row comes out NaN
     const float inv = nan_row ? __uint_as_float(0x7fc00000u) : (seen ? 1.f / l : 0.f);
-    if (a.num_splits == 1) {
+    if (w.nsplit == 1) {
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
       for (int nt = 0; nt < size<2>(acc_o); ++nt) {
@@ -431,7 +434,7 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
         *reinterpret_cast<uint32_t*>(o + get<1>(tOcO(2 * h, mi, nt))) = pack2(x0, x1, T{});
       }
     } else if (valid) {
-      const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
+      const int64_t idx = ws_row(a, b, kvh, w.slot, int(prow - row0));
       T* o = static_cast<T*>(a.ws_o) + idx * D;
 #pragma unroll
       for (int nt = 0; nt < size<2>(acc_o); ++nt) {
@@ -445,9 +448,9 @@ __global__ void __launch_bounds__(128) window_attention_mma_kernel(const AttnArg
 }
 
 template <typename T, int D, int BM>
-cudaError_t launch_mma(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
+cudaError_t launch_mma(const AttnArgs& a, int64_t grid_x, cudaStream_t stream) {
   using Cfg = MmaCfg<T, D, BM>;
-  return launch_tiled(window_attention_mma_kernel<T, D, BM>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
+  return launch_tiled(window_attention_mma_kernel<T, D, BM>, a, grid_x, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 }  // namespace attn

@@ -2,7 +2,9 @@
 // 256, fp32 / bf16 / fp16 inputs, fp32 math throughout).
 //
 // Tiling (FlashAttention-2 structure, conventions in attention_common.cuh):
-//  * grid = (q_tiles, B * Hkv, num_splits); 256 threads = 8 warps.
+//  * grid = (CTAs per sequence and kv head, B * Hkv): the q tiles of an
+//    unsplit sequence, (split, q tile) pairs of a split one (attention_common.cuh);
+//    256 threads = 8 warps.
 //  * A CTA owns block_m = 8 R packed rows (positions x the G query heads of
 //    one kv head; R = 8 rows per warp, or R = 4 where the device's opt-in
 //    shared memory does not hold R = 8, see below) and walks its key range in
@@ -67,15 +69,16 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
   float* Vs = Ks + BN * KS;       // [BN][DP]  (offset is a multiple of 4 floats)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int64_t row0 = int64_t(blockIdx.x) * BM;
   const int b = int(blockIdx.y / a.Hkv), kvh = int(blockIdx.y % a.Hkv);
-  const int split = int(blockIdx.z);
   const int G = a.G, D = a.D;
   const int64_t npacked = int64_t(a.Lq) * G;
   const SeqInfo s = load_seq(a, b);
+  CtaWork w;
+  if (!cta_work(a, s, int(blockIdx.x), w)) return;  // past this sequence's CTAs (CTA-uniform)
+  const int64_t row0 = w.row0;
 
   int kb, ke;
-  cta_key_range(a, s, row0, BM, split, kb, ke);
+  cta_key_range(a, s, w, BM, kb, ke);
 
   const T* qg = static_cast<const T*>(a.q);
   const T* kg = static_cast<const T*>(a.k);
@@ -213,7 +216,7 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
     for (int i = 0; i < NDC; ++i) nan_dim |= acc[r][i] != acc[r][i];  // NaN
     const bool nan_row = __any_sync(0xffffffffu, nan_dim);
     const float inv = nan_row ? __uint_as_float(0x7fc00000u) : (seen ? 1.f / l : 0.f);
-    if (a.num_splits == 1) {
+    if (w.nsplit == 1) {
       T* o = static_cast<T*>(a.out) + ((int64_t(b) * a.Lq + pos) * a.Hq + hq) * D;
 #pragma unroll
       for (int i = 0; i < NDC; ++i) {
@@ -221,7 +224,7 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
         if (d < D) store_elem(o + d, seen ? acc[r][i] * inv : 0.f);
       }
     } else if (valid) {
-      const int64_t idx = ((int64_t(split) * a.B + b) * a.Lq + pos) * a.Hq + hq;
+      const int64_t idx = ws_row(a, b, kvh, w.slot, int(prow - row0));
       T* o = static_cast<T*>(a.ws_o) + idx * D;
 #pragma unroll
       for (int i = 0; i < NDC; ++i) {
@@ -234,9 +237,9 @@ __global__ void __launch_bounds__(256, NDC <= 4 ? 2 : 1) window_attention_simple
 }
 
 template <typename T, int NDC, int ROWS>
-cudaError_t launch_simple(const AttnArgs& a, int64_t q_tiles, cudaStream_t stream) {
+cudaError_t launch_simple(const AttnArgs& a, int64_t grid_x, cudaStream_t stream) {
   using Cfg = SimpleCfg<T, NDC, ROWS>;
-  return launch_tiled(window_attention_simple_kernel<T, NDC, ROWS>, a, q_tiles, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
+  return launch_tiled(window_attention_simple_kernel<T, NDC, ROWS>, a, grid_x, Cfg::kWarps * 32, Cfg::kSmemBytes, stream);
 }
 
 template <typename T>
