@@ -21,12 +21,13 @@ constexpr int kPrefixThreads = 128;
 static_assert(sizeof(cuda::SampleSmem) <= 48 * 1024, "sampler static shared memory over the 48 KB static limit");
 
 cudaError_t launch_n_accept(const int64_t* draft, const int64_t* target, const int64_t* valid_len,
-                            const int64_t* eos_ids, int64_t num_eos, int64_t B, int64_t M, int64_t V,
+                            const int64_t* eos_ids, int64_t num_eos, int64_t eos_stride, int64_t B,
+                            int64_t M, int64_t V,
                             int64_t* n_accept, cudaStream_t stream) {
   if (B == 0) return cudaSuccess;
   const unsigned grid = unsigned(ceil_div<int64_t>(B, kPrefixThreads));
   return cuda::launch(cuda::accept_prefix_kernel, dim3(grid), dim3(unsigned(kPrefixThreads)), 0, stream, draft, target,
-                      valid_len, eos_ids, num_eos, B, M, V, n_accept);
+                      valid_len, eos_ids, num_eos, eos_stride, B, M, V, n_accept);
 }
 
 }  // namespace
@@ -63,12 +64,13 @@ cudaError_t launch_mixture_accept(const MixtureAcceptParams& p, cudaStream_t str
   }
   // Stream order makes the targets visible to the scan: no host sync.
   const int64_t V = p.V_D < p.V_A ? p.V_D : p.V_A;
-  return launch_n_accept(p.draft, p.target, p.valid_len, p.eos_ids, p.num_eos, p.B, p.M, V, p.n_accept, stream);
+  return launch_n_accept(p.draft, p.target, p.valid_len, p.eos_ids, p.num_eos, p.eos_stride, p.B, p.M, V,
+                         p.n_accept, stream);
 }
 
 cudaError_t launch_accept_prefix(const AcceptPrefixParams& p, cudaStream_t stream) {
-  return launch_n_accept(p.draft, p.target, p.valid_len, p.eos_ids, p.num_eos, p.B, p.M, INT64_MAX, p.n_accept,
-                         stream);
+  return launch_n_accept(p.draft, p.target, p.valid_len, p.eos_ids, p.num_eos, p.eos_stride, p.B, p.M, INT64_MAX,
+                         p.n_accept, stream);
 }
 
 }  // namespace apd
