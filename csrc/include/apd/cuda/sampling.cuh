@@ -106,6 +106,7 @@
 #include <type_traits>
 
 #include "apd/common.h"
+#include "apd/cuda/launch.cuh"
 #include "apd/philox.h"
 #include "apd/sampling_params.h"
 #include "apd/sampling_row.h"
@@ -1604,7 +1605,7 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
   return out;
 }
 
-// Target ids of mixture_accept; n_accept follows in accept_prefix_kernel.
+// Target ids of mixture_accept; n_accept follows in accept_prefix_kernel (csrc/cuda/sampling.cu).
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const MixtureAcceptParams p) {
   __shared__ SampleSmem sm;
@@ -1644,20 +1645,28 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
   if (threadIdx.x == 0) *out = id;
 }
 
-// n_accept[b] = accept_prefix_row(...), one thread per sequence. V bounds the
-// draft ids that can match (INT64_MAX for accept_prefix).
-__global__ void accept_prefix_kernel(const int64_t* __restrict__ draft,   // [B, M]
-                                     const int64_t* __restrict__ target,  // [B, M]
-                                     const int64_t* __restrict__ valid_len,  // [B]
-                                     const int64_t* __restrict__ eos_ids,    // [E] or [B, E]
-                                     int64_t num_eos, int64_t eos_stride, int64_t B, int64_t M, int64_t V,
-                                     int64_t* __restrict__ n_accept) {  // [B]
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  // valid_len is validated by the caller; the clamp only keeps a bad value in bounds.
-  const int64_t vl = valid_len[b] < 0 ? 0 : (valid_len[b] > M ? M : valid_len[b]);
-  n_accept[b] = accept_prefix_row(draft + b * M, target + b * M, vl, V, eos_ids + b * eos_stride, num_eos);
+// One dtype's launch of each row kernel. Each is instantiated in exactly one
+// small translation unit, csrc/cuda/sampling_{draft,mixture}_<dtype>.cu (six
+// in all, so that a build compiles them in parallel: one TU holding all six
+// kernels was nearly the whole CUDA build); csrc/cuda/sampling.cu holds the
+// launchers and the accept scan and instantiates none of them (extern below).
+template <typename T>
+cudaError_t launch_draft_rows(const SampleDraftParams& p, dim3 grid, cudaStream_t stream) {
+  return launch(sample_draft_kernel<T>, grid, dim3(unsigned(kSampleThreads)), 0, stream, p);
 }
+
+template <typename T>
+cudaError_t launch_mixture_rows(const MixtureAcceptParams& p, dim3 grid, cudaStream_t stream) {
+  return launch(mixture_target_kernel<T>, grid, dim3(unsigned(kSampleThreads)), 0, stream, p);
+}
+
+#define APD_SAMPLING_EXTERN(T)                                                                       \
+  extern template cudaError_t launch_draft_rows<T>(const SampleDraftParams&, dim3, cudaStream_t); \
+  extern template cudaError_t launch_mixture_rows<T>(const MixtureAcceptParams&, dim3, cudaStream_t);
+APD_SAMPLING_EXTERN(float)
+APD_SAMPLING_EXTERN(bf16_t)
+APD_SAMPLING_EXTERN(fp16_t)
+#undef APD_SAMPLING_EXTERN
 
 }  // namespace cuda
 }  // namespace apd
