@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 
 #include "apd/sampling_launch.h"
 #include "apd/sampling_params.h"
@@ -54,7 +55,11 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
                              const at::Tensor& seeds_in,      // [B] int64
                              const at::Tensor& steps_in,      // [B] int
                              double temperature, int64_t top_k, double top_p, c10::string_view compat,
-                            int64_t ban_start, int64_t ban_end) {
+                             int64_t ban_start, int64_t ban_end,
+                             const std::optional<at::Tensor>& row_temperature,  // [B] float32
+                             const std::optional<at::Tensor>& row_top_k,        // [B] int
+                             const std::optional<at::Tensor>& row_top_p,        // [B] float32
+                             const std::optional<at::Tensor>& row_compat) {     // [B] int
   constexpr const char* op = "sample_draft";
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -65,11 +70,14 @@ at::Tensor sample_draft_cuda(const at::Tensor& logits_in,     // [B, M, V]
       apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, dev);
   const apd::SamplerConfig cfg = sampler_config(op, temperature, top_k, top_p, compat);
   apd::ops::check_banned(op, ban_start, ban_end);
+  // Per-row VALUES are not read here (a sync); the Python wrapper checks them.
+  const apd::ops::RowSettingTensors per_row =
+      apd::ops::row_settings(op, B, dev, row_temperature, row_top_k, row_top_p, row_compat);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor draft = at::empty({B, M}, logits.options().dtype(at::kLong));
   if (draft.numel() == 0) return draft;
-  apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, draft);
+  apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, per_row, draft);
   p.ban_start = ban_start, p.ban_end = ban_end;
   check_launch(op, apd::launch_sample_draft(p, c10::cuda::getCurrentCUDAStream()));
   return draft;
@@ -85,7 +93,13 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
     const at::Tensor& steps_in,      // [B] int
     double R, double temperature, int64_t top_k, double top_p,
     const at::Tensor& eos_in,        // [E] int64
-    c10::string_view acceptance, c10::string_view compat, int64_t ban_start, int64_t ban_end) {
+    c10::string_view acceptance, c10::string_view compat, int64_t ban_start, int64_t ban_end,
+    const std::optional<at::Tensor>& row_R,            // [B] float32
+    const std::optional<at::Tensor>& row_temperature,  // [B] float32
+    const std::optional<at::Tensor>& row_top_k,        // [B] int
+    const std::optional<at::Tensor>& row_top_p,        // [B] float32
+    const std::optional<at::Tensor>& row_acceptance,   // [B] int
+    const std::optional<at::Tensor>& row_compat) {     // [B] int
   constexpr const char* op = "mixture_accept";
   const at::Tensor d = unit_stride_vocab(op, "dllm_logits", dllm_in);
   const c10::cuda::CUDAGuard guard(d.device());
@@ -98,17 +112,19 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_cuda(
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M, dev);
   const apd::ops::RowVectors rows =
       apd::ops::row_vectors(op, pos_start_in, valid_len_in, seeds_in, steps_in, B, dev);
-  const at::Tensor eos = eos_int64(op, eos_in, dev);
+  const apd::ops::EosIds eos = eos_int64(op, eos_in, B, dev);
   const apd::ops::MixtureConfig mc =
       apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
   apd::ops::check_banned(op, ban_start, ban_end);
+  const apd::ops::RowSettingTensors per_row = apd::ops::row_settings(
+      op, B, dev, row_temperature, row_top_k, row_top_p, row_compat, row_R, row_acceptance);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31 (one CTA per row), got ", B * M);
 
   at::Tensor target = at::empty({B, M}, d.options().dtype(at::kLong));
   at::Tensor n_accept = at::empty({B}, d.options().dtype(at::kLong));
   if (B == 0) return {target, n_accept};
   apd::MixtureAcceptParams p =
-      apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, target, n_accept);
+      apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, per_row, eos, target, n_accept);
   p.ban_start = ban_start, p.ban_end = ban_end;
   check_launch(op, apd::launch_mixture_accept(p, c10::cuda::getCurrentCUDAStream()));
   return {target, n_accept};
@@ -127,7 +143,7 @@ at::Tensor accept_prefix_cuda(const at::Tensor& draft_in,      // [B, M] int64
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M, dev);
   const at::Tensor target = ids_int64(op, "target", target_in, B, M, dev);
   const at::Tensor valid_len = batch_int64(op, "valid_len", valid_len_in, B, dev);
-  const at::Tensor eos = eos_int64(op, eos_in, dev);
+  const apd::ops::EosIds eos = eos_int64(op, eos_in, B, dev);
   at::Tensor n_accept = at::empty({B}, draft.options());
   const apd::AcceptPrefixParams p = apd::ops::accept_prefix_params(draft, target, valid_len, eos, n_accept);
   check_launch(op, apd::launch_accept_prefix(p, c10::cuda::getCurrentCUDAStream()));

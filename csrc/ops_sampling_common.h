@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "apd/sampling_params.h"
@@ -71,12 +72,79 @@ inline RowVectors row_vectors(const char* op, const at::Tensor& pos_start, const
   return r;
 }
 
-// [E] int64 end-of-sequence ids on `dev`, contiguous.
-inline at::Tensor eos_int64(const char* op, const at::Tensor& eos, const at::Device& dev) {
+// End-of-sequence ids on `dev`, contiguous int64: one [E] list for every row,
+// or a [B, E] list per row (negative entries are padding, never matched).
+struct EosIds {
+  at::Tensor ids;      // [E] or [B, E] int64
+  int64_t num, stride;  // entries per row; 0 (shared) or E (per row)
+};
+
+inline EosIds eos_int64(const char* op, const at::Tensor& eos, int64_t B, const at::Device& dev) {
   check_on(op, "eos_ids", eos, dev);
   TORCH_CHECK(eos.scalar_type() == at::kLong, op, ": eos_ids must be int64, got ", eos.scalar_type());
-  TORCH_CHECK(eos.dim() == 1, op, ": eos_ids must be 1-D [E], got ", eos.sizes());
-  return eos.contiguous();
+  TORCH_CHECK(eos.dim() == 1 || (eos.dim() == 2 && eos.size(0) == B), op, ": eos_ids must be [E] or [B = ", B,
+              ", E], got ", eos.sizes());
+  const at::Tensor ids = eos.contiguous();
+  const int64_t E = ids.size(-1);
+  return {ids, E, ids.dim() == 2 ? E : 0};
+}
+
+// The optional per-row settings ([B] tensors, apd::RowSettings): undefined =
+// every row takes the scalar argument. temperature and top_p are float32, R
+// float32 or float64 (converted to float64: apd::row_mixture);
+// top_k, compat (1 = "official") and acceptance (1 = "argmax") int32/int64,
+// converted to int64. Only shapes, dtypes and devices are checked here; the
+// values are checked on the CPU (check_row_values in ops_cpu_sampling.cpp).
+struct RowSettingTensors {
+  at::Tensor temperature, top_k, top_p, official, R, acceptance;
+
+  apd::RowSettings pointers() const {
+    apd::RowSettings s;
+    if (temperature.defined()) s.temperature = temperature.data_ptr<float>();
+    if (top_k.defined()) s.top_k = top_k.data_ptr<int64_t>();
+    if (top_p.defined()) s.top_p = top_p.data_ptr<float>();
+    if (official.defined()) s.official = official.data_ptr<int64_t>();
+    if (R.defined()) s.R = R.data_ptr<double>();
+    if (acceptance.defined()) s.acceptance = acceptance.data_ptr<int64_t>();
+    return s;
+  }
+};
+
+inline at::Tensor row_float32(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t B,
+                              const at::Device& dev) {
+  if (!t.has_value()) return at::Tensor();
+  check_on(op, name, *t, dev);
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == B, op, ": ", name, " must have shape [", B, "], got ", t->sizes());
+  return t->contiguous();
+}
+
+inline at::Tensor row_int64(const char* op, const char* name, const std::optional<at::Tensor>& t, int64_t B,
+                            const at::Device& dev) {
+  return t.has_value() ? batch_int64(op, name, *t, B, dev) : at::Tensor();
+}
+
+inline RowSettingTensors row_settings(const char* op, int64_t B, const at::Device& dev,
+                                      const std::optional<at::Tensor>& temperature,
+                                      const std::optional<at::Tensor>& top_k,
+                                      const std::optional<at::Tensor>& top_p,
+                                      const std::optional<at::Tensor>& compat,
+                                      const std::optional<at::Tensor>& R = std::nullopt,
+                                      const std::optional<at::Tensor>& acceptance = std::nullopt) {
+  RowSettingTensors r;
+  r.temperature = row_float32(op, "row_temperature", temperature, B, dev);
+  r.top_k = row_int64(op, "row_top_k", top_k, B, dev);
+  r.top_p = row_float32(op, "row_top_p", top_p, B, dev);
+  r.official = row_int64(op, "row_compat", compat, B, dev);
+  if (R.has_value()) {
+    check_on(op, "row_R", *R, dev);
+    TORCH_CHECK(R->scalar_type() == at::kFloat || R->scalar_type() == at::kDouble, op,
+                ": row_R must be float32 or float64, got ", R->scalar_type());
+    TORCH_CHECK(R->dim() == 1 && R->size(0) == B, op, ": row_R must have shape [", B, "], got ", R->sizes());
+    r.R = R->to(at::kDouble).contiguous();
+  }
+  r.acceptance = row_int64(op, "row_acceptance", acceptance, B, dev);
+  return r;
 }
 
 inline apd::SamplerConfig sampler_config(const char* op, double temperature, int64_t top_k, double top_p,
@@ -127,6 +195,7 @@ inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     
                                                   apd::DType dtype,
                                                   const RowVectors& rows,
                                                   const apd::SamplerConfig& cfg,
+                                                  const RowSettingTensors& per_row,
                                                   at::Tensor& draft) {          // [B, M] out
   apd::SampleDraftParams p{};
   p.logits = logits.data_ptr();
@@ -139,6 +208,7 @@ inline apd::SampleDraftParams sample_draft_params(const at::Tensor& logits,     
   p.steps = rows.steps.data_ptr<int64_t>();
   p.cfg = cfg;
   p.cfg.dtype = dtype;
+  p.per_row = per_row.pointers();
   p.draft = draft.data_ptr<int64_t>();
   return p;
 }
@@ -149,7 +219,8 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
                                                       const at::Tensor& draft,      // [B, M]
                                                       const RowVectors& rows,
                                                       double R, const MixtureConfig& mc,
-                                                      const at::Tensor& eos,        // [E]
+                                                      const RowSettingTensors& per_row,
+                                                      const EosIds& eos,
                                                       at::Tensor& target,           // [B, M] out
                                                       at::Tensor& n_accept) {       // [B] out
   apd::MixtureAcceptParams p{};
@@ -164,16 +235,13 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
   p.valid_len = rows.valid_len.data_ptr<int64_t>();
   p.seeds = rows.seeds.data_ptr<int64_t>();
   p.steps = rows.steps.data_ptr<int64_t>();
-  p.R = float(R);
-  // The released code multiplies by the Python scalars R and 1 - R (the latter
-  // computed in fp64, then rounded to fp32 by torch); the default mode takes
-  // 1 - R in fp32 from fp32 R (SEMANTICS.md "Numbers").
-  p.one_minus_R = mc.cfg.official ? float(1.0 - R) : 1.0f - float(R);
+  p.R = R;  // rounded per row by apd::row_mixture (SEMANTICS.md "Numbers")
   p.cfg = mc.cfg;
   p.cfg.dtype = dtype;
   p.acceptance = mc.acceptance;
-  p.eos_ids = eos.data_ptr<int64_t>();
-  p.num_eos = eos.numel();
+  p.per_row = per_row.pointers();
+  p.eos_ids = eos.ids.data_ptr<int64_t>();
+  p.num_eos = eos.num, p.eos_stride = eos.stride;
   p.target = target.data_ptr<int64_t>();
   p.n_accept = n_accept.data_ptr<int64_t>();
   return p;
@@ -182,14 +250,14 @@ inline apd::MixtureAcceptParams mixture_accept_params(const at::Tensor& d,      
 inline apd::AcceptPrefixParams accept_prefix_params(const at::Tensor& draft,      // [B, M]
                                                     const at::Tensor& target,     // [B, M]
                                                     const at::Tensor& valid_len,  // [B]
-                                                    const at::Tensor& eos,        // [E]
+                                                    const EosIds& eos,
                                                     at::Tensor& n_accept) {       // [B] out
   apd::AcceptPrefixParams p{};
   p.draft = draft.data_ptr<int64_t>();
   p.target = target.data_ptr<int64_t>();
   p.valid_len = valid_len.data_ptr<int64_t>();
-  p.eos_ids = eos.data_ptr<int64_t>();
-  p.num_eos = eos.numel();
+  p.eos_ids = eos.ids.data_ptr<int64_t>();
+  p.num_eos = eos.num, p.eos_stride = eos.stride;
   p.B = draft.size(0), p.M = draft.size(1);
   p.n_accept = n_accept.data_ptr<int64_t>();
   return p;

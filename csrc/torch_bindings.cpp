@@ -9,16 +9,24 @@ TORCH_LIBRARY(apd, m) {
   // logits [B, M, V] (fp32/bf16/fp16); pos_start, valid_len, steps [B] int; seeds [B] int64.
   // compat: "" (the correct sampler) or "official" (the released code's).
   // ban_start, ban_end: banned ids [ban_start, ban_end) read as -inf (default none).
+  // row_*: optional [B] per-row settings that replace the scalar of the same name
+  // (float32 temperature / top_p, float32/64 R; int top_k; int compat 1 = "official"; int
+  // acceptance 1 = "argmax", 0 = "coupled"): one call serves rows that differ.
   m.def(
       "sample_draft(Tensor logits, Tensor pos_start, Tensor valid_len, Tensor seeds, Tensor steps, "
-      "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0) -> Tensor");
-  // dllm_logits [B, M, V_D], ar_logits [B, M, V_A], draft [B, M] int64, eos_ids [E] int64.
+      "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0, "
+      "Tensor? row_temperature=None, Tensor? row_top_k=None, Tensor? row_top_p=None, "
+      "Tensor? row_compat=None) -> Tensor");
+  // dllm_logits [B, M, V_D], ar_logits [B, M, V_A], draft [B, M] int64, eos_ids int64 [E]
+  // (every row) or [B, E] (per row, padded with -1).
   // acceptance: "coupled" | "argmax". Returns (target [B, M] int64, n_accept [B] int64).
   m.def(
       "mixture_accept(Tensor dllm_logits, Tensor ar_logits, Tensor draft, Tensor pos_start, "
       "Tensor valid_len, Tensor seeds, Tensor steps, float R, float temperature, int top_k, "
-      "float top_p, Tensor eos_ids, str acceptance, str compat, int ban_start=0, int ban_end=0) -> (Tensor, Tensor)");
-  // draft, target [B, M] int64; valid_len [B]; eos_ids [E] int64 -> n_accept [B] int64.
+      "float top_p, Tensor eos_ids, str acceptance, str compat, int ban_start=0, int ban_end=0, "
+      "Tensor? row_R=None, Tensor? row_temperature=None, Tensor? row_top_k=None, Tensor? row_top_p=None, "
+      "Tensor? row_acceptance=None, Tensor? row_compat=None) -> (Tensor, Tensor)");
+  // draft, target [B, M] int64; valid_len [B]; eos_ids [E] or [B, E] int64 -> n_accept [B] int64.
   m.def("accept_prefix(Tensor draft, Tensor target, Tensor valid_len, Tensor eos_ids) -> Tensor");
   // Masked-window attention (DESIGN.md §5).
   // q [B, Lq, Hq, D], k_cache / v_cache [B, Lmax, Hkv, D]; q_start, q_len, kv_len [B] int.

@@ -69,6 +69,8 @@ def _random_params(rng, eos_pool):
         p["stop_token_ids"] = rng.sample(eos_pool, 2)  # ends some requests early
     else:
         p["stop_token_ids"] = []
+    if rng.random() < 0.2:  # the released code's arithmetic, in the same per-row call as the rest
+        p["compat"] = "official"
     return p
 
 

@@ -7,6 +7,7 @@ scores within 1e-5 relative (SEMANTICS.md "Ties and order"). The fraction of
 fragile rows is bounded so that no case passes vacuously.
 """
 import pytest
+import sampling_rows
 import torch
 
 from apd_ext import ops, reference as ref
@@ -287,6 +288,51 @@ def test_batch_invariance():
 
 
 # ---------------------------------------------------------------------------
+# Per-row settings ([B] tensors): each row as if it ran alone with its scalars
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_per_row_settings_match_rows_alone(dtype, strided):
+    gen = torch.Generator().manual_seed(28)
+    B, M, V = 11, 5, 263  # odd sizes; B > len(ROW_MODES): modes repeat on other rows
+    dl = _logits((B, M, V), dtype, gen, strided=strided)
+    al = _logits((B, M, V - 4), dtype, gen, strided=strided)
+    al[:, :, :V // 2] += dl[:, :, :V // 2]  # correlated rows: some drafts get accepted
+    pos, vl, sd, st = _rows(B, M, gen)
+    rows = sampling_rows.mixed_settings(B, "cpu", eos_pool=(3, 5, 11))
+    draft, target, n = sampling_rows.check_per_row(ops, dl, al, pos, vl, sd, st, rows,
+                                                   banned=(7, 9) if strided else None)
+    # A float64 R is the Python float exactly: under compat="official" the
+    # released code's 1 - R is fp64 (for these R, float(1 - R) differs from
+    # 1 - R taken from R rounded to fp32).
+    off = dict(temperature=0.0, compat="official", eos_ids=[3])
+    R64 = torch.tensor([0.058, 0.109, 0.132] * 4, dtype=torch.float64)[:B]
+    t64, n64 = ops.mixture_accept(dl, al, draft, pos, vl, sd, st, R=R64, **off)
+    for b in range(B):
+        one = slice(b, b + 1)
+        t1, n1 = ops.mixture_accept(dl[one], al[one], draft[one], pos[one], vl[one], sd[one], st[one],
+                                    R=float(R64[b]), **off)
+        assert torch.equal(t1[0], t64[b]) and n1[0] == n64[b]
+    # The settings matter: one call with row 1's scalars for every row differs.
+    uni = ops.sample_draft(dl, pos, vl, sd, st, **sampling_rows.row_scalars(rows, 1, False))
+    assert not torch.equal(uni, draft)
+
+
+def test_per_row_eos_padding_and_shared_list():
+    """[B, E] stop ids: -1 pads and never matches (not even a bad row's -1
+    draft); a [B, E] tensor with equal rows is the [E] list."""
+    B, M = 3, 4
+    draft = torch.tensor([[-1, 2, 3, 4], [5, 6, 7, 8], [1, 2, 3, 4]])
+    vl = torch.full((B,), M)
+    eos = torch.tensor([[-1, -1], [7, -1], [9, 3]])
+    assert ops.accept_prefix(draft, draft, vl, eos).tolist() == [4, 3, 3]
+    same = torch.tensor([[3, 7]] * B)
+    assert torch.equal(ops.accept_prefix(draft, draft, vl, same), ops.accept_prefix(draft, draft, vl, [3, 7]))
+
+
+# ---------------------------------------------------------------------------
 # opcheck and bad inputs
 # ---------------------------------------------------------------------------
 
@@ -310,10 +356,19 @@ def _opcheck_args():
         (torch.ops.apd.sample_draft.default, (dl, pos, vl, sd, st, 0.7, 5, 0.9, "", 3, 9)),
         (torch.ops.apd.mixture_accept.default,
          (dl, al, draft, pos, vl, sd, st, 0.7, 0.7, 0, 0.95, eos, "coupled", "", 30, 36)),
+        # Per-row settings ([B] tensors) and per-row stop ids [B, E].
+        (torch.ops.apd.sample_draft.default,
+         (dl, pos, vl, sd, st, 0.0, 0, 1.0, "", 0, 0, torch.tensor([0.0, 0.7]), torch.tensor([0, 5]),
+          torch.tensor([1.0, 0.9]), torch.tensor([0, 1]))),
+        (torch.ops.apd.mixture_accept.default,
+         (dl, al, draft, pos, vl, sd, st, 0.0, 0.0, 0, 1.0, torch.tensor([[1, -1], [2, 3]]), "coupled", "", 0, 0,
+          torch.tensor([0.5, 0.3]), torch.tensor([0.7, 0.0]), torch.tensor([3, 0]), torch.tensor([0.9, 1.0]),
+          torch.tensor([0, 1]), torch.tensor([0, 1]))),
+        (torch.ops.apd.accept_prefix.default, (draft, draft.flip(1), vl, torch.tensor([[1, -1], [2, 3]]))),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(10))
 def test_opcheck(case):
     op, args = _opcheck_args()[case]
     torch.library.opcheck(op, args)
@@ -363,6 +418,20 @@ def _bad_input_cases():
         ("banned", lambda: sd_(dl, *rows, banned=(-1, 3))),
         ("banned", lambda: sd_(dl, *rows, banned=[151665])),
         ("banned", lambda: mx(banned=(True, 3))),
+        # Per-row settings: dtype, shape, device and values name the argument.
+        ("temperature", lambda: sd_(dl, *rows, temperature=torch.tensor([0.5, 0.5], dtype=torch.float64))),
+        ("temperature", lambda: sd_(dl, *rows, temperature=torch.tensor([0.5]))),
+        ("temperature", lambda: sd_(dl, *rows, temperature=torch.tensor([0.5, -1.0]))),
+        ("temperature", lambda: sd_(dl, *rows, temperature=torch.tensor([0.5, float("inf")]))),
+        ("top_k", lambda: sd_(dl, *rows, top_k=torch.tensor([1.0, 2.0]))),
+        ("top_p", lambda: sd_(dl, *rows, top_p=torch.tensor([0.9, 0.0]))),
+        ("compat", lambda: sd_(dl, *rows, compat=torch.tensor([0, 2]))),
+        ("R", lambda: mx(R=torch.tensor([0.5, 1.5]))),
+        ("R", lambda: mx(R=torch.tensor([[0.5, 0.5]]))),
+        ("acceptance", lambda: mx(acceptance=torch.tensor([0, 3]))),
+        ("acceptance", lambda: mx(acceptance=torch.tensor([1, 0]), compat=torch.tensor([1, 1]))),
+        ("acceptance", lambda: mx(acceptance="coupled", compat=torch.tensor([0, 1]))),
+        ("eos_ids", lambda: mx(eos_ids=torch.tensor([[1], [2], [3]]))),
     ]
 
 

@@ -15,6 +15,7 @@ import sys
 
 import emu_backend
 import pytest
+import sampling_rows
 import torch
 from skips import not_applicable
 
@@ -29,7 +30,8 @@ OPS = ops
 # all profiles. The sampler's grid (one 512-thread CTA per row, static shared
 # memory only) does not depend on the device: these check that it launches
 # and agrees under each profile's limits.
-PROFILE_TESTS = {"test_sample_draft_matches_cpu", "test_mixture_accept_matches_cpu"}
+PROFILE_TESTS = {"test_sample_draft_matches_cpu", "test_mixture_accept_matches_cpu",
+                 "test_per_row_settings_match_rows_alone"}
 
 
 @pytest.fixture(autouse=True, params=emu_backend.backend_params())
@@ -457,6 +459,28 @@ def test_mixture_accept_one_read(dtype, backend):
             if sampler[0] == 0.2:
                 assert target[0, 0].item() in late, (sampler, R)
                 assert target[0, 1].item() == 30001 and target[0, 2].item() == V_A - 1, (sampler, R)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_row_settings_match_rows_alone(dtype, backend):
+    """[B] tensor settings (every sampler mode, R 0 / 0.25 / 0.5 / 1, both
+    acceptances, compat="official", per-row stop ids [B, E]) in one launch:
+    each row bit-identical to its own launch with its scalars (which the
+    other tests hold to the CPU kernel)."""
+    emu_quick(backend, True, profile_keep=dtype == torch.bfloat16)
+    B, M, V = 9, emu_rows(backend, 3), 263
+    d = make_logits(B, M, V, dtype, seed=28, layout="padded")
+    a = make_logits(B, M, V - 4, dtype, seed=29)
+    a[:, :, : V // 2] += d[:, :, : V // 2]  # correlated rows: some drafts get accepted
+    seq = seq_inputs(B, M, 28)
+    rows = sampling_rows.mixed_settings(B, DEV)
+    draft, target, n = sampling_rows.check_per_row(OPS, d, a, *seq, rows)
+    # The CPU kernel takes the same per-row call to the same ids on the rows that
+    # compute bit-identical values everywhere (temperature 0 drafts, argmax targets).
+    cpu_d = ops.sample_draft(d.cpu(), *cpu(seq), **sampling_rows.draft_kwargs(
+        {k: v.cpu() for k, v in rows.items()}))
+    greedy = rows["temperature"].cpu() == 0
+    assert greedy.any() and torch.equal(draft.cpu()[greedy], cpu_d[greedy])
 
 
 def test_accept_prefix_matches_reference():

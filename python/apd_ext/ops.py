@@ -61,6 +61,54 @@ def _check_compat(compat) -> str:
     return compat or ""
 
 
+# Per-row settings: a [B] tensor in place of a scalar argument gives every row
+# its own value (one call serves rows that differ, e.g. the Engine's requests).
+# name -> (dtypes, the scalar the op receives in its place, a value check).
+_ROW_ARGS = {
+    "temperature": ((torch.float32,), 0.0, lambda x: math.isfinite(x) and x >= 0, "values >= 0 (0 = argmax)"),
+    "top_k": (INT_DTYPES, 0, lambda x: True, ""),
+    "top_p": ((torch.float32,), 1.0, lambda x: 0.0 < x <= 1.0, "values in (0, 1] (1 = off)"),
+    "R": ((torch.float32, torch.float64), 0.0, lambda x: 0.0 <= x <= 1.0, "values in [0, 1]"),
+    "compat": (INT_DTYPES, "", lambda x: x in (0, 1), 'values 0 (default) or 1 ("official")'),
+    "acceptance": (INT_DTYPES, "coupled", lambda x: x in (0, 1), 'values 0 ("coupled") or 1 ("argmax")'),
+}
+
+
+def _split_rows(B: int, device, args: dict) -> tuple:
+    """args: name -> value (a scalar or a [B] tensor). Returns (scalars, rows):
+    the scalar each argument passes to the op (a placeholder where a tensor
+    stands in), and name -> [B] tensor for the per-row ones (shape, dtype and
+    device checked here; values by _check_row_values)."""
+    scalars, rows = dict(args), {}
+    for name, value in args.items():
+        if isinstance(value, torch.Tensor):
+            dtypes, placeholder = _ROW_ARGS[name][:2]
+            check_tensor(name, value, ndim=1, dtypes=dtypes, device=device, shape=(B,))
+            scalars[name], rows[name] = placeholder, value
+    return scalars, rows
+
+
+def _check_row_values(rows: dict, official_needs_argmax: bool = False, compat=None, acceptance=None) -> None:
+    """Values of the per-row tensors (check_lengths convention: read on the
+    host, free on the CPU, one device->host copy each on CUDA). With
+    official_needs_argmax: a row under compat="official" must have
+    acceptance="argmax" (the scalar compat / acceptance stand in for a missing tensor)."""
+    host = {name: t.cpu().tolist() for name, t in rows.items()}
+    for name, values in host.items():
+        ok, expected = _ROW_ARGS[name][2], _ROW_ARGS[name][3]
+        for b, x in enumerate(values):
+            if not ok(x):
+                fail(name, expected, f"{name}[{b}] = {x}")
+    if official_needs_argmax and ("compat" in host or "acceptance" in host):
+        B = len(next(iter(host.values())))
+        off = host.get("compat", [int(compat == "official")] * B)
+        arg = host.get("acceptance", [int(acceptance == "argmax")] * B)
+        for b in range(B):
+            if off[b] and not arg[b]:
+                fail("acceptance", 'argmax (1) on rows with compat="official" (1)',
+                     f"acceptance[{b}] = 0 with compat[{b}] = 1")
+
+
 def _check_logits(name: str, t, *, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
     check_tensor(name, t, ndim=3, dtypes=dtypes, device=device)
     if t.device.type not in ("cpu", "cuda"):
@@ -86,12 +134,16 @@ def _check_valid_len_values(valid_len: torch.Tensor, M: int) -> None:
             fail("valid_len", f"values in [0, M={M}]", f"valid_len[{b}] = {n}")
 
 
-def _eos_tensor(eos_ids, device) -> torch.Tensor:
-    """eos_ids (None, an int, a list of ints, or an int tensor [E]) as int64 [E] on `device`."""
+def _eos_tensor(eos_ids, device, B: int | None = None) -> torch.Tensor:
+    """eos_ids (None, an int, a list of ints, or an int tensor [E], or [B, E]:
+    per row, padded with -1) as int64 [E] / [B, E] on `device`."""
     if eos_ids is None:
         return torch.empty(0, dtype=torch.int64, device=device)
     if isinstance(eos_ids, torch.Tensor):
-        check_tensor("eos_ids", eos_ids, ndim=1, dtypes=INT_DTYPES, device=device)
+        if eos_ids.dim() == 2 and B is not None:
+            check_tensor("eos_ids", eos_ids, ndim=2, dtypes=INT_DTYPES, device=device, shape=(B, None))
+        else:
+            check_tensor("eos_ids", eos_ids, ndim=1, dtypes=INT_DTYPES, device=device)
         return eos_ids.to(torch.int64)
     if isinstance(eos_ids, int) and not isinstance(eos_ids, bool):
         eos_ids = [eos_ids]
@@ -127,10 +179,10 @@ def sample_draft(
     seeds: torch.Tensor,  # [B] int64
     steps: torch.Tensor,  # [B] int32/int64
     *,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    compat: str | None = None,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
+    compat: str | None | torch.Tensor = None,
     banned: tuple[int, int] | None = None,
     check_lengths: bool = True,
 ) -> torch.Tensor:
@@ -152,17 +204,27 @@ def sample_draft(
     host (a stream sync on CUDA; skip it on a hot path when known valid).
     banned: None or (start, end): ids [start, end) are never drafted, as if
     their logits were -inf (the pair checker's banned ids, SEMANTICS.md).
+
+    Per-row settings: temperature, top_p (float32), top_k (int32/int64) and
+    compat (int32/int64: 1 = "official", 0 = default) may each be a [B] tensor
+    on the logits' device; row b then samples exactly as a call on its own with
+    the scalars temperature[b], top_k[b], ... (the float32 values, as Python
+    floats). Their values are checked on the host under check_lengths.
     """
     _check_logits("logits", logits)
     B, M, _ = logits.shape
     _check_row_vectors(B, logits.device, pos_start, valid_len, seeds, steps)
-    temperature, top_k, top_p = _check_sampler(temperature, top_k, top_p)
-    compat = _check_compat(compat)
+    sc, rows = _split_rows(B, logits.device, dict(temperature=temperature, top_k=top_k, top_p=top_p, compat=compat))
+    temperature, top_k, top_p = _check_sampler(sc["temperature"], sc["top_k"], sc["top_p"])
+    compat = sc["compat"] if "compat" in rows else _check_compat(compat)
     ban_start, ban_end = _check_banned(banned)
     if _check_lengths_now(check_lengths):
         _check_valid_len_values(valid_len, M)
+        if rows:
+            _check_row_values(rows)
     return torch.ops.apd.sample_draft(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat,
-                                      ban_start, ban_end)
+                                      ban_start, ban_end, rows.get("temperature"), rows.get("top_k"),
+                                      rows.get("top_p"), rows.get("compat"))
 
 
 def mixture_accept(
@@ -174,13 +236,13 @@ def mixture_accept(
     seeds: torch.Tensor,  # [B] int64
     steps: torch.Tensor,  # [B] int32/int64
     *,
-    R: float,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    R: float | torch.Tensor,
+    temperature: float | torch.Tensor = 0.0,
+    top_k: int | torch.Tensor = 0,
+    top_p: float | torch.Tensor = 1.0,
     eos_ids=None,
-    acceptance: str | None = None,
-    compat: str | None = None,
+    acceptance: str | None | torch.Tensor = None,
+    compat: str | None | torch.Tensor = None,
     banned: tuple[int, int] | None = None,
     check_lengths: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,6 +264,15 @@ def mixture_accept(
     never accepted (the pair checker's banned ids, SEMANTICS.md).
 
     Returns (target [B, M] int64, -1 on invalid and bad rows; n_accept [B] int64).
+
+    Per-row settings, as in sample_draft: temperature, top_p (float32), R
+    (float32 or float64: float64 gives compat="official" the exact 1 - R of a
+    Python float R), top_k, acceptance (1 = "argmax", 0 = "coupled") and compat (1 = "official")
+    may each be a [B] tensor on the logits' device, and eos_ids a [B, E] int
+    tensor (row b's stop ids, padded with -1: negative ids never match). Row b
+    then gives exactly what a call on its own with row b's scalars gives. With
+    a compat tensor and acceptance None, the official rows take "argmax" and
+    the others "coupled".
     """
     _check_logits("dllm_logits", dllm_logits)
     device = dllm_logits.device
@@ -211,22 +282,33 @@ def mixture_accept(
         fail("ar_logits", f"shape [{B}, {M}, V_A] (dllm_logits' B and M)", list(ar_logits.shape))
     check_tensor("draft", draft, ndim=2, dtypes=(torch.int64,), device=device, shape=(B, M))
     _check_row_vectors(B, device, pos_start, valid_len, seeds, steps)
-    R = _check_number("R", R)
+    sc, rows = _split_rows(B, device, dict(R=R, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           compat=compat, acceptance=acceptance))
+    R = _check_number("R", sc["R"])
     check_range("R", R, 0.0, 1.0)
-    temperature, top_k, top_p = _check_sampler(temperature, top_k, top_p)
-    compat = _check_compat(compat)
-    check_choice("acceptance", acceptance, (None, "coupled", "argmax"))
-    if acceptance is None:
+    temperature, top_k, top_p = _check_sampler(sc["temperature"], sc["top_k"], sc["top_p"])
+    compat = sc["compat"] if "compat" in rows else _check_compat(compat)
+    if "acceptance" in rows:  # the scalar stands in only for the op's own check
         acceptance = "argmax" if compat == "official" else "coupled"
-    if compat == "official" and acceptance == "coupled":
-        fail("acceptance", '"argmax" or None with compat="official"', "'coupled'")
-    eos = _eos_tensor(eos_ids, device)
+    else:
+        check_choice("acceptance", acceptance, (None, "coupled", "argmax"))
+        if acceptance is None and "compat" in rows:  # per row: official rows argmax, the others coupled
+            rows["acceptance"] = rows["compat"]
+            acceptance = "coupled"
+        elif acceptance is None:
+            acceptance = "argmax" if compat == "official" else "coupled"
+        if compat == "official" and acceptance == "coupled":
+            fail("acceptance", '"argmax" or None with compat="official"', "'coupled'")
+    eos = _eos_tensor(eos_ids, device, B)
     ban_start, ban_end = _check_banned(banned)
     if _check_lengths_now(check_lengths):
         _check_valid_len_values(valid_len, M)
+        if rows:
+            _check_row_values(rows, True, compat, acceptance)
     return torch.ops.apd.mixture_accept(
         dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature, top_k, top_p, eos,
-        acceptance, compat, ban_start, ban_end,
+        acceptance, compat, ban_start, ban_end, rows.get("R"), rows.get("temperature"), rows.get("top_k"),
+        rows.get("top_p"), rows.get("acceptance"), rows.get("compat"),
     )
 
 
@@ -249,7 +331,7 @@ def accept_prefix(
     B, M = draft.shape
     check_tensor("target", target, ndim=2, dtypes=(torch.int64,), device=device, shape=(B, M))
     check_batch_vector("valid_len", valid_len, B, device)
-    eos = _eos_tensor(eos_ids, device)
+    eos = _eos_tensor(eos_ids, device, B)
     if _check_lengths_now(check_lengths):
         _check_valid_len_values(valid_len, M)
     return torch.ops.apd.accept_prefix(draft, target, valid_len, eos)
@@ -257,14 +339,17 @@ def accept_prefix(
 
 @torch.library.register_fake("apd::sample_draft")
 def _sample_draft_fake(logits, pos_start, valid_len, seeds, steps, temperature, top_k, top_p, compat,
-                       ban_start=0, ban_end=0):
+                       ban_start=0, ban_end=0, row_temperature=None, row_top_k=None, row_top_p=None,
+                       row_compat=None):
     torch._check(logits.dim() == 3, lambda: "sample_draft: logits must be [B, M, V]")
     return logits.new_empty(logits.shape[:2], dtype=torch.int64)
 
 
 @torch.library.register_fake("apd::mixture_accept")
 def _mixture_accept_fake(dllm_logits, ar_logits, draft, pos_start, valid_len, seeds, steps, R, temperature,
-                         top_k, top_p, eos_ids, acceptance, compat, ban_start=0, ban_end=0):
+                         top_k, top_p, eos_ids, acceptance, compat, ban_start=0, ban_end=0, row_R=None,
+                         row_temperature=None, row_top_k=None, row_top_p=None, row_acceptance=None,
+                         row_compat=None):
     torch._check(dllm_logits.dim() == 3 and ar_logits.dim() == 3, lambda: "mixture_accept: logits must be 3-D")
     B, M = dllm_logits.shape[:2]
     return dllm_logits.new_empty((B, M), dtype=torch.int64), dllm_logits.new_empty((B,), dtype=torch.int64)

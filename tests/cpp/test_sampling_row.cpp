@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "apd/sampling_params.h"
 #include "apd/sampling_row.h"
 
 #include "expect.h"
@@ -141,6 +142,48 @@ static void test_accept_prefix() {
   const int64_t d3[] = {0, -1};
   const int64_t t3[] = {0, -1};
   EXPECT(apd::accept_prefix_row(d3, t3, 2, INT64_MAX, eos, 0) == 1);
+  // Negative stop ids are the padding of per-row [B, E] lists: never an EOS,
+  // not even for a bad row's draft -1 (which would otherwise cut at 1).
+  const int64_t d4[] = {-1, 2, 3};
+  const int64_t t4[] = {0, 2, 3};
+  const int64_t pad[] = {-1, -1};
+  EXPECT(apd::accept_prefix_row(d4, t4, 3, INT64_MAX, pad, 2) == 3);
+  const int64_t pad3[] = {-1, 2};
+  EXPECT(apd::accept_prefix_row(d4, t4, 3, INT64_MAX, pad3, 2) == 2);
+}
+
+// Per-row settings: nullptr keeps the scalar, a vector overrides it for its row.
+static void test_row_settings() {
+  const apd::SamplerConfig base{0.7f, 5, 0.9f, false, apd::DType::kBFloat16};
+  apd::RowSettings none;
+  const apd::SamplerConfig same = apd::row_config(base, none, 3);
+  EXPECT(same.temperature == 0.7f && same.top_k == 5 && same.top_p == 0.9f && !same.official);
+  const float tau[] = {0.0f, 1.5f};
+  const int64_t off[] = {0, 1};
+  apd::RowSettings some;
+  some.temperature = tau;
+  some.official = off;
+  const apd::SamplerConfig r1 = apd::row_config(base, some, 1);
+  EXPECT(r1.temperature == 1.5f && r1.top_k == 5 && r1.top_p == 0.9f && r1.official);
+  EXPECT(r1.dtype == apd::DType::kBFloat16);
+  EXPECT(apd::row_config(base, some, 0).temperature == 0.0f && !apd::row_config(base, some, 0).official);
+  // Mixture: the per-row R (fp64) is the scalar R; 1 - R in fp64 under
+  // compat="official", in fp32 otherwise.
+  apd::MixtureAcceptParams p{};
+  p.R = 0.3;
+  p.acceptance = apd::Acceptance::kCoupled;
+  const apd::MixtureSettings m0 = apd::row_mixture(p, base, 0);
+  EXPECT(m0.R == 0.3f && m0.one_minus_R == 1.0f - 0.3f && m0.acceptance == apd::Acceptance::kCoupled);
+  apd::SamplerConfig off_cfg = base;
+  off_cfg.official = true;
+  EXPECT(apd::row_mixture(p, off_cfg, 0).one_minus_R == float(1.0 - 0.3));
+  const double R[] = {0.3, 0.5};
+  const int64_t acc[] = {1, 0};
+  p.per_row.R = R;
+  p.per_row.acceptance = acc;
+  EXPECT(apd::row_mixture(p, off_cfg, 0).one_minus_R == float(1.0 - 0.3));
+  EXPECT(apd::row_mixture(p, base, 0).acceptance == apd::Acceptance::kArgmax);
+  EXPECT(apd::row_mixture(p, base, 1).R == 0.5f && apd::row_mixture(p, base, 1).acceptance == apd::Acceptance::kCoupled);
 }
 
 // compat="official" helpers on the examples (SEMANTICS.md).
@@ -174,6 +217,7 @@ int main() {
   test_mixture();
   test_kept_set();
   test_accept_prefix();
+  test_row_settings();
   if (failures) {
     std::fprintf(stderr, "%d failure(s)\n", failures);
     return 1;

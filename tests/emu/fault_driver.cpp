@@ -18,6 +18,12 @@
 #define __CUDA_ARCH__ 900
 #if defined(APD_FAULT_SAMPLING)
 #include "../../csrc/cuda/sampling.cu"
+#include "../../csrc/cuda/sampling_draft_fp32.cu"
+#include "../../csrc/cuda/sampling_draft_bf16.cu"
+#include "../../csrc/cuda/sampling_draft_fp16.cu"
+#include "../../csrc/cuda/sampling_mixture_fp32.cu"
+#include "../../csrc/cuda/sampling_mixture_bf16.cu"
+#include "../../csrc/cuda/sampling_mixture_fp16.cu"
 #else
 #include "../../csrc/cuda/attention_launch.cu"
 #include "../../csrc/cuda/attention_mma_bf16.cu"

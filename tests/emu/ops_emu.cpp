@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -94,7 +95,11 @@ at::Tensor ids_int64(const char* op, const char* name, const at::Tensor& t, int6
 
 at::Tensor sample_draft_emu(const at::Tensor& logits_in, const at::Tensor& pos_start, const at::Tensor& valid_len,
                             const at::Tensor& seeds, const at::Tensor& steps, double temperature, int64_t top_k,
-                            double top_p, c10::string_view compat, int64_t ban_start, int64_t ban_end) {
+                            double top_p, c10::string_view compat, int64_t ban_start, int64_t ban_end,
+                            const std::optional<at::Tensor>& row_temperature,
+                            const std::optional<at::Tensor>& row_top_k,
+                            const std::optional<at::Tensor>& row_top_p,
+                            const std::optional<at::Tensor>& row_compat) {
   constexpr const char* op = "apd_emu.sample_draft";
   const at::Tensor logits = unit_stride_vocab(op, "logits", logits_in);
   const apd::DType dtype = apd::ops::logits_dtype(op, "logits", logits);
@@ -103,11 +108,13 @@ at::Tensor sample_draft_emu(const at::Tensor& logits_in, const at::Tensor& pos_s
       apd::ops::row_vectors(op, pos_start, valid_len, seeds, steps, B, at::Device(at::kCPU));
   const apd::SamplerConfig cfg = apd::ops::sampler_config(op, temperature, top_k, top_p, compat);
   apd::ops::check_banned(op, ban_start, ban_end);
+  const apd::ops::RowSettingTensors per_row = apd::ops::row_settings(
+      op, B, at::Device(at::kCPU), row_temperature, row_top_k, row_top_p, row_compat);
   TORCH_CHECK(B * M <= INT32_MAX, op, ": B * M must be below 2^31, got ", B * M);
   auto alloc = [&] { return std::vector<at::Tensor>{at::empty({B, M}, logits.options().dtype(at::kLong))}; };
   if (B * M == 0) return alloc()[0];
   return run_schedules(op, {"draft"}, alloc, [&](std::vector<at::Tensor>& o) {
-    apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, o[0]);
+    apd::SampleDraftParams p = apd::ops::sample_draft_params(logits, dtype, rows, cfg, per_row, o[0]);
     p.ban_start = ban_start, p.ban_end = ban_end;
     return apd::launch_sample_draft(p, nullptr);
   })[0];
@@ -119,7 +126,13 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
                                                       const at::Tensor& steps, double R, double temperature,
                                                       int64_t top_k, double top_p, const at::Tensor& eos_in,
                                                       c10::string_view acceptance, c10::string_view compat,
-                                                      int64_t ban_start, int64_t ban_end) {
+                                                      int64_t ban_start, int64_t ban_end,
+                                                      const std::optional<at::Tensor>& row_R,
+                                                      const std::optional<at::Tensor>& row_temperature,
+                                                      const std::optional<at::Tensor>& row_top_k,
+                                                      const std::optional<at::Tensor>& row_top_p,
+                                                      const std::optional<at::Tensor>& row_acceptance,
+                                                      const std::optional<at::Tensor>& row_compat) {
   constexpr const char* op = "apd_emu.mixture_accept";
   const at::Device cpu(at::kCPU);
   const at::Tensor d = unit_stride_vocab(op, "dllm_logits", dllm_in);
@@ -129,9 +142,11 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
   const int64_t B = d.size(0), M = d.size(1);
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M);
   const apd::ops::RowVectors rows = apd::ops::row_vectors(op, pos_start, valid_len, seeds, steps, B, cpu);
-  const at::Tensor eos = apd::ops::eos_int64(op, eos_in, cpu);
+  const apd::ops::EosIds eos = apd::ops::eos_int64(op, eos_in, B, cpu);
   const apd::ops::MixtureConfig mc = apd::ops::mixture_config(op, R, temperature, top_k, top_p, acceptance, compat);
   apd::ops::check_banned(op, ban_start, ban_end);
+  const apd::ops::RowSettingTensors per_row = apd::ops::row_settings(
+      op, B, cpu, row_temperature, row_top_k, row_top_p, row_compat, row_R, row_acceptance);
   auto alloc = [&] {
     return std::vector<at::Tensor>{at::empty({B, M}, d.options().dtype(at::kLong)),
                                    at::empty({B}, d.options().dtype(at::kLong))};
@@ -142,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> mixture_accept_emu(const at::Tensor& dllm_in,
   }
   auto o = run_schedules(op, {"target", "n_accept"}, alloc, [&](std::vector<at::Tensor>& out) {
     apd::MixtureAcceptParams p =
-        apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, eos, out[0], out[1]);
+        apd::ops::mixture_accept_params(d, a, dtype, draft, rows, R, mc, per_row, eos, out[0], out[1]);
     p.ban_start = ban_start, p.ban_end = ban_end;
     return apd::launch_mixture_accept(p, nullptr);
   });
@@ -158,7 +173,7 @@ at::Tensor accept_prefix_emu(const at::Tensor& draft_in, const at::Tensor& targe
   const at::Tensor draft = ids_int64(op, "draft", draft_in, B, M);
   const at::Tensor target = ids_int64(op, "target", target_in, B, M);
   const at::Tensor valid_len = apd::ops::batch_int64(op, "valid_len", valid_len_in, B, cpu);
-  const at::Tensor eos = apd::ops::eos_int64(op, eos_in, cpu);
+  const apd::ops::EosIds eos = apd::ops::eos_int64(op, eos_in, B, cpu);
   auto alloc = [&] { return std::vector<at::Tensor>{at::empty({B}, draft.options())}; };
   return run_schedules(op, {"n_accept"}, alloc, [&](std::vector<at::Tensor>& o) {
     const apd::AcceptPrefixParams p = apd::ops::accept_prefix_params(draft, target, valid_len, eos, o[0]);
@@ -265,11 +280,16 @@ std::tuple<std::string, int64_t, int64_t, int64_t, int64_t, int64_t> device_prof
 }  // namespace
 
 TORCH_LIBRARY(apd_emu, m) {
+  // The schemas of csrc/torch_bindings.cpp.
   m.def("sample_draft(Tensor logits, Tensor pos_start, Tensor valid_len, Tensor seeds, Tensor steps, "
-        "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0) -> Tensor");
+        "float temperature, int top_k, float top_p, str compat, int ban_start=0, int ban_end=0, "
+        "Tensor? row_temperature=None, Tensor? row_top_k=None, Tensor? row_top_p=None, "
+        "Tensor? row_compat=None) -> Tensor");
   m.def("mixture_accept(Tensor dllm_logits, Tensor ar_logits, Tensor draft, Tensor pos_start, Tensor valid_len, "
         "Tensor seeds, Tensor steps, float R, float temperature, int top_k, float top_p, Tensor eos_ids, "
-        "str acceptance, str compat, int ban_start=0, int ban_end=0) -> (Tensor, Tensor)");
+        "str acceptance, str compat, int ban_start=0, int ban_end=0, "
+        "Tensor? row_R=None, Tensor? row_temperature=None, Tensor? row_top_k=None, Tensor? row_top_p=None, "
+        "Tensor? row_acceptance=None, Tensor? row_compat=None) -> (Tensor, Tensor)");
   m.def("accept_prefix(Tensor draft, Tensor target, Tensor valid_len, Tensor eos_ids) -> Tensor");
   m.def("window_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor q_start, Tensor q_len, Tensor kv_len, "
         "bool causal, float scale, str impl, int num_splits) -> Tensor");

@@ -304,15 +304,18 @@ APD_HD bool tokens_match(int64_t draft, int64_t target, int64_t V) {
   return target >= 0 && draft == target && draft < V;
 }
 
+// Negative entries are padding (a per-row [B, E] list pads its shorter rows
+// with -1): they never match, not even a bad row's draft id -1.
 APD_HD bool is_eos(int64_t id, const int64_t* eos_ids, int64_t num_eos) {
   for (int64_t e = 0; e < num_eos; ++e)
-    if (eos_ids[e] == id) return true;
+    if (eos_ids[e] >= 0 && eos_ids[e] == id) return true;
   return false;
 }
 
 // n for one sequence: a_0 = 1, then the all-ones prefix of a, capped at
 // valid_len, cut just after the first EOS among the accepted drafts.
-// draft and target are the sequence's [M] rows, contiguous; valid_len in [0, M].
+// draft and target are the sequence's [M] rows, contiguous; valid_len in [0, M];
+// eos_ids the sequence's own [num_eos] list.
 APD_HD int64_t accept_prefix_row(const int64_t* draft, const int64_t* target, int64_t valid_len,
                                  int64_t V, const int64_t* eos_ids, int64_t num_eos) {
   if (valid_len <= 0) return 0;

@@ -118,8 +118,8 @@ class Engine:
         rows = None if verifier is None else (_verifier_rows if _verifier_rows is not None else min(cfg.M, max_len))
         self.runner = ModelRunner(dllm, verifier, max_batch, max_len, cfg.W, cfg.M, verifier_rows=rows,
                                   cuda_graphs=cuda_graphs, timer=self.timer, stats=self.stats)
-        self.scheduler = Scheduler(max_batch, kv_budget, self.runner, prefill_chunk)
         self.sampler = Sampler(self.device, self.banned, self.timer)
+        self.scheduler = Scheduler(max_batch, kv_budget, self.runner, self.sampler, prefill_chunk)
         self._n_accept_override: Optional[int] = None  # benchmarking hook (bench.py)
         self._trace: Optional[list] = None  # tests only: per step [(request_id, left, right, n_accept)]
         self._ids = itertools.count()
@@ -220,12 +220,11 @@ class Engine:
         """The step's forwards and ops for live rows 0 .. k-1 (k < n: a dry run
         of a subset, see _isolate). Writes the caches (as the real step would)
         and nothing else of the engine's state."""
-        reqs = self.live[:k]
         batch = self.runner.prepare(k, *self.scheduler.host_state(k), self.K, self.scheduler.chunks(k))
         d_logits = self.runner.draft_logits(batch)  # [k, rows, V_D]
-        draft = self.sampler.draft(d_logits, batch, reqs)  # [k, rows]
+        draft = self.sampler.draft(d_logits, batch)  # [k, rows]
         a_logits = None if self.verifier is None else self.runner.verify_logits(batch, draft)  # [k, rows, V_A]
-        n_acc = self.sampler.accept(d_logits, a_logits, draft, batch, reqs)  # [k]
+        n_acc = self.sampler.accept(d_logits, a_logits, draft, batch)  # [k]
         if self._n_accept_override is not None:  # benchmarking only: a fixed acceptance schedule
             n_acc = torch.minimum(torch.full_like(n_acc, self._n_accept_override), batch.args.rows)
         return dict(batch=batch, draft=draft, n_acc=n_acc, d_logits=d_logits, a_logits=a_logits)

@@ -25,7 +25,6 @@ class Request:
     cfg: APDConfig
     stop: tuple  # stop token ids
     total: int  # prompt + budget, capped at the context: the KV positions it reserves
-    signature: tuple  # the scalar knobs of the ops (rows with equal signatures share a call)
     stops: tuple = ()  # stop strings (host-side, apd_ext.output)
     text: Optional[RequestText] = None  # the output path, with an Engine tokenizer
     logprobs: Optional[int] = None  # top alternatives per token to return; None: no logprobs
@@ -59,8 +58,7 @@ class RequestChecker:
         if total > self.kv_budget:
             fail("max_new_tokens", f"prompt + max_new_tokens within the KV budget ({self.kv_budget} tokens)",
                  cfg.max_new_tokens)
-        sig = (cfg.R, cfg.temperature, cfg.top_p, cfg.top_k, cfg.compat, cfg.sampling_acceptance, stop)
-        return Request(None, prompt, cfg, stop, total, sig, stops, logprobs=logprobs)
+        return Request(None, prompt, cfg, stop, total, stops, logprobs=logprobs)
 
     def _prompt(self, prompt_ids) -> torch.Tensor:
         p = prompt_ids

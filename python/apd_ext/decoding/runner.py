@@ -287,10 +287,10 @@ class ModelRunner:
         self.tokens, self.seeds = self.tokens[:n0], self.seeds[:n0]
         self.live(n0)
 
-    def reorder(self, stay: torch.Tensor, upto: int) -> None:
+    def reorder(self, stay: torch.Tensor, upto: int) -> torch.Tensor:
         """stay: host [m] int64 rows that become rows 0 .. m-1 of every buffer and
         cache, in that order; upto: a host bound on their cache lengths (only
-        [0, upto) moves)."""
+        [0, upto) moves). Returns stay on the device (the sampler's rows move with it)."""
         n = stay.numel()
         stay_d = stay.to(self.device)
         self.tokens, self.seeds = self.tokens[stay_d], self.seeds[stay_d]
@@ -299,6 +299,7 @@ class ModelRunner:
             if self.ver is not None:
                 self.ver.base.compact_(stay_d, upto)
         self.live(n)
+        return stay_d
 
     # ------------------------------------------------------------- the step
     def prepare(self, k: int, t, n_prev, total, W, M, steps, K: Optional[int], chunks=None) -> StepBatch:

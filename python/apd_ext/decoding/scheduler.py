@@ -11,9 +11,10 @@ one, and those that still fail are returned, reserving nothing.
 The live requests are rows 0 .. n-1 of every buffer, host and device: the
 host state here ([n] int64 each: the next position t, total, the previous
 step's n_accept, the request's own step counter, W (-1: no dLLM cache) and
-M) sizes the forwards; the runner holds the device rows. When rows leave (or
-a dry run reorders them), reorder() moves the survivors to the front of both
-with one gather, which keeps the verifier's CUDA graphs valid.
+M) sizes the forwards; the runner holds the device rows and the sampler the
+rows' sampling settings. When rows leave (or a dry run reorders them),
+reorder() moves the survivors to the front of all three with one gather index,
+which keeps the verifier's CUDA graphs valid.
 
 Chunked prefill (prefill_chunk N, docs/SEMANTICS.md "Chunked prefill"): a
 joining request whose prompt is longer than N (and whose W is not None) is
@@ -49,11 +50,12 @@ class Chunks:
 
 class Scheduler:
     """max_batch live rows at most; kv_budget KV positions reserved at most;
-    rows: the runner (join / truncate / reorder move its device rows with the
-    host ones); prefill_chunk: None or N (see the module docstring)."""
+    rows: the runner, settings: the sampler (join / truncate / reorder move
+    their device rows with the host ones); prefill_chunk: None or N (see the
+    module docstring)."""
 
-    def __init__(self, max_batch: int, kv_budget: int, rows, prefill_chunk: Optional[int] = None):
-        self.max_batch, self.kv_budget, self.rows = max_batch, kv_budget, rows
+    def __init__(self, max_batch: int, kv_budget: int, rows, settings, prefill_chunk: Optional[int] = None):
+        self.max_batch, self.kv_budget, self.rows, self.settings = max_batch, kv_budget, rows, settings
         self.prefill_chunk = prefill_chunk
         self.queue: deque = deque()  # Request, FIFO
         self.live: List[Request] = []  # row i of every buffer is live[i]
@@ -135,6 +137,7 @@ class Scheduler:
         cpu = torch.device("cpu")
         self.rows.join([r.prompt for r in new], torch.cat([seed_tensor(r.cfg.seed, 1, cpu) for r in new]),
                        chunked=first_left > 0)
+        self.settings.join(new)
 
     def _first_left(self, r: Request) -> int:
         """The first drafting step's left: the start of the prompt's last chunk
@@ -152,6 +155,7 @@ class Scheduler:
         self.steps, self.W, self.M = self.steps[:n0], self.W[:n0], self.M[:n0]
         self.fill, self.first_left = self.fill[:n0], self.first_left[:n0]
         self.rows.truncate(n0)
+        self.settings.truncate(n0)
 
     # ---------------------------------------------------------- live rows
     def advance(self, n_accept: torch.Tensor, pre: torch.Tensor) -> None:
@@ -180,7 +184,8 @@ class Scheduler:
         self.steps, self.W, self.M = self.steps[stay], self.W[stay], self.M[stay]
         self.fill, self.first_left = self.fill[stay], self.first_left[stay]
         # No cache row extends past its request's total (DESIGN §6 windows).
-        self.rows.reorder(stay, int(self.total.max()) if len(self.live) else 0)
+        stay_d = self.rows.reorder(stay, int(self.total.max()) if len(self.live) else 0)
+        self.settings.reorder(stay_d)
 
     def host_state(self, k: int) -> tuple:
         """(t, n_prev, total, W, M, steps) of live rows 0 .. k-1, host [k] int64 each."""

@@ -403,11 +403,11 @@ void parallel_rows(int64_t rows, int64_t V, F&& body) {
 
 }  // namespace detail
 
-// draft [B, M] = sample(logits) per row; rows >= valid_len are -1.
+// draft [B, M] = sample(logits) per row; rows >= valid_len are -1. Row b's
+// settings: p.cfg with p.per_row's overrides (row_config).
 template <typename T>
 void sample_draft(const SampleDraftParams& p) {
   const T* logits = static_cast<const T*>(p.logits);
-  const float tau = p.cfg.temperature;
   detail::parallel_rows(p.B * p.M, p.V, [&](int64_t r, detail::Scratch& s) {
     const int64_t b = r / p.M, i = r % p.M;
     if (i >= p.valid_len[b]) {
@@ -415,18 +415,20 @@ void sample_draft(const SampleDraftParams& p) {
       return;
     }
     const T* row = logits + b * p.stride_b + i * p.stride_m;
-    const DType dt = p.cfg.dtype;
+    const SamplerConfig cfg = row_config(p.cfg, p.per_row, b);
+    const float tau = cfg.temperature;
+    const DType dt = cfg.dtype;
     // One z function per mode, chosen once per row, capturing by value: a
     // branch inside zf, or tau read through a reference that the z[] stores
     // might alias, kept sample_row's first pass scalar (a divss per entry).
     auto run = [&](auto zf) {
-      return detail::sample_row(zf, p.V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
+      return detail::sample_row(zf, p.V, cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
     // Banned ids: a select per entry (no branch; empty range when none).
     const int64_t lo = p.ban_start, hi = p.ban_end;
     if (!(tau > 0.0f))
       p.draft[r] = run([row, lo, hi](int64_t v) { return unless_banned(to_float(row[v]), v, lo, hi); });
-    else if (p.cfg.official)
+    else if (cfg.official)
       p.draft[r] = run([row, tau, dt, lo, hi](int64_t v) {
         return unless_banned(official_temper(to_float(row[v]), tau, dt), v, lo, hi);
       });
@@ -436,13 +438,12 @@ void sample_draft(const SampleDraftParams& p) {
 }
 
 // target [B, M] per DESIGN.md §4 Op 2 (coupled or argmax), then n_accept [B].
+// Row b's settings: row_config and row_mixture (p.per_row over the scalars).
 template <typename T>
 void mixture_accept(const MixtureAcceptParams& p) {
   const T* dl = static_cast<const T*>(p.dllm_logits);
   const T* al = static_cast<const T*>(p.ar_logits);
   const int64_t V = std::min(p.V_D, p.V_A);
-  const float tau = p.cfg.temperature;
-  const float one_minus_R = p.one_minus_R;
   detail::parallel_rows(p.B * p.M, std::max(p.V_D, p.V_A), [&](int64_t r, detail::Scratch& s) {
     const int64_t b = r / p.M, i = r % p.M;
     if (i >= p.valid_len[b]) {
@@ -452,27 +453,30 @@ void mixture_accept(const MixtureAcceptParams& p) {
     const T* d = dl + b * p.d_stride_b + i * p.d_stride_m;
     const T* a = al + b * p.a_stride_b + i * p.a_stride_m;
     const int64_t lo = p.ban_start, hi = p.ban_end;
-    if (p.acceptance == Acceptance::kArgmax) {
-      SamplerConfig greedy = p.cfg;
+    const SamplerConfig cfg = row_config(p.cfg, p.per_row, b);
+    const MixtureSettings mix = row_mixture(p, cfg, b);
+    const float tau = cfg.temperature, R = mix.R, one_minus_R = mix.one_minus_R;
+    if (mix.acceptance == Acceptance::kArgmax) {
+      SamplerConfig greedy = cfg;
       greedy.temperature = 0.0f;
-      const bool off = p.cfg.official;
-      const DType dt = p.cfg.dtype;
+      const bool off = cfg.official;
+      const DType dt = cfg.dtype;
       auto wf = [&](int64_t v) {
         const float dv = to_float(d[v]), av = to_float(a[v]);
         // The ban on the mixed value, not on d and a: 0 * -inf would be NaN at R = 0 or 1.
-        return unless_banned(off ? official_target(dv, av, p.R, one_minus_R, dt)
-                                 : mixture_argmax(dv, av, p.R, one_minus_R), v, lo, hi);
+        return unless_banned(off ? official_target(dv, av, R, one_minus_R, dt)
+                                 : mixture_argmax(dv, av, R, one_minus_R), v, lo, hi);
       };
       p.target[r] = detail::sample_row(wf, V, greedy, 0, 0, 0, s);
       return;
     }
     // Coupled: lse of both full rows (skipped where the mixture ignores them).
-    const bool shift = p.R != 1.0f && p.R != 0.0f;
+    const bool shift = R != 1.0f && R != 0.0f;
     float* tmp = s.z.data();  // free until sample_row fills it
-    const MixtureRow mr = make_mixture_row(p.R, shift ? detail::row_lse(d, p.V_D, tmp, lo, hi) : 0.0f,
+    const MixtureRow mr = make_mixture_row(R, shift ? detail::row_lse(d, p.V_D, tmp, lo, hi) : 0.0f,
                                            shift ? detail::row_lse(a, p.V_A, tmp, lo, hi) : 0.0f);
     auto run = [&](auto zf) {  // as in sample_draft: no branch, captures by value
-      return detail::sample_row(zf, V, p.cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
+      return detail::sample_row(zf, V, cfg, uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i, s);
     };
     if (tau > 0.0f)
       p.target[r] = run([d, a, mr, tau, lo, hi](int64_t v) {
@@ -485,14 +489,14 @@ void mixture_accept(const MixtureAcceptParams& p) {
   });
   for (int64_t b = 0; b < p.B; ++b)
     p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], V,
-                                      p.eos_ids, p.num_eos);
+                                      p.eos_ids + b * p.eos_stride, p.num_eos);
 }
 
 // n_accept [B] from caller-provided draft and target ids.
 inline void accept_prefix(const AcceptPrefixParams& p) {
   for (int64_t b = 0; b < p.B; ++b)
     p.n_accept[b] = accept_prefix_row(p.draft + b * p.M, p.target + b * p.M, p.valid_len[b], INT64_MAX,
-                                      p.eos_ids, p.num_eos);
+                                      p.eos_ids + b * p.eos_stride, p.num_eos);
 }
 
 }  // namespace cpu

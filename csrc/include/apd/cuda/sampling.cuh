@@ -106,6 +106,7 @@
 #include <type_traits>
 
 #include "apd/common.h"
+#include "apd/cuda/launch.cuh"
 #include "apd/philox.h"
 #include "apd/sampling_params.h"
 #include "apd/sampling_row.h"
@@ -1374,10 +1375,11 @@ __global__ void __launch_bounds__(kSampleThreads) sample_draft_kernel(const Samp
     return;
   }
   const DraftSource<T> src{make_row<T>(p.logits, b * p.stride_b + i * p.stride_m, p.V, p.ban_start, p.ban_end)};
-  const RowContext ctx{int(p.V), p.cfg.temperature, p.cfg.official, uint64_t(p.seeds[b]),
+  const SamplerConfig cfg = row_config(p.cfg, p.per_row, b);  // uniform over the CTA: no divergence
+  const RowContext ctx{int(p.V), cfg.temperature, cfg.official, uint64_t(p.seeds[b]),
                        uint64_t(p.steps[b]), p.pos_start[b] + i};
   RowSampler<DraftSource<T>> sampler(src, ctx, sm);
-  const int64_t id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg) : sampler.argmax();
+  const int64_t id = cfg.temperature > 0.0f ? sampler.sample(cfg) : sampler.argmax();
   if (threadIdx.x == 0) *out = id;
 }
 
@@ -1603,7 +1605,7 @@ APD_DEVICE LsePass row_lse(const RowPtr<T>& d, const RowPtr<T>& a, float R, Samp
   return out;
 }
 
-// Target ids of mixture_accept; n_accept follows in accept_prefix_kernel.
+// Target ids of mixture_accept; n_accept follows in accept_prefix_kernel (csrc/cuda/sampling.cu).
 template <typename T>
 __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const MixtureAcceptParams p) {
   __shared__ SampleSmem sm;
@@ -1616,45 +1618,55 @@ __global__ void __launch_bounds__(kSampleThreads) mixture_target_kernel(const Mi
   }
   const RowPtr<T> d = make_row<T>(p.dllm_logits, b * p.d_stride_b + i * p.d_stride_m, p.V_D, p.ban_start, p.ban_end);
   const RowPtr<T> a = make_row<T>(p.ar_logits, b * p.a_stride_b + i * p.a_stride_m, p.V_A, p.ban_start, p.ban_end);
-  const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), p.cfg.temperature, p.cfg.official,
+  const SamplerConfig cfg = row_config(p.cfg, p.per_row, b);  // uniform over the CTA: no divergence
+  const MixtureSettings mix = row_mixture(p, cfg, b);
+  const RowContext ctx{int(p.V_D < p.V_A ? p.V_D : p.V_A), cfg.temperature, cfg.official,
                        uint64_t(p.seeds[b]), uint64_t(p.steps[b]), p.pos_start[b] + i};
   int64_t id;
-  if (p.acceptance == Acceptance::kArgmax) {
-    const ArgmaxSource<T> src{d, a, p.R, p.one_minus_R, p.cfg.official};
+  if (mix.acceptance == Acceptance::kArgmax) {
+    const ArgmaxSource<T> src{d, a, mix.R, mix.one_minus_R, cfg.official};
     id = RowSampler<ArgmaxSource<T>>(src, ctx, sm).argmax();
   } else {
     // R is 0 or 1: m is one row as it is, no lse (mixture_coupled) and no hint.
-    const bool mixed = p.R != 0.0f && p.R != 1.0f;
+    const bool mixed = mix.R != 0.0f && mix.R != 1.0f;
     // The paper's setting (the default top-p alone): staged in the lse pass.
-    const bool fused = mixed && p.cfg.temperature > 0.0f && !p.cfg.official && p.cfg.top_p < 1.0f &&
-                       effective_top_k(p.cfg.top_k, ctx.V) == ctx.V;
+    const bool fused = mixed && cfg.temperature > 0.0f && !cfg.official && cfg.top_p < 1.0f &&
+                       effective_top_k(cfg.top_k, ctx.V) == ctx.V;
     const LsePass l = !mixed  ? LsePass{0.0f, 0.0f, NAN, -1, -INFINITY, 0.0}
-                      : fused ? row_lse<T, true>(d, a, p.R, sm, p.cfg.temperature, p.cfg.top_p)
-                              : row_lse<T>(d, a, p.R, sm);
-    const CoupledSource<T> src{d, a, make_mixture_row(p.R, l.lse_d, l.lse_a)};
+                      : fused ? row_lse<T, true>(d, a, mix.R, sm, cfg.temperature, cfg.top_p)
+                              : row_lse<T>(d, a, mix.R, sm);
+    const CoupledSource<T> src{d, a, make_mixture_row(mix.R, l.lse_d, l.lse_a)};
     RowSampler<CoupledSource<T>> sampler(src, ctx, sm);
     if (l.n_staged >= 0)
-      id = sampler.sample_staged(p.cfg, l.xmax, l.n_staged, l.mass_total);
+      id = sampler.sample_staged(cfg, l.xmax, l.n_staged, l.mass_total);
     else
-      id = p.cfg.temperature > 0.0f ? sampler.sample(p.cfg, l.x_hint) : sampler.argmax();
+      id = cfg.temperature > 0.0f ? sampler.sample(cfg, l.x_hint) : sampler.argmax();
   }
   if (threadIdx.x == 0) *out = id;
 }
 
-// n_accept[b] = accept_prefix_row(...), one thread per sequence. V bounds the
-// draft ids that can match (INT64_MAX for accept_prefix).
-__global__ void accept_prefix_kernel(const int64_t* __restrict__ draft,   // [B, M]
-                                     const int64_t* __restrict__ target,  // [B, M]
-                                     const int64_t* __restrict__ valid_len,  // [B]
-                                     const int64_t* __restrict__ eos_ids,    // [E]
-                                     int64_t num_eos, int64_t B, int64_t M, int64_t V,
-                                     int64_t* __restrict__ n_accept) {  // [B]
-  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b >= B) return;
-  // valid_len is validated by the caller; the clamp only keeps a bad value in bounds.
-  const int64_t vl = valid_len[b] < 0 ? 0 : (valid_len[b] > M ? M : valid_len[b]);
-  n_accept[b] = accept_prefix_row(draft + b * M, target + b * M, vl, V, eos_ids, num_eos);
+// One dtype's launch of each row kernel. Each is instantiated in exactly one
+// small translation unit, csrc/cuda/sampling_{draft,mixture}_<dtype>.cu (six
+// in all, so that a build compiles them in parallel: one TU holding all six
+// kernels was nearly the whole CUDA build); csrc/cuda/sampling.cu holds the
+// launchers and the accept scan and instantiates none of them (extern below).
+template <typename T>
+cudaError_t launch_draft_rows(const SampleDraftParams& p, dim3 grid, cudaStream_t stream) {
+  return launch(sample_draft_kernel<T>, grid, dim3(unsigned(kSampleThreads)), 0, stream, p);
 }
+
+template <typename T>
+cudaError_t launch_mixture_rows(const MixtureAcceptParams& p, dim3 grid, cudaStream_t stream) {
+  return launch(mixture_target_kernel<T>, grid, dim3(unsigned(kSampleThreads)), 0, stream, p);
+}
+
+#define APD_SAMPLING_EXTERN(T)                                                                       \
+  extern template cudaError_t launch_draft_rows<T>(const SampleDraftParams&, dim3, cudaStream_t); \
+  extern template cudaError_t launch_mixture_rows<T>(const MixtureAcceptParams&, dim3, cudaStream_t);
+APD_SAMPLING_EXTERN(float)
+APD_SAMPLING_EXTERN(bf16_t)
+APD_SAMPLING_EXTERN(fp16_t)
+#undef APD_SAMPLING_EXTERN
 
 }  // namespace cuda
 }  // namespace apd

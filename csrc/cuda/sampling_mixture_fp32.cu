@@ -1,0 +1,11 @@
+// Explicit instantiation of mixture_target_kernel (mixture_accept's targets) for float
+// (apd/cuda/sampling.cuh; launched from csrc/cuda/sampling.cu).
+#include "apd/cuda/sampling.cuh"
+
+namespace apd {
+namespace cuda {
+
+template cudaError_t launch_mixture_rows<float>(const MixtureAcceptParams&, dim3, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace apd
