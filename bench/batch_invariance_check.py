@@ -17,9 +17,11 @@ Rows:
   * the shipped tiny pair (fp32 and bf16): the dLLM's and the verifier's
     prompt logits of a request alone against a batch of three prompts, and
     generate's tokens (temperature 0.7, own seeds) alone against the batch.
-    These go through the models' GEMMs (cuBLAS on CUDA, over the step's rows),
-    whose kernel choice may depend on the row count: NOT invariant by
-    construction; this row is the measurement.
+    These go through the models' GEMMs (cuBLAS on CUDA, MKL / oneDNN on the
+    CPU), whose kernel choice may depend on the row count: with one GEMM per
+    step NOT invariant (the measurement), with the per-request plan
+    (Engine(batch_invariant=True): one GEMM per request) invariant by
+    construction.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from bench_common import emit_table  # noqa: E402
 
 import apd_ext  # noqa: E402
 from apd_ext import ops, tiny  # noqa: E402
+from apd_ext.models import Packing  # noqa: E402
 
 # (q_len, kv_len, q_start) of the requests; the first two are checked, the
 # others are batch-mates (a long window and the longest cache among them).
@@ -127,25 +130,30 @@ def check_models(dev: str, dtype: torch.dtype) -> list[tuple[str, bool, str]]:
     prompts = [torch.randint(3, V, (n,), generator=g) for n in (23, 7, 40)]
     rows = []
     for name, model in (("dLLM", dllm), ("verifier", ver)):
-        def logits(idx):
+        def logits(idx, per_request):
             B, Lw = len(idx), max(len(prompts[i]) for i in idx)
             ids = torch.zeros(B, Lw, dtype=torch.int64)
             for b, i in enumerate(idx):
                 ids[b, : len(prompts[i])] = prompts[i]
             cache = model.new_cache(B, Lw + 8)
-            q_len = torch.tensor([len(prompts[i]) for i in idx], device=dev)
+            q_host = torch.tensor([len(prompts[i]) for i in idx])
+            plan = Packing.build(q_host, Lw, dev, per_request=per_request)
             with torch.no_grad():
-                return model.forward(ids.to(dev), cache, torch.zeros(B, dtype=torch.int64, device=dev), q_len).cpu()
+                out = model.forward(ids.to(dev), cache, torch.zeros(B, dtype=torch.int64, device=dev), q_host.to(dev),
+                                    packing=plan)
+            return out.cpu()
 
-        batch = logits([0, 1, 2])
-        n = bad = 0
-        worst = 0.0
-        for i in range(3):
-            alone = logits([i])[0, : len(prompts[i])]
-            same, d = _diff(batch[i, : len(prompts[i])], alone)
-            n, bad, worst = n + 1, bad + (not same), max(worst, d)
-        rows.append((f"{name} prompt logits, tiny pair {str(dtype)[6:]}", bad == 0,
-                     f"{n - bad}/{n} requests identical, max |diff| {worst:.3g}"))
+        for per_request in (False, True):
+            batch = logits([0, 1, 2], per_request)
+            n = bad = 0
+            worst = 0.0
+            for i in range(3):
+                alone = logits([i], per_request)[0, : len(prompts[i])]
+                same, d = _diff(batch[i, : len(prompts[i])], alone)
+                n, bad, worst = n + 1, bad + (not same), max(worst, d)
+            how = "one GEMM per request (batch_invariant)" if per_request else "one GEMM per step"
+            rows.append((f"{name} prompt logits, tiny pair {str(dtype)[6:]}, {how}", bad == 0,
+                         f"{n - bad}/{n} requests identical, max |diff| {worst:.3g}"))
     seeds = [11, 22, 33]
     kw = dict(R=0.7, W=8, M=16, temperature=0.7, top_p=0.95, max_new_tokens=32, eos_token_ids=[])
     out = apd_ext.generate(dllm, ver, [p.tolist() for p in prompts], seeds=seeds, **kw)
@@ -161,12 +169,56 @@ def check_models(dev: str, dtype: torch.dtype) -> list[tuple[str, bool, str]]:
     return rows
 
 
+def time_engine(dev: str, dtype: torch.dtype, reps: int = 5) -> list[list[str]]:
+    """The price of Engine(batch_invariant=True): the same 8 requests (tiny
+    pair, 24 tokens each, sampled) through the Engine with one GEMM per step
+    and with one per request, interleaved, after a warm-up; medians and
+    ranges of the wall time, and the paired ratio."""
+    import statistics
+    import time
+
+    from apd_ext import APDConfig, Engine
+
+    d_dir, a_dir = tiny.paths()
+    pair = (apd_ext.load_model(d_dir, dtype=dtype, device=dev), apd_ext.load_model(a_dir, dtype=dtype, device=dev))
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 560, (int(n),), generator=g).tolist() for n in torch.randint(8, 60, (8,), generator=g)]
+
+    def run(inv: bool) -> float:
+        eng = Engine(*pair, APDConfig(R=0.6, W=4, M=12), max_batch=8, max_len=128, batch_invariant=inv)
+        for i, p in enumerate(prompts):
+            eng.add_request(p, dict(temperature=0.7, seed=i, max_new_tokens=24, stop_token_ids=[]))
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while eng.has_unfinished():
+            eng.step()
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(False), run(True)  # warm-up
+    t = {False: [], True: []}
+    for r in range(reps):
+        for inv in ((False, True) if r % 2 == 0 else (True, False)):
+            t[inv].append(run(inv))
+    ratio = [b / a for a, b in zip(t[False], t[True])]
+    fmt = lambda xs: f"{statistics.median(xs) * 1e3:.0f} ms ({min(xs) * 1e3:.0f}..{max(xs) * 1e3:.0f})"  # noqa: E731
+    return [[f"Engine, 8 requests x 24 tokens, tiny pair {str(dtype)[6:]}", fmt(t[False]), fmt(t[True]),
+             f"{statistics.median(ratio):.2f}x ({min(ratio):.2f}..{max(ratio):.2f})"]]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--time", action="store_true", help="also time Engine(batch_invariant=True) against the default")
     args = ap.parse_args(argv)
     dev = args.device
+    if args.time:
+        body = time_engine(dev, torch.float32) + time_engine(dev, torch.bfloat16)
+        emit_table(f"the price of batch_invariant=True on {dev} (5 interleaved runs after a warm-up)",
+                   ["workload", "one GEMM per step", "one GEMM per request", "paired ratio"], body, args.markdown)
     body = []
     for impl, dtype in (("simple", torch.float32), ("simple", torch.bfloat16), ("mma", torch.bfloat16)):
         for causal in (False, True):

@@ -71,12 +71,17 @@ class Engine:
     prompt never stalls them; the request drafts from the step after its
     last full chunk (docs/SEMANTICS.md "Chunked prefill": N >= the prompt
     length is exactly the default; W None requests are never chunked).
+    batch_invariant: every GEMM of both forwards runs once per request over
+    its own rows (models/packing.py Packing.per_request), so a request's
+    logits, not only its tokens, are bit-identical alone and in any batch
+    (docs/SEMANTICS.md "Batch invariance"); costs a GEMM per request instead
+    of one per step (bench/batch_invariance_check.py). Not with cuda_graphs.
     """
 
     def __init__(self, dllm, verifier, config: Optional[APDConfig] = None, max_batch: int = 8, *,
                  max_len: Optional[int] = None, kv_budget: Optional[int] = None, K: Optional[int] = None,
                  cuda_graphs: bool = False, tokenizer=None, prefill_chunk: Optional[int] = None,
-                 _verifier_rows: Optional[int] = None,
+                 batch_invariant: bool = False, _verifier_rows: Optional[int] = None,
                  _graphs_checked: bool = False):
         cfg = config if config is not None else APDConfig()
         if not isinstance(cfg, APDConfig):
@@ -94,6 +99,12 @@ class Engine:
         if prefill_chunk is not None:
             _check_count("prefill_chunk", prefill_chunk)
         self.prefill_chunk = prefill_chunk
+        if not isinstance(batch_invariant, bool):
+            raise TypeError(f"batch_invariant: expected a bool, got {type(batch_invariant).__name__}")
+        if batch_invariant and cuda_graphs:
+            fail("cuda_graphs", "False with batch_invariant=True (a graph replays one GEMM over the padded "
+                 "batch bucket; the batch-invariant forwards run one GEMM per request)", cuda_graphs)
+        self.batch_invariant = batch_invariant
         self.dllm, self.verifier, self.config, self.K = dllm, verifier, cfg, K
         self.tokenizer = tokenizer
         self.device = model_device(dllm)
@@ -117,7 +128,8 @@ class Engine:
         self.timer = PhaseTimer(self.device)
         rows = None if verifier is None else (_verifier_rows if _verifier_rows is not None else min(cfg.M, max_len))
         self.runner = ModelRunner(dllm, verifier, max_batch, max_len, cfg.W, cfg.M, verifier_rows=rows,
-                                  cuda_graphs=cuda_graphs, timer=self.timer, stats=self.stats)
+                                  cuda_graphs=cuda_graphs, timer=self.timer, stats=self.stats,
+                                  batch_invariant=batch_invariant)
         self.sampler = Sampler(self.device, self.banned, self.timer)
         self.scheduler = Scheduler(max_batch, kv_budget, self.runner, self.sampler, prefill_chunk)
         self._n_accept_override: Optional[int] = None  # benchmarking hook (bench.py)

@@ -128,8 +128,9 @@ class StepArgs:
 
     FIELDS = ("left", "window", "row_start", "pos", "rows", "step", "ver_start", "pre_start", "pre_len")
 
-    def __init__(self, batch: int, device: torch.device):
+    def __init__(self, batch: int, device: torch.device, per_request: bool = False):
         self.device = device
+        self.per_request = per_request  # the plans are batch-invariant ones (Packing.per_request)
         self.host = self._alloc(len(self.FIELDS) * batch)  # [9 B + plan rows], int64
         self.packing: dict = {}
 
@@ -138,10 +139,12 @@ class StepArgs:
 
     def send(self, n: int, packs: Optional[dict] = None, **values) -> None:
         """values: [n] host vectors (or scalars) for the n live sequences.
-        packs: {name: (q_len host [n], Lw)}: each forward's plan rides in the
-        same copy and is left in self.packing[name] (a Packing)."""
+        packs: {name: (q_len host [n], Lw, logit_counts host [n] or None)}: each
+        forward's plan rides in the same copy and is left in self.packing[name]
+        (a Packing; logit_counts: the rows of logit_rows that are each
+        sequence's own, which a per_request plan needs)."""
         F = len(self.FIELDS)
-        index = {name: pack_index(q_len, Lw) for name, (q_len, Lw) in (packs or {}).items()}  # host [N] each
+        index = {name: pack_index(q_len, Lw) for name, (q_len, Lw, _) in (packs or {}).items()}  # host [N] each
         size = F * n + sum(i.numel() for i in index.values())
         if self.host.numel() < size:
             self.host = self._alloc(max(size, 2 * self.host.numel()))
@@ -161,8 +164,9 @@ class StepArgs:
             setattr(self, name, dev[i * n : (i + 1) * n])  # [n] views
         self.packing, at = {}, F * n
         for name, i in index.items():
-            q_len, Lw = packs[name]
-            self.packing[name] = Packing(q_len, Lw, dev[at : at + i.numel()])
+            q_len, Lw, counts = packs[name]
+            self.packing[name] = Packing(q_len, Lw, dev[at : at + i.numel()], per_request=self.per_request,
+                                         logit_counts=counts if self.per_request else None)
             at += i.numel()
 
 
@@ -234,7 +238,7 @@ class ModelRunner:
     forward counters)."""
 
     def __init__(self, dllm, verifier, batch: int, total_len: int, W: Optional[int], M: Optional[int], *,
-                 verifier_rows: int, cuda_graphs: bool, timer, stats):
+                 verifier_rows: int, cuda_graphs: bool, timer, stats, batch_invariant: bool = False):
         self.dllm, self.verifier, self.timer, self.stats = dllm, verifier, timer, stats
         self.total_len = total_len
         self.device = model_device(dllm)
@@ -244,7 +248,7 @@ class ModelRunner:
         # batch size (see Verifier).
         self.window = Window(dllm, batch, total_len, W, M, graphs=cuda_graphs and batch == 1)
         self.ver = None if verifier is None else Verifier(verifier, batch, total_len, verifier_rows, cuda_graphs)
-        self.args = StepArgs(batch, self.device)
+        self.args = StepArgs(batch, self.device, per_request=batch_invariant)
         # Width 2L: window gathers and commits index up to left + Lw <= 2L - 1 and
         # t + rows <= L without clamping (no duplicate scatter targets).
         self.tokens = torch.empty((0, 2 * total_len), dtype=torch.int64, device=self.device)  # [n, 2L]
@@ -279,7 +283,9 @@ class ModelRunner:
             zero = torch.zeros(k, dtype=torch.int64, device=dev)
             with self.timer("verifier"):
                 self.verifier.forward(rows[:, :vmax], view, zero, vlen.to(dev),  # q_len 0: 1-token prompts
-                                      logit_rows=(zero, 1), packing=Packing.build(vlen, vmax, dev))
+                                      logit_rows=(zero, 1), packing=Packing.build(
+                                          vlen, vmax, dev, per_request=self.args.per_request,
+                                          logit_counts=vlen.clamp(max=1) if self.args.per_request else None))
             self.stats.verifier_forwards += 1
 
     def truncate(self, n0: int) -> None:
@@ -323,11 +329,11 @@ class ModelRunner:
         row_start = torch.where(pre, 0, t - 1 - left)
         Lw = int(torch.maximum(right - left, row_start + rows).max())
         pre_cols = int(pre_len.max())
-        packs = dict(dllm=(right - left, Lw))  # the forwards' plans ride in the same copy
+        packs = dict(dllm=(right - left, Lw, rows_t))  # the forwards' plans ride in the same copy
         if self.ver is not None:
-            packs["ver"] = (rows_t, rows)
+            packs["ver"] = (rows_t, rows, None)
             if pre_cols:
-                packs["pre"] = (pre_len, pre_cols)  # the verifier's chunk forward
+                packs["pre"] = (pre_len, pre_cols, pre_len.clamp(max=1))  # the verifier's chunk forward
         self.args.send(k, packs, left=left, window=right - left, row_start=row_start, pos=t, rows=rows_t,
                        step=steps, ver_start=ver_start, pre_start=pre_start, pre_len=pre_len)
         ar = torch.arange(max(Lw, rows), device=self.device)

@@ -56,18 +56,36 @@ class Packing:
     caller has already placed on the device (Packing(q_len, window, index)).
     dense is True when packing would change nothing (N == B * Lw) or there is
     no row at all (N == 0, e.g. a graph capture): the forward then runs the
-    padded layout."""
+    padded layout.
 
-    __slots__ = ("q_len", "window", "index", "n")
+    per_request: the batch-invariant plan (Engine(batch_invariant=True),
+    docs/SEMANTICS.md "Batch invariance"). Every GEMM of the forward then runs
+    once per sequence over that sequence's own rows (segments), so its shape,
+    and with it the BLAS kernel and its reduction order, comes from the
+    request's own lengths, never from its batch-mates'. logit_counts (host [B]
+    int64, needed with logit_rows): how many of the logit rows asked for are
+    the sequence's own (the LM head's GEMM covers those only; the others come
+    back as zeros)."""
 
-    def __init__(self, q_len: torch.Tensor, window: int, index: torch.Tensor):
+    __slots__ = ("q_len", "window", "index", "n", "per_request", "logit_counts")
+
+    def __init__(self, q_len: torch.Tensor, window: int, index: torch.Tensor, *, per_request: bool = False,
+                 logit_counts: Optional[torch.Tensor] = None):
         q_len = _check_lengths(q_len, window)
         n = int(q_len.sum())
         check_tensor("index", index, ndim=1, dtypes=(torch.int64,), shape=(n,))
+        if logit_counts is not None:
+            check_tensor("logit_counts", logit_counts, ndim=1, dtypes=(torch.int32, torch.int64),
+                         device=torch.device("cpu"), shape=tuple(q_len.shape))
+            logit_counts = logit_counts.to(torch.int64)
+            if bool((logit_counts < 0).any()) or bool((logit_counts > q_len).any()):
+                fail("logit_counts", "host counts in [0, q_len] per sequence", logit_counts.tolist())
         self.q_len, self.window, self.index, self.n = q_len, window, index, n  # index: [N]
+        self.per_request, self.logit_counts = bool(per_request), logit_counts
 
     @classmethod
-    def build(cls, q_len: torch.Tensor, window: int, device) -> "Packing":
+    def build(cls, q_len: torch.Tensor, window: int, device, *, per_request: bool = False,
+              logit_counts: Optional[torch.Tensor] = None) -> "Packing":
         """The plan for host lengths q_len [B] and a window of `window` rows,
         its index sent to `device` (one non-blocking copy from pinned memory on CUDA)."""
         index = pack_index(_check_lengths(q_len, window), window)  # [N], host
@@ -76,7 +94,14 @@ class Packing:
             index = index.pin_memory().to(device, non_blocking=True)
         elif device.type != "cpu":
             index = index.to(device)
-        return cls(q_len, window, index)
+        return cls(q_len, window, index, per_request=per_request, logit_counts=logit_counts)
+
+    def segments(self) -> list:
+        """Host [(start, end)] of each sequence's rows in the forward's row
+        layout (packed; when dense, every q_len is the window, so the padded
+        layout has the same offsets). Empty sequences are left out."""
+        cu = self.cu_seqlens.tolist()
+        return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
     @property
     def batch(self) -> int:

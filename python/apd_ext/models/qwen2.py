@@ -71,11 +71,37 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), weight=w, eps=eps)
 
 
-def _add_linear_(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _add_linear_(x: torch.Tensor, a: torch.Tensor, w: torch.Tensor, segs: Optional[list] = None) -> torch.Tensor:
     # x += a @ w.T in one GEMM (the residual is the epilogue's C, beta = 1).
     rows = x.view(-1, x.shape[-1])  # [N, H]
-    rows.addmm_(a.reshape(rows.shape[0], -1), w.t())  # a: N rows of w.shape[1]
+    a = a.reshape(rows.shape[0], -1)  # [N, w.shape[1]]
+    if segs is None:
+        rows.addmm_(a, w.t())
+        return x
+    for s, e in segs:  # the batch-invariant plan: one GEMM per sequence (see _linear)
+        rows[s:e] = torch.addmm(rows[s:e].clone(), a[s:e].clone(), w.t())
     return x
+
+
+def _linear(a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], segs: Optional[list]) -> torch.Tensor:
+    """F.linear(a, w, b) over the rows of a; segs (host [(start, end)] of each
+    sequence's rows, Packing.per_request): one GEMM per sequence instead, so
+    that a row's result depends on its own sequence's row count only. BLAS
+    libraries pick the kernel, its tiles and split-K from the GEMM's shape
+    (MKL / oneDNN on the CPU, cuBLAS heuristics on CUDA): over the step's rows
+    a request's logits moved with its batch-mates (tiny pair, CPU: 7.6e-6 in
+    fp32, 0.0625 in a bf16 verifier; bench/batch_invariance_check.py). Each
+    sequence's rows are copied to a fresh allocation first: its offset in the
+    packed rows comes from its batch-mates, and a BLAS may choose its path by
+    the operands' alignment. The price: B GEMMs of a request's rows each
+    instead of one (the weights are read B times per step)."""
+    if segs is None:
+        return F.linear(a, w, b)
+    a2 = a.reshape(-1, a.shape[-1])  # [rows, K]
+    out = a2.new_zeros(a2.shape[0], w.shape[0])  # rows outside every segment: zeros
+    for s, e in segs:
+        out[s:e] = F.linear(a2[s:e].clone(), w, b)
+    return out.view(*a.shape[:-1], w.shape[0])
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -237,6 +263,16 @@ class Qwen2Runtime:
         check_packing(packing, B, Lw, self.device)
         if packing is not None and self.device.type == "cpu" and not torch.equal(packing.q_len, q_len.to(torch.int64)):
             fail("packing", f"a plan of these q_len ({q_len.tolist()})", packing.q_len.tolist())
+        # The batch-invariant plan: every GEMM per sequence (_linear); the LM head
+        # over each sequence's own logit rows.
+        segs = packing.segments() if packing is not None and packing.per_request else None
+        if segs is not None and logit_rows is not None:
+            if packing.logit_counts is None:
+                fail("packing", "a per_request plan with logit_counts (host [B]) when logit_rows is given",
+                     "logit_counts=None")
+            if int(packing.logit_counts.max()) > logit_rows[1]:
+                fail("packing", f"logit_counts of at most logit_rows[1] ({logit_rows[1]}) rows",
+                     packing.logit_counts.tolist())
         Hq, Hkv, D = c.num_heads, c.num_kv_heads, c.head_dim
         dev = self.device
         # Clamps are no-ops for valid input (checked above on CPU); on CUDA they
@@ -282,7 +318,7 @@ class Qwen2Runtime:
         lead = x.shape[:-1]
         for i, L in enumerate(self.layers):
             h = _rms_norm(x, L.ln_attn, c.rms_norm_eps)
-            qkv = F.linear(h, L.w_qkv, L.b_qkv).view(*lead, Hq + 2 * Hkv, D)
+            qkv = _linear(h, L.w_qkv, L.b_qkv, segs).view(*lead, Hq + 2 * Hkv, D)
             qk = qkv[..., : Hq + Hkv, :]  # q and k heads rotate together
             if L.qk_norm is not None:  # Qwen3: per-head RMSNorm over D, before RoPE
                 qk = F.rms_norm(qk, (D,), eps=c.rms_norm_eps) * L.qk_norm  # [.., Hq + Hkv, D]
@@ -296,31 +332,42 @@ class Qwen2Runtime:
             attn = _window_attention(q, k_cache, v_cache, q_start, q_len, kv_len, self.causal)  # [B, Lw, Hq, D]
             if pack is not None:
                 attn = attn.reshape(B * Lw, Hq * D).index_select(0, pack)  # [N, Hq D]
-            x = _add_linear_(x, attn, L.w_o)  # attn [B, Lw, Hq, D] -> rows of Hq D
+            x = _add_linear_(x, attn, L.w_o, segs)  # attn [B, Lw, Hq, D] -> rows of Hq D
             h = _rms_norm(x, L.ln_mlp, c.rms_norm_eps)
             if L.w_gate_up is not None:
-                gate, up = F.linear(h, L.w_gate_up).split(c.intermediate_size, dim=-1)
+                gate, up = _linear(h, L.w_gate_up, None, segs).split(c.intermediate_size, dim=-1)
             else:
-                gate, up = F.linear(h, L.w_gate), F.linear(h, L.w_up)
-            x = _add_linear_(x, F.silu(gate) * up, L.w_down)
+                gate, up = _linear(h, L.w_gate, None, segs), _linear(h, L.w_up, None, segs)
+            x = _add_linear_(x, F.silu(gate) * up, L.w_down, segs)
         cache.lengths.copy_(kv_len)
         if pack is None:
             if logit_rows is not None:
                 row_start, n_rows = logit_rows
                 rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)
                 x = x.gather(1, rows[:, :, None].expand(B, n_rows, x.shape[-1]))  # [B, n_rows, H]
-            return F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+            return self._head(x, segs, packing, logit_rows)
         # Packed x: [N, H]. Padding rows come back as zero hidden states: their
         # logits are zeros (finite, meaningless), and the LM head runs on the
         # rows asked for, never on B * Lw.
         if logit_rows is None:
-            logits = F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)  # [N, V]
+            logits = self._head(x, segs, packing, None)  # [N, V]
             return logits.new_zeros(B * Lw, logits.shape[-1]).index_copy_(0, pack, logits).view(B, Lw, -1)
         row_start, n_rows = logit_rows
         rows = (row_start.to(torch.int64)[:, None] + torch.arange(n_rows, device=dev)).clamp_(0, Lw - 1)  # [B, n_rows]
         first = torch.cumsum(q_len, 0) - q_len  # [B] packed index of each sequence's row 0
         src = torch.where(rows < q_len[:, None], first[:, None] + rows, pack.numel())  # [B, n_rows]; N: a zero row
         x = torch.cat([x, x.new_zeros(1, x.shape[-1])]).index_select(0, src.view(-1)).view(B, n_rows, -1)
-        return F.linear(_rms_norm(x, self.norm, c.rms_norm_eps), self.lm_head)
+        return self._head(x, segs, packing, logit_rows)
+
+    def _head(self, x: torch.Tensor, segs: Optional[list], packing: Optional[Packing], logit_rows) -> torch.Tensor:
+        """The final norm and the LM head over x ([rows, H] packed, [B, Lw, H],
+        or [B, n_rows, H] with logit_rows). With the batch-invariant plan: one
+        GEMM per sequence over its own rows (its logit_counts rows of the
+        n_rows asked for; the rest come back as zeros)."""
+        h = _rms_norm(x, self.norm, self.config.rms_norm_eps)
+        if segs is not None and logit_rows is not None:
+            n_rows = x.shape[1]
+            segs = [(b * n_rows, b * n_rows + k) for b, k in enumerate(packing.logit_counts.tolist()) if k]
+        return _linear(h, self.lm_head, None, segs)
 
     __call__ = forward
