@@ -157,3 +157,18 @@ def test_batch_invariant_argument_errors(pair):
         Engine(*pair, batch_invariant=True, cuda_graphs=True)
     with pytest.raises(TypeError, match="batch_invariant"):
         Engine(*pair, batch_invariant=1)
+
+
+def test_serve_batch_invariant_flag():
+    pytest.importorskip("ray.serve")
+    import argparse
+
+    from apd_ext.serve.app import APDServer
+    from apd_ext.serve.ray_app import add_arguments
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, "d", "a")
+    assert p.parse_args(["--batch-invariant"]).batch_invariant and not p.parse_args([]).batch_invariant
+    d, a = tiny.paths()
+    assert APDServer(d, a, threads=1, max_batch=2, max_len=128, M=8, batch_invariant=True).engine.batch_invariant
+    assert not APDServer(d, a, threads=1, max_batch=2, max_len=128, M=8).engine.batch_invariant

@@ -37,7 +37,7 @@ class APDServer:
     def __init__(self, dllm_dir: str, verifier_dir: str, *, device: str = "cpu", dtype: str = "auto",
                  max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
                  model_name: str = "apd", max_queue: int = 0, request_timeout: float = 0.0,
-                 loopback: bool = False, prefill_chunk: int = 0):
+                 loopback: bool = False, prefill_chunk: int = 0, batch_invariant: bool = False):
         import torch
 
         import apd_ext
@@ -66,7 +66,7 @@ class APDServer:
         # inside step(), i.e. in the step loop's worker thread, off the event loop.
         self.engine = Engine(self.dllm, self.verifier, base, max_batch=max_batch,
                              max_len=max_len or None, kv_budget=kv_budget or None, tokenizer=self.tok,
-                             prefill_chunk=prefill_chunk or None)
+                             prefill_chunk=prefill_chunk or None, batch_invariant=batch_invariant)
         self.metrics = ServeMetrics()
         self.loop = StepLoop(self.engine, max_queue=max_queue, metrics=self.metrics)
         self.request_timeout = request_timeout  # seconds from admission; 0: none

@@ -25,7 +25,7 @@ def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu
               max_batch: int = 16, max_len: int = 0, kv_budget: int = 0, M: int = 100, threads: int = 0,
               cpus_per_replica: float = 1.0, model_name: str = "apd", max_queue: int = 0,
               request_timeout: float = 0.0, drain_timeout: float = 30.0, loopback: bool = False,
-              prefill_chunk: int = 0):
+              prefill_chunk: int = 0, batch_invariant: bool = False):
     """A bound Ray Serve application (pass it to serve.run)."""
     from ray import serve
 
@@ -47,7 +47,8 @@ def build_app(dllm: str, verifier: str, *, replicas: int = 1, device: str = "cpu
     )(serve.ingress(app)(cls))
     return Deployment.bind(dllm, verifier, device=device, dtype=dtype, max_batch=max_batch, max_len=max_len,
                            kv_budget=kv_budget, M=M, threads=threads, model_name=model_name, max_queue=max_queue,
-                           request_timeout=request_timeout, loopback=loopback, prefill_chunk=prefill_chunk)
+                           request_timeout=request_timeout, loopback=loopback, prefill_chunk=prefill_chunk,
+                           batch_invariant=batch_invariant)
 
 
 def pin_replica_grpc_to_loopback() -> None:
@@ -95,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser, d_def: Optional[str] = None, a_def
                    help="prefill a longer prompt this many tokens per engine step, beside the live rows' "
                    "decode steps (0: off, the whole prompt in its first step; docs/SEMANTICS.md "
                    "'Chunked prefill': chunks change a dLLM's drafts)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="every GEMM once per request, so a request's logits and logprobs are bit-identical "
+                   "whatever runs beside it (docs/SEMANTICS.md 'Batch invariance'; slower)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads per replica (0: torch's default)")
     p.add_argument("--model-name", default="apd", help="the id /v1/models reports and requests must name")
     p.add_argument("--max-queue", type=int, default=0,
@@ -165,7 +169,8 @@ def cmd_serve(args) -> int:
                                  max_batch=args.max_batch, max_len=args.max_len, kv_budget=args.kv_budget, M=args.M,
                                  threads=args.threads, model_name=args.model_name, max_queue=args.max_queue,
                                  request_timeout=args.request_timeout, drain_timeout=args.drain_timeout,
-                                 loopback=local_only, prefill_chunk=args.prefill_chunk),
+                                 loopback=local_only, prefill_chunk=args.prefill_chunk,
+                                 batch_invariant=args.batch_invariant),
                        name="apd", route_prefix="/", blocking=False)
     # Warm the handle now (its router fetches the replicas on first use, which
     # takes seconds on a loaded host): the SIGTERM drain must reach the
